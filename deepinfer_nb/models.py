@@ -1,0 +1,214 @@
+"""Pydantic records shared by every layer and stored as JSON in the metadata store.
+
+Each stored record carries `schema_version`; `decode()` turns bytes from the store into a record
+or raises `RecordError` naming the key, so a watcher can report and skip a corrupt value.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SCHEMA_VERSION = 1
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+
+
+def now() -> float:
+    return time.time()
+
+
+class Record(BaseModel):
+    """Base of stored records: JSON round trip with a schema version."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+    schema_version: int = SCHEMA_VERSION
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+R = TypeVar("R", bound=Record)
+
+
+class RecordError(ValueError):
+    """A stored value that is not a valid record of the expected type."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"corrupt record at {key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def decode(cls: type[R], key: str, value: bytes) -> R:
+    try:
+        record = cls.model_validate_json(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "value"
+        raise RecordError(key, f"{where}: {first['msg']}") from None
+    if record.schema_version > SCHEMA_VERSION:
+        raise RecordError(key, f"schema_version {record.schema_version} is newer than this client")
+    return record
+
+
+# ---- deployments -------------------------------------------------------------------------------
+
+Strategy = Literal["spread", "binpack", "idle_first"]
+
+
+class Placement(BaseModel):
+    """Where a deployment's engines may go."""
+
+    model_config = ConfigDict(extra="forbid")
+    strategy: Strategy = "spread"
+    nodes: list[str] = Field(default_factory=list, description="only these nodes (empty: any)")
+    gpus: list[int] = Field(default_factory=list, description="only these GPU indices")
+
+
+class DeploymentSpec(Record):
+    """Desired state of one deployment: `deployments/{name}`."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    model: str = Field(min_length=1, description="hub id, local folder or a local model alias")
+    served_model_name: str = ""
+    engine: Literal["vllm"] = "vllm"
+    replicas: int = Field(default=1, ge=0, le=64)
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    tensor_parallel_size: int = Field(default=1, ge=1, le=16)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    max_model_len: int | None = Field(default=None, ge=16)
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    engine_args: list[str] = Field(default_factory=list, description="extra vLLM CLI args")
+    env: dict[str, str] = Field(default_factory=dict)
+    placement: Placement = Field(default_factory=Placement)
+    max_restarts: int = Field(default=5, ge=0)
+    created_at: float = Field(default_factory=now)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use in the OpenAI `model` field."""
+        return self.served_model_name or self.name
+
+    @property
+    def wants_gpu(self) -> bool:
+        return self.device != "cpu"
+
+
+# ---- engines -----------------------------------------------------------------------------------
+
+
+class EngineState(str, enum.Enum):
+    PENDING = "Pending"
+    SCHEDULED = "Scheduled"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    STOPPING = "Stopping"
+    STOPPED = "Stopped"
+    FAILED = "Failed"
+    LOST = "Lost"
+
+    @property
+    def active(self) -> bool:
+        """Holds (or is about to hold) resources on a node."""
+        return self in (EngineState.SCHEDULED, EngineState.STARTING, EngineState.RUNNING,
+                        EngineState.STOPPING)
+
+
+class Transition(BaseModel):
+    state: EngineState
+    reason: str = ""
+    at: float = Field(default_factory=now)
+
+
+class Engine(Record):
+    """One replica of a deployment: `engines/{id}`."""
+
+    id: str
+    deployment: str
+    replica: int = 0
+    state: EngineState = EngineState.PENDING
+    reason: str = ""
+    node: str = ""
+    device: str = "cpu"              # cpu | cuda
+    gpus: list[int] = Field(default_factory=list)
+    gpu_fraction: float = 0.0        # memory fraction promised on each of `gpus`
+    endpoint: str = ""               # host:port of the gRPC shim
+    auth_token: str = ""
+    pid: int = 0
+    pid_start_time: float = 0.0
+    restarts: int = 0
+    error: str = ""
+    next_restart_at: float = 0.0
+    started_at: float = 0.0
+    updated_at: float = Field(default_factory=now)
+    history: list[Transition] = Field(default_factory=list)
+
+
+    def transition(self, state: EngineState, reason: str = "") -> Engine:
+        """A copy in `state`, with the reason recorded and the history bounded."""
+        t = Transition(state=state, reason=reason)
+        history = [*self.history, t][-MAX_HISTORY:]
+        return self.model_copy(update={"state": state, "reason": reason, "updated_at": t.at,
+                                       "history": history})
+
+
+MAX_HISTORY = 20
+
+
+# ---- nodes and GPUs ----------------------------------------------------------------------------
+
+
+class GpuProcess(BaseModel):
+    pid: int
+    used_memory: int | None = None   # bytes
+
+
+class GpuInfo(BaseModel):
+    """A device as the NVML probe sees it; fields NVML cannot read are None."""
+
+    index: int
+    uuid: str = ""
+    name: str = ""
+    memory_total: int = 0            # bytes
+    memory_used: int | None = None
+    memory_free: int | None = None
+    utilization: float | None = None  # percent
+    temperature: float | None = None  # Celsius
+    power_draw: float | None = None   # watts
+    power_limit: float | None = None
+    processes: list[GpuProcess] = Field(default_factory=list)
+
+
+class Node(Record):
+    """A worker's registration: `nodes/{id}`, bound to the worker's lease."""
+
+    id: str = Field(pattern=NAME_PATTERN)
+    host: str = ""
+    advertise_host: str = "127.0.0.1"
+    cpu_count: int = 0
+    memory_total: int = 0
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    gpu_error: str = ""              # why there are no GPUs ("no NVIDIA driver"), if none
+    labels: dict[str, str] = Field(default_factory=dict)
+    started_at: float = Field(default_factory=now)
+    version: str = ""
+
+
+class GpuSamples(Record):
+    """Live samples of a node's GPUs: `nodes/{id}/gpus`, refreshed every few seconds."""
+
+    node: str
+    at: float = Field(default_factory=now)
+    gpus: list[GpuInfo] = Field(default_factory=list)
+    error: str = ""

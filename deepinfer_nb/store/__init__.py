@@ -1,0 +1,1 @@
+"""The metadata store: `MetaStore` (base), `open_store(url)`, the memory and etcd backends."""
