@@ -136,12 +136,22 @@ def _require_conversion_deps() -> None:
 
 def _convert(source: Path, out: Path) -> None:
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(source.parent), source.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.bfloat16)
-    model.save_pretrained(out, safe_serialization=True)
+    kwargs: dict[str, object] = {"dtype": torch.bfloat16}
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    if gguf_config is not None:
+        # transformers >= 5 keeps GGUF weights packed unless asked to unpack them; vLLM needs
+        # plain dense safetensors.
+        kwargs["quantization_config"] = gguf_config(gguf_file=name, dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError(f"{source.name} carries no chat template; cannot serve chat")
