@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ..errors import DeepInferError
 
-COMMANDS = ["models", "demo"]
+COMMANDS = ["models", "demo", "etcd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,8 +40,8 @@ class EventType(str, enum.Enum):
 class WatchEvent:
     type: EventType
     key: str
-    value: bytes          # empty for deletes
-    revision: int         # mod_revision of the change
+    value: bytes  # empty for deletes
+    revision: int  # mod_revision of the change
     prev_value: bytes | None = None
 
 
@@ -54,7 +54,7 @@ class Compare:
 
     key: str
     revision: int
-    target: str = "mod"   # "mod" | "create"
+    target: str = "mod"  # "mod" | "create"
 
     @classmethod
     def absent(cls, key: str) -> Compare:
@@ -153,6 +153,11 @@ class MetaStore(abc.ABC):
 
     @abc.abstractmethod
     async def grant_lease(self, ttl: int, *, keepalive: bool = True) -> Lease: ...
+
+    @abc.abstractmethod
+    async def compact(self, revision: int) -> None:
+        """Forget history before `revision`: watches starting earlier raise
+        `RevisionCompactedError`. Current values are untouched."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
