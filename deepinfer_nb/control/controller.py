@@ -1,0 +1,309 @@
+"""The controller loop: leader election, then read -> decide -> compare-and-swap, round after round.
+
+Only the elected leader acts. Election is a create-if-absent of `leader/controller` bound to the
+candidate's lease; standbys watch that key and campaign again as soon as it is deleted (the leader
+resigned, or its lease expired: within one TTL of its death). Every write the leader makes also
+compares the leader key's create revision (a fencing token), so a leader that lost its lease
+without noticing yet cannot write anything: its transaction fails and it steps down.
+
+Each round reads one consistent snapshot of the whole tree (`range(ROOT)`), asks the pure
+`reconcile.decide` what to do and applies each action as a compare-and-swap on the record as read;
+a conflict is simply left for the next round. Rounds run when a watched key changes (deployments,
+engines, nodes; GPU samples and the leader key do not trigger), when a waiting Failed engine
+becomes due, and every `reconcile_interval_s` regardless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from ..config import SchedulerSettings
+from ..errors import RevisionCompactedError, StoreError
+from ..models import DeploymentSpec, Engine, GpuSamples, Node
+from ..store import Compare, Delete, EventType, KeyValue, Lease, MetaStore, Put, decode_record, keys
+from . import reconcile
+from .reconcile import Action, Backoff, CreateEngine, DeleteEngine
+
+log = logging.getLogger(__name__)
+
+LEADER_KEY = keys.leader("controller")
+APPLY_CONCURRENCY = 32
+"""Writes in flight at once: enough to hide etcd round trips when placing many engines."""
+
+
+class NotLeaderError(StoreError):
+    """A fenced write failed because this controller is no longer the leader."""
+
+
+@dataclasses.dataclass
+class RoundStats:
+    actions: int = 0
+    applied: int = 0
+    conflicts: int = 0
+    wake_at: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """One consistent read of the tree, decoded (corrupt records skipped with a warning)."""
+
+    revision: int
+    deployments: dict[str, DeploymentSpec]
+    engines: dict[str, tuple[Engine, KeyValue]]
+    nodes: dict[str, Node]
+    samples: dict[str, GpuSamples]
+
+
+async def read_snapshot(store: MetaStore) -> Snapshot:
+    result = await store.range(keys.ROOT)
+    deployments: dict[str, DeploymentSpec] = {}
+    engines: dict[str, tuple[Engine, KeyValue]] = {}
+    nodes: dict[str, Node] = {}
+    samples: dict[str, GpuSamples] = {}
+    for kv in result.items:
+        if name := keys.name_of(kv.key, keys.DEPLOYMENTS):
+            if (spec := decode_record(DeploymentSpec, kv.key, kv.value)) is not None:
+                deployments[name] = spec
+        elif keys.name_of(kv.key, keys.ENGINES):
+            if (engine := decode_record(Engine, kv.key, kv.value)) is not None:
+                engines[engine.id] = (engine, kv)
+        elif keys.is_node_gpus(kv.key):
+            if (sample := decode_record(GpuSamples, kv.key, kv.value)) is not None:
+                samples[sample.node] = sample
+        elif name := keys.name_of(kv.key, keys.NODES):
+            if (node := decode_record(Node, kv.key, kv.value)) is not None:
+                nodes[name] = node
+    return Snapshot(result.revision, deployments, engines, nodes, samples)
+
+
+class Controller:
+    """Run with `await controller.run()`; `await controller.stop()` resigns and returns."""
+
+    def __init__(
+        self,
+        store: MetaStore,
+        *,
+        settings: SchedulerSettings | None = None,
+        identity: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.settings = settings or SchedulerSettings()
+        self.identity = identity or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.clock = clock
+        self.rounds = 0
+        self._lease: Lease | None = None
+        self._fence: Compare | None = None
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._leading = asyncio.Event()
+
+    @property
+    def is_leader(self) -> bool:
+        return self._fence is not None and self._lease is not None and not self._lease.lost
+
+    async def wait_leading(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._leading.wait(), timeout)
+
+    async def run(self) -> None:
+        """Campaign, lead until leadership is lost, repeat; return after `stop()`."""
+        try:
+            while not self._stopping:
+                if not await self._campaign():
+                    break
+                try:
+                    await self._lead()
+                finally:
+                    await self._resign()
+        finally:
+            await self._resign()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._stopped.set()
+        self._wakeup.set()
+        await self._resign()
+
+    # ---- election ------------------------------------------------------------------------------
+
+    async def _campaign(self) -> bool:
+        """Become leader (True), or return False once stopping."""
+        ttl = max(1, int(self.settings.leader_ttl_s))
+        while not self._stopping:
+            lease = await self.store.grant_lease(ttl, keepalive=True)
+            if await self.store.create(LEADER_KEY, self.identity.encode(), lease=lease.id):
+                kv = await self.store.get(LEADER_KEY)
+                if kv is not None and kv.lease == lease.id:
+                    self._lease = lease
+                    self._fence = Compare(LEADER_KEY, kv.create_revision, target="create")
+                    lease.on_lost(self._on_lease_lost)
+                    self._leading.set()
+                    log.info("controller %s is the leader", self.identity)
+                    return not self._stopping
+            await lease.revoke()
+            await self._wait_for_vacancy(ttl)
+        return False
+
+    async def _wait_for_vacancy(self, ttl: int) -> None:
+        """Return when the leader key is gone (or after a TTL, to re-check in any case)."""
+        current = await self.store.range(LEADER_KEY)
+        if not any(kv.key == LEADER_KEY for kv in current.items) or self._stopping:
+            return
+        watch = self.store.watch(LEADER_KEY, start_revision=current.revision + 1)
+
+        async def deleted() -> None:
+            async for event in watch:
+                if event.key == LEADER_KEY and event.type == EventType.DELETE:
+                    return
+
+        # A compacted watch or a store error ends `deleted` early: the caller re-checks anyway.
+        waiters = [asyncio.ensure_future(deleted()), asyncio.ensure_future(self._stopped.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=ttl, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+            await _close(watch)
+
+    def _on_lease_lost(self) -> None:
+        log.warning("controller %s lost its leader lease; stepping down", self.identity)
+        self._wakeup.set()
+
+    async def _resign(self) -> None:
+        lease, self._lease, self._fence = self._lease, None, None
+        self._leading.clear()
+        if lease is not None and not lease.lost:
+            try:
+                await lease.revoke()  # deletes the leader key: a standby takes over at once
+            except StoreError as exc:
+                log.warning("could not revoke the leader lease: %s", exc)
+
+    # ---- leading -------------------------------------------------------------------------------
+
+    async def _lead(self) -> None:
+        start = await self.store.range(LEADER_KEY)
+        watcher = asyncio.create_task(self._watch(start.revision + 1))
+        self._wakeup.set()
+        try:
+            next_at: float | None = None
+            while self.is_leader and not self._stopping:
+                timeout = self.settings.reconcile_interval_s
+                if next_at is not None:
+                    timeout = max(0.0, min(timeout, next_at - self.clock()))
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+                self._wakeup.clear()
+                if not self.is_leader or self._stopping:
+                    break
+                try:
+                    stats = await self.reconcile_once()
+                except NotLeaderError:
+                    log.warning("controller %s: fenced write refused; stepping down", self.identity)
+                    break
+                except StoreError as exc:
+                    log.warning("reconcile round failed (retrying next round): %s", exc)
+                    continue
+                next_at = stats.wake_at
+                if stats.conflicts:
+                    self._wakeup.set()  # re-read and re-decide at once
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _watch(self, start_revision: int) -> None:
+        """Wake the loop on every relevant change; resync from now if history was compacted."""
+        revision = start_revision
+        while not self._stopping:
+            watch = self.store.watch(keys.ROOT, start_revision=revision)
+            try:
+                async for event in watch:
+                    revision = event.revision + 1
+                    if event.key.startswith(keys.LEADER) or keys.is_node_gpus(event.key):
+                        continue
+                    self._wakeup.set()
+                return  # the store was closed
+            except RevisionCompactedError:
+                log.warning("watch history compacted; resyncing")
+                revision = (await self.store.range(LEADER_KEY)).revision + 1
+                self._wakeup.set()
+            finally:
+                await _close(watch)
+
+    async def reconcile_once(self) -> RoundStats:
+        """One round: read, decide, apply. Raises NotLeaderError when fenced out."""
+        snap = await read_snapshot(self.store)
+        self.rounds += 1
+        decision = reconcile.decide(
+            deployments=snap.deployments,
+            engines=[e for e, _ in snap.engines.values()],
+            nodes=snap.nodes,
+            samples=snap.samples,
+            now=self.clock(),
+            backoff=Backoff(self.settings.restart_backoff_s, self.settings.restart_backoff_max_s),
+        )
+        stats = RoundStats(actions=len(decision.actions), wake_at=decision.wake_at)
+        kvs = {engine_id: kv for engine_id, (_, kv) in snap.engines.items()}
+        gate = asyncio.Semaphore(APPLY_CONCURRENCY)
+
+        async def run(action: Action) -> bool:
+            async with gate:
+                return await self._apply(action, kvs)
+
+        results = await asyncio.gather(*(run(a) for a in decision.actions))
+        stats.applied = sum(results)
+        stats.conflicts = stats.actions - stats.applied
+        return stats
+
+    async def _apply(self, action: Action, kvs: dict[str, KeyValue]) -> bool:
+        fence = self._fence
+        if fence is None:
+            raise NotLeaderError("not the leader")
+        engine = action.engine
+        key = keys.engine(engine.id)
+        compare: Sequence[Compare]
+        if isinstance(action, CreateEngine):
+            compare = [Compare.absent(key), fence]
+            ops: list[Put | Delete] = [Put(key, engine.encode())]
+        else:
+            kv = kvs[engine.id]
+            compare = [Compare.unchanged(kv), fence]
+            ops = [Delete(key)] if isinstance(action, DeleteEngine) else [Put(key, engine.encode())]
+        result = await self.store.txn(compare, ops)
+        verb, _ = reconcile.describe(action)
+        if not result.succeeded:
+            leader = result.current.get(LEADER_KEY)
+            if leader is None or leader.create_revision != fence.revision:
+                raise NotLeaderError("the leader key changed")
+            log.debug(
+                "engine %s: %s conflicted; next round re-decides",
+                engine.id,
+                verb,
+                extra={"engine": engine.id, "node": engine.node},
+            )
+            return False
+        why = action.reason if isinstance(action, DeleteEngine) else engine.reason
+        log.info(
+            "engine %s: %s (%s) node=%s",
+            engine.id,
+            verb,
+            why,
+            engine.node or "-",
+            extra={"engine": engine.id, "node": engine.node, "action": verb},
+        )
+        return True
+
+
+async def _close(watch: AsyncIterator[object]) -> None:
+    aclose = getattr(watch, "aclose", None)
+    if aclose is not None:
+        await aclose()

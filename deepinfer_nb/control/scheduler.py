@@ -1,0 +1,368 @@
+"""Placement: a pure function from a request and a snapshot of the nodes to where engines go.
+
+`place(request, nodes, strategy=...)` returns a `Placement` (one `Assignment` per replica) or a
+`NoFit` whose reason tells the user what to change. It does no I/O: `snapshot()` builds the
+`NodeSnapshot`s from the stored records (nodes, live GPU samples, active engines) and
+`apply()` books an assignment into them, so a caller placing many engines in one round sees its
+own earlier choices.
+
+A GPU fits an engine when the fraction it asks for (`gpu_memory_utilization`, as vLLM reads it:
+a share of the device's total memory) fits both in what is not yet promised to other engines and
+in the memory NVML last reported free (engines still loading have not allocated yet, foreign
+processes are not promised anything: either check alone would over-commit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
+
+from ..models import DeploymentSpec, Engine, GpuInfo, GpuSamples, Node
+
+Strategy = Literal["spread", "binpack", "idle_first"]
+STRATEGIES: tuple[Strategy, ...] = ("spread", "binpack", "idle_first")
+GIB = 1024**3
+EPS = 1e-9
+MAX_DETAILS = 3
+CPU_LABEL = "deepinfer.cpu"
+"""Node label: "true" lets a GPU node also run CPU engines, "false" stops a CPU node doing so."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSlot:
+    """One GPU as the scheduler sees it."""
+
+    index: int
+    memory_total: int = 0
+    memory_free: int | None = None
+    """Bytes free at the last sample (None: unknown, only promises are checked)."""
+    promised: float = 0.0
+    """Sum of the memory fractions promised to active engines on this GPU."""
+    engines: int = 0
+    deployments: tuple[str, ...] = ()
+    """Deployment of each active engine on this GPU (repeats count)."""
+    utilization: float | None = None
+    uuid: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSnapshot:
+    id: str
+    gpus: tuple[GpuSlot, ...] = ()
+    cpu_capable: bool = True
+    cpu_engines: int = 0
+    deployments: tuple[str, ...] = ()
+    """Deployment of each active engine on this node, GPU or CPU."""
+
+    def gpu(self, index: int) -> GpuSlot | None:
+        return next((g for g in self.gpus if g.index == index), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementRequest:
+    deployment: str
+    replicas: int = 1
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N (auto: GPU when a candidate node has one, else CPU)."""
+    gpus_per_replica: int = 1
+    gpu_memory_utilization: float = 0.9
+    nodes: tuple[str, ...] = ()
+    gpu_indices: tuple[int, ...] = ()
+
+    @classmethod
+    def for_spec(cls, spec: DeploymentSpec, *, replicas: int = 1) -> PlacementRequest:
+        return cls(
+            deployment=spec.name,
+            replicas=replicas,
+            device=spec.device,
+            gpus_per_replica=spec.tensor_parallel_size,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            nodes=tuple(spec.placement.nodes),
+            gpu_indices=tuple(spec.placement.gpus),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    node: str
+    device: Literal["cpu", "cuda"]
+    gpus: tuple[int, ...] = ()
+    gpu_fraction: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    assignments: tuple[Assignment, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoFit:
+    reason: str
+
+
+# ---- snapshots ---------------------------------------------------------------------------------
+
+
+def snapshot(
+    nodes: Iterable[Node],
+    engines: Iterable[Engine],
+    samples: Mapping[str, GpuSamples] | None = None,
+) -> list[NodeSnapshot]:
+    """Node snapshots from records: live samples win over the registration's GPU list."""
+    samples = samples or {}
+    snaps: dict[str, NodeSnapshot] = {}
+    for node in sorted(nodes, key=lambda n: n.id):
+        sample = samples.get(node.id)
+        gpus: list[GpuInfo] = sample.gpus if sample is not None and sample.gpus else node.gpus
+        label = node.labels.get(CPU_LABEL, "").lower()
+        cpu_capable = label in ("1", "true", "yes") if label else not gpus
+        snaps[node.id] = NodeSnapshot(
+            id=node.id,
+            gpus=tuple(
+                GpuSlot(
+                    index=g.index,
+                    uuid=g.uuid,
+                    memory_total=g.memory_total,
+                    memory_free=g.memory_free,
+                    utilization=g.utilization,
+                )
+                for g in sorted(gpus, key=lambda g: g.index)
+            ),
+            cpu_capable=cpu_capable,
+        )
+    for engine in engines:
+        snap = snaps.get(engine.node)
+        if snap is None or not engine.state.active:
+            continue
+        snaps[engine.node] = apply(snap, _assignment_of(engine), deployment=engine.deployment)
+    return list(snaps.values())
+
+
+def _assignment_of(engine: Engine) -> Assignment:
+    device: Literal["cpu", "cuda"] = "cuda" if engine.device == "cuda" else "cpu"
+    return Assignment(
+        node=engine.node, device=device, gpus=tuple(engine.gpus), gpu_fraction=engine.gpu_fraction
+    )
+
+
+def apply(node: NodeSnapshot, assignment: Assignment, *, deployment: str) -> NodeSnapshot:
+    """`node` with `assignment` booked on it."""
+    deployments = (*node.deployments, deployment)
+    if assignment.device == "cpu":
+        return dataclasses.replace(node, cpu_engines=node.cpu_engines + 1, deployments=deployments)
+    gpus = tuple(
+        dataclasses.replace(
+            g,
+            promised=g.promised + assignment.gpu_fraction,
+            engines=g.engines + 1,
+            deployments=(*g.deployments, deployment),
+        )
+        if g.index in assignment.gpus
+        else g
+        for g in node.gpus
+    )
+    return dataclasses.replace(node, gpus=gpus, deployments=deployments)
+
+
+# ---- placement ---------------------------------------------------------------------------------
+
+
+def place(
+    request: PlacementRequest, nodes: Sequence[NodeSnapshot], *, strategy: Strategy = "spread"
+) -> Placement | NoFit:
+    """Place `request.replicas` engines, all or none (each sees the ones placed before it)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    current = list(nodes)
+    placed: list[Assignment] = []
+    for replica in range(request.replicas):
+        result = _place_one(request, current, strategy)
+        if isinstance(result, NoFit):
+            if replica:
+                return NoFit(f"only {replica} of {request.replicas} replicas fit: {result.reason}")
+            return result
+        placed.append(result)
+        current = [
+            apply(n, result, deployment=request.deployment) if n.id == result.node else n
+            for n in current
+        ]
+    return Placement(tuple(placed))
+
+
+def _place_one(
+    request: PlacementRequest, nodes: Sequence[NodeSnapshot], strategy: Strategy
+) -> Assignment | NoFit:
+    if not nodes:
+        return NoFit(
+            "no worker node is registered; start one with `deepinfer-nb worker "
+            "--store URL` (or `%deepinfer up`)"
+        )
+    candidates = list(nodes)
+    if request.nodes:
+        candidates = [n for n in nodes if n.id in request.nodes]
+        if not candidates:
+            return NoFit(
+                f"pinned to node(s) {', '.join(request.nodes)}, none of which is "
+                f"registered (registered: {_names(nodes)})"
+            )
+    device = request.device
+    if device == "auto":
+        device = "cuda" if any(n.gpus for n in candidates) else "cpu"
+    if device == "cpu":
+        return _place_cpu(request, candidates, strategy)
+    pins = request.gpu_indices
+    if device.startswith("cuda:"):
+        index = int(device[5:])
+        if pins and index not in pins:
+            return NoFit(
+                f"device {device} is not among the pinned GPUs {', '.join(map(str, pins))}"
+            )
+        if request.gpus_per_replica != 1:
+            return NoFit(
+                f"device {device} names one GPU but tensor_parallel_size is "
+                f"{request.gpus_per_replica}; use --device cuda with GPU pins instead"
+            )
+        pins = (index,)
+    return _place_gpu(request, candidates, strategy, pins)
+
+
+def _place_cpu(
+    request: PlacementRequest, nodes: Sequence[NodeSnapshot], strategy: Strategy
+) -> Assignment | NoFit:
+    capable = [n for n in nodes if n.cpu_capable]
+    if not capable:
+        return NoFit(
+            f"device cpu: no CPU-capable node among {_names(nodes)} (GPU nodes run "
+            f"CPU engines only with the label {CPU_LABEL}=true); use --device cuda"
+        )
+
+    def key(n: NodeSnapshot) -> tuple[int, int, str]:
+        mine = n.deployments.count(request.deployment)
+        if strategy == "binpack":
+            return (-n.cpu_engines, 0, n.id)
+        if strategy == "spread":
+            return (mine, n.cpu_engines, n.id)
+        return (n.cpu_engines, mine, n.id)
+
+    best = min(capable, key=key)
+    return Assignment(node=best.id, device="cpu")
+
+
+def _place_gpu(
+    request: PlacementRequest,
+    nodes: Sequence[NodeSnapshot],
+    strategy: Strategy,
+    pins: tuple[int, ...],
+) -> Assignment | NoFit:
+    need = request.gpus_per_replica
+    with_gpus = [n for n in nodes if n.gpus]
+    if not with_gpus:
+        return NoFit(f"no GPU on node(s) {_names(nodes)}; use --device cpu")
+    if pins:
+        with_gpus = [n for n in with_gpus if any(g.index in pins for g in n.gpus)]
+        if not with_gpus:
+            return NoFit(
+                f"pinned GPU(s) {', '.join(map(str, pins))} exist on no node "
+                f"({_gpu_inventory(nodes)})"
+            )
+    largest = max(with_gpus, key=lambda n: len(_eligible(n, pins)))
+    if len(_eligible(largest, pins)) < need:
+        return NoFit(
+            f"tensor_parallel_size {need} needs {need} GPUs on one node; the most "
+            f"any node offers is {len(_eligible(largest, pins))} (node {largest.id}); "
+            f"lower tensor_parallel_size or add GPUs"
+        )
+    best: tuple[tuple[float, ...], Assignment] | None = None
+    refusals: list[str] = []
+    for node in with_gpus:
+        eligible = _eligible(node, pins)
+        if len(eligible) < need:
+            continue
+        fitting: list[GpuSlot] = []
+        for slot in eligible:
+            why = _refusal(slot, request.gpu_memory_utilization)
+            if why:
+                refusals.append(f"node {node.id} GPU {slot.index}: {why}")
+            else:
+                fitting.append(slot)
+        if len(fitting) < need:
+            if need > 1:
+                refusals.append(f"node {node.id}: {len(fitting)} of the {need} GPUs needed fit")
+            continue
+        chosen = sorted(fitting, key=lambda g: _gpu_key(g, request.deployment, strategy))[:need]
+        score = _node_key(node, chosen, request.deployment, strategy)
+        if best is None or score < best[0]:
+            gpus = tuple(sorted(g.index for g in chosen))
+            best = (
+                score,
+                Assignment(
+                    node=node.id,
+                    device="cuda",
+                    gpus=gpus,
+                    gpu_fraction=request.gpu_memory_utilization,
+                ),
+            )
+    if best is not None:
+        return best[1]
+    shown = "; ".join(refusals[:MAX_DETAILS])
+    more = f" (and {len(refusals) - MAX_DETAILS} more)" if len(refusals) > MAX_DETAILS else ""
+    return NoFit(f"{shown}{more}; try a lower gpu_memory_utilization or --device cpu")
+
+
+def _eligible(node: NodeSnapshot, pins: tuple[int, ...]) -> list[GpuSlot]:
+    return [g for g in node.gpus if not pins or g.index in pins]
+
+
+def _refusal(slot: GpuSlot, fraction: float) -> str:
+    """Why `slot` cannot take an engine asking for `fraction` of its memory ("" if it can)."""
+    total = slot.memory_total
+    if slot.promised + fraction > 1.0 + EPS:
+        return (
+            f"{slot.promised:.2f} of its memory is already promised to {slot.engines} "
+            f"engine(s), engine needs {fraction:.2f} more"
+        )
+    if slot.memory_free is not None and total > 0 and slot.memory_free < fraction * total - EPS:
+        return (
+            f"{_gib(slot.memory_free)} GiB free of {_gib(total)} GiB, engine needs "
+            f"{fraction:.2f} x {_gib(total)} GiB"
+        )
+    return ""
+
+
+def _gpu_key(g: GpuSlot, deployment: str, strategy: Strategy) -> tuple[float, ...]:
+    if strategy == "binpack":
+        return (-g.promised, g.index)
+    if strategy == "idle_first":
+        return (g.engines, g.utilization or 0.0, g.promised, g.index)
+    return (g.deployments.count(deployment), g.engines, g.promised, g.index)
+
+
+def _node_key(
+    node: NodeSnapshot, chosen: Sequence[GpuSlot], deployment: str, strategy: Strategy
+) -> tuple[float, ...]:
+    # Ties keep the earlier node (snapshot() sorts nodes by id): placement is deterministic.
+    promised = sum(g.promised for g in chosen)
+    if strategy == "binpack":
+        return (-promised, -len(node.deployments))
+    if strategy == "idle_first":
+        return (sum(g.engines for g in chosen), sum(g.utilization or 0.0 for g in chosen), promised)
+    return (
+        node.deployments.count(deployment),
+        sum(g.deployments.count(deployment) for g in chosen),
+        len(node.deployments),
+        promised,
+    )
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def _names(nodes: Iterable[NodeSnapshot]) -> str:
+    return ", ".join(n.id for n in nodes) or "none"
+
+
+def _gpu_inventory(nodes: Iterable[NodeSnapshot]) -> str:
+    parts = [f"{n.id} has GPUs {', '.join(str(g.index) for g in n.gpus) or 'none'}" for n in nodes]
+    return "; ".join(parts)
