@@ -32,7 +32,7 @@ def leader(role: str) -> str:
 
 def name_of(key: str, prefix: str) -> str:
     """The last path element of `key` under `prefix` ("" if the key is not directly under it)."""
-    rest = key[len(prefix):] if key.startswith(prefix) else ""
+    rest = key[len(prefix) :] if key.startswith(prefix) else ""
     return rest if rest and "/" not in rest else ""
 
 

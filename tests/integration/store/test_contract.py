@@ -365,3 +365,19 @@ async def test_calls_fail_naming_the_endpoint_after_the_retry_deadline() -> None
         await store.put("/k", b"v")
     assert 0.3 < time.monotonic() - started < 3
     await store.close()
+
+
+@pytest.mark.etcd
+async def test_lease_lost_when_no_refresh_succeeds_for_a_ttl(
+    etcd_restarted: LocalEtcd, etcd_store: MetaStore
+) -> None:
+    lease = await etcd_store.grant_lease(2)
+    lost = asyncio.Event()
+    lease.on_lost(lost.set)
+    etcd_restarted.kill()
+    killed = time.monotonic()
+    await asyncio.wait_for(lost.wait(), 4)
+    # Lost once a whole TTL passed since the last good refresh (at most ttl/3 before the kill),
+    # not on the first failed refresh.
+    assert time.monotonic() - killed >= 2 - 2 / 3 and lease.lost
+    await asyncio.to_thread(etcd_restarted.restart)
