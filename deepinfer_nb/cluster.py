@@ -1,0 +1,594 @@
+"""The Python API the notebook (and scripts) use: `connect()`, `Cluster`, `Deployment`.
+
+A `Cluster` is a handle on the kernel's hosted services (`runtime.HostedServices`: store client,
+controller, optional worker, gateway) plus a watch-fed `ClusterView`. Every method is synchronous
+for the caller and runs its coroutine on the runtime loop with a timeout. The magics in `nb/` call
+only this module. Writes follow the record protocol: the notebook writes `deployments/{name}` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import runtime as rt
+from .errors import DeepInferError, EngineUnavailableError
+from .models import NAME_PATTERN, DeploymentSpec, Engine, EngineState, Placement, decode
+from .store import keys
+from .view import ClusterView, Snapshot
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+STAGES = [EngineState.PENDING, EngineState.SCHEDULED, EngineState.STARTING, EngineState.RUNNING]
+CALL_TIMEOUT_S = 60.0
+NOFIT_PATIENCE_S = 8.0
+"""How long `deploy(wait=True)` lets an engine stay unplaceable before it explains and gives up."""
+
+ProgressFn = Callable[[str, float, list[Engine]], None]
+"""progress(stage, elapsed_s, engines) — called whenever the engines of a deployment change."""
+
+SPEC_FIELDS = {
+    "served_model_name",
+    "tensor_parallel_size",
+    "gpu_memory_utilization",
+    "max_model_len",
+    "dtype",
+    "enforce_eager",
+    "env",
+    "max_restarts",
+}
+CPU_DEFAULTS: dict[str, Any] = {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 2048}
+CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+class DeploymentError(DeepInferError):
+    """A deployment that cannot make progress; the message says what to do next."""
+
+
+def connect(
+    store: str = "memory://",
+    *,
+    gateway_port: int | None = 8082,
+    gateway_host: str = "127.0.0.1",
+    worker: bool = True,
+    node_id: str | None = None,
+    settings: Any = None,
+    timeout: float = 60.0,
+) -> Cluster:
+    """Connect to (or start, for `memory://`) a cluster and host its services in this kernel.
+
+    `gateway_port=None` runs no gateway, 0 picks a free port. `worker=False` hosts no worker
+    (engines then run on remote `deepinfer-nb worker` processes). Connecting twice with the same
+    store reuses the running services.
+    """
+    runtime = rt.get_runtime()
+    hosted = rt.HostedServices.current()
+    if hosted is not None and hosted.store_url != store:
+        raise DeepInferError(
+            f"this kernel is connected to {hosted.store_url}; shut it down first "
+            "(%deepinfer down / cluster.shutdown())"
+        )
+    if hosted is None:
+        hosted = rt.HostedServices(
+            store_url=store,
+            settings=settings,
+            node_id=node_id,
+            with_worker=worker,
+            gateway_port=gateway_port,
+            gateway_host=gateway_host,
+        )
+        runtime.run(hosted.start(), timeout=timeout)
+    else:
+        runtime.run(hosted.ensure(with_worker=worker, gateway_port=gateway_port), timeout=timeout)
+    return Cluster(hosted, runtime)
+
+
+def default_name(model: str) -> str:
+    """A deployment name from a model id or path: its last component, lowercased and cleaned."""
+    base = model.rstrip("/").rsplit("/", 1)[-1].lower()
+    base = re.sub(r"[^a-z0-9._-]+", "-", base).strip("-._")[:63].strip("-._")
+    return base or "model"
+
+
+def build_spec(
+    model: str,
+    *,
+    name: str | None,
+    gpus: int,
+    replicas: int,
+    device: str,
+    engine_args: dict[str, Any],
+) -> DeploymentSpec:
+    """The DeploymentSpec for a `deploy()` call; unknown keyword args become vLLM CLI flags."""
+    name = name or default_name(model)
+    if not re.match(NAME_PATTERN, name):
+        raise DeploymentError(
+            f"invalid deployment name {name!r}: use lowercase letters, digits, "
+            "'-', '.', '_' (at most 63)"
+        )
+    fields: dict[str, Any] = {}
+    extra: list[str] = list(engine_args.pop("extra_args", []) or [])
+    if device == "cpu":
+        fields.update(CPU_DEFAULTS)
+        fields["env"] = dict(CPU_ENV_DEFAULTS)
+    for key, value in engine_args.items():
+        if key in SPEC_FIELDS:
+            fields[key] = {**fields.get("env", {}), **value} if key == "env" else value
+        elif key == "placement":
+            fields[key] = value if isinstance(value, Placement) else Placement(**value)
+        elif value is True:
+            extra.append("--" + key.replace("_", "-"))
+        elif value is not False and value is not None:
+            extra += ["--" + key.replace("_", "-"), str(value)]
+    if gpus > 1:
+        fields["tensor_parallel_size"] = gpus
+    if gpus > 0 and device == "auto":
+        device = "cuda"
+    try:
+        return DeploymentSpec(
+            name=name, model=model, replicas=replicas, device=device, engine_args=extra, **fields
+        )
+    except ValueError as exc:
+        raise DeploymentError(f"invalid deployment: {exc}") from None
+
+
+class Cluster:
+    """A handle on the cluster this kernel is connected to."""
+
+    def __init__(self, hosted: rt.HostedServices, runtime: rt.Runtime) -> None:
+        self._hosted = hosted
+        self._runtime = runtime
+
+    # ---- plumbing ----
+
+    @property
+    def view(self) -> ClusterView:
+        return self._hosted.view
+
+    @property
+    def runtime(self) -> rt.Runtime:
+        return self._runtime
+
+    @property
+    def store_url(self) -> str:
+        return self._hosted.store_url
+
+    @property
+    def node_id(self) -> str | None:
+        """The in-kernel worker's node id (None without one)."""
+        return self._hosted.node_id if self._hosted.worker is not None else None
+
+    @property
+    def gateway_url(self) -> str | None:
+        """Base URL of the in-kernel gateway as seen from this machine (None without one)."""
+        return self._hosted.gateway_url
+
+    @property
+    def api_key(self) -> str:
+        return self._hosted.api_key
+
+    @property
+    def connected(self) -> bool:
+        return self._hosted.started
+
+    def snapshot(self) -> Snapshot:
+        return self.view.snapshot()
+
+    def run(self, coro: Any, *, timeout: float | None = CALL_TIMEOUT_S) -> Any:
+        if not self._hosted.started:
+            coro.close()
+            raise DeepInferError("not connected: run %deepinfer up (or deepinfer_nb.connect())")
+        return self._runtime.run(coro, timeout=timeout)
+
+    # ---- deployments ----
+
+    def deploy(
+        self,
+        model: str,
+        *,
+        name: str | None = None,
+        gpus: int = 0,
+        replicas: int = 1,
+        device: str = "auto",
+        wait: bool = False,
+        timeout: float = 900.0,
+        progress: ProgressFn | None = None,
+        **engine_args: Any,
+    ) -> Deployment:
+        """Create the deployment (or return the existing one of that name: idempotent)."""
+        spec = build_spec(
+            model, name=name, gpus=gpus, replicas=replicas, device=device, engine_args=engine_args
+        )
+        self.run(self._apply(spec))
+        self._hosted.created.add(spec.name)
+        dep = Deployment(self, spec.name)
+        if wait:
+            dep.wait(timeout=timeout, progress=progress)
+        return dep
+
+    async def _apply(self, spec: DeploymentSpec) -> None:
+        store, key = self._hosted.store, keys.deployment(spec.name)
+        while True:
+            if await store.create(key, spec.encode()):
+                return
+            kv = await store.get(key)
+            if kv is None:
+                continue
+            current = decode(DeploymentSpec, key, kv.value)
+            if current.model != spec.model:
+                raise DeploymentError(
+                    f"deployment {spec.name!r} already serves {current.model!r}; "
+                    f"pick another --name or remove it first (%deepinfer rm {spec.name})"
+                )
+            if current.replicas == spec.replicas:
+                return
+            updated = current.model_copy(update={"replicas": spec.replicas})
+            if (await store.compare_and_swap(kv, updated.encode())).succeeded:
+                return
+
+    def deployment(self, name: str) -> Deployment:
+        """The handle of an existing deployment."""
+        if name not in self.snapshot().deployments:
+            known = ", ".join(sorted(self.snapshot().deployments)) or "none"
+            raise DeploymentError(f"no deployment named {name!r} (deployments: {known})")
+        return Deployment(self, name)
+
+    def deployments(self) -> list[Deployment]:
+        return [Deployment(self, n) for n in sorted(self.snapshot().deployments)]
+
+    async def _set_replicas(self, name: str, replicas: int) -> None:
+        store, key = self._hosted.store, keys.deployment(name)
+        while True:
+            kv = await store.get(key)
+            if kv is None:
+                raise DeploymentError(f"no deployment named {name!r}")
+            spec = decode(DeploymentSpec, key, kv.value)
+            updated = spec.model_copy(update={"replicas": replicas})
+            if (await store.compare_and_swap(kv, updated.encode())).succeeded:
+                return
+
+    async def _delete(self, name: str, *, wait_s: float) -> bool:
+        existed = await self._hosted.store.delete(keys.deployment(name))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.view.wait_for(lambda s: not s.engines_of(name)), wait_s)
+        return existed
+
+    # ---- tables ----
+
+    def engines(self) -> pd.DataFrame:
+        """One row per engine: state, node, devices, endpoint, restarts, uptime, error."""
+        from .render import engines_frame
+
+        return engines_frame(self.snapshot())
+
+    def gpus(self) -> pd.DataFrame:
+        """One row per node and GPU (a row saying why for nodes without an NVIDIA GPU)."""
+        from .render import gpus_frame
+
+        return gpus_frame(self.snapshot())
+
+    def logs(self, engine_id: str, *, lines: int = 100) -> str:
+        return str(self.run(self._hosted.logs(engine_id, lines)))
+
+    # ---- lifecycle ----
+
+    def close(self) -> None:
+        """Detach this handle; the kernel's services keep running (connect() reuses them)."""
+        self._closed = True
+
+    def shutdown(self, *, timeout: float = 120.0) -> None:
+        """Stop everything this kernel started: its deployments, engines, worker, gateway."""
+        if self._hosted.started:
+            self._runtime.run(self._hosted.shutdown(grace_s=timeout * 0.75), timeout=timeout)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- reprs (no I/O: the view is a local mirror) ----
+
+    def __repr__(self) -> str:
+        from .render import cluster_text
+
+        return cluster_text(self)
+
+    def _repr_html_(self) -> str:
+        from .render import cluster_html
+
+        return cluster_html(self)
+
+
+class Deployment:
+    """A handle on one deployment; reads come from the cluster view, writes go to the store."""
+
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.history: list[dict[str, str]] = []
+        self._rr = itertools.count()
+
+    # ---- state ----
+
+    @property
+    def spec(self) -> DeploymentSpec | None:
+        return self.cluster.snapshot().deployments.get(self.name)
+
+    @property
+    def engines(self) -> list[Engine]:
+        return self.cluster.snapshot().engines_of(self.name)
+
+    @property
+    def status(self) -> str:
+        """ "Running 2/2", "Starting 0/1", "Failed 0/1: <error>", "Removed"."""
+        return status_of(self.cluster.snapshot(), self.name)
+
+    @property
+    def model_name(self) -> str:
+        spec = self.spec
+        return spec.model_name if spec else self.name
+
+    def wait(
+        self, *, timeout: float = 900.0, progress: ProgressFn | None = None, poll_s: float = 0.2
+    ) -> Deployment:
+        """Block until every replica runs; `progress` sees each stage with the elapsed time.
+
+        Polls the local mirror from the calling thread (no store I/O), so progress callbacks
+        run on the caller's thread and a KeyboardInterrupt simply ends the wait."""
+        waiter = Waiter(self.name, progress)
+        deadline = time.monotonic() + timeout
+        while not waiter(self.cluster.snapshot()):
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"{self.name} is not Running after {timeout:g} s ({self.status}); "
+                    f"see %deepinfer logs {self.name}"
+                )
+            time.sleep(poll_s)
+        return self
+
+    # ---- changes ----
+
+    def scale(self, replicas: int, *, wait: bool = False, timeout: float = 900.0) -> Deployment:
+        if replicas < 0:
+            raise DeploymentError("replicas must be >= 0")
+        self.cluster.run(self.cluster._set_replicas(self.name, replicas))
+        if wait and replicas > 0:
+            self.wait(timeout=timeout)
+        return self
+
+    def stop(self, *, wait_s: float = 60.0) -> bool:
+        """Delete the deployment; its engines stop. True if it existed."""
+        existed = bool(
+            self.cluster.run(self.cluster._delete(self.name, wait_s=wait_s), timeout=wait_s + 10)
+        )
+        self.cluster._hosted.created.discard(self.name)
+        return existed
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def logs(self, *, lines: int = 100) -> str:
+        """The last `lines` lines of each engine's log (engines on this kernel's worker)."""
+        parts = []
+        for e in self.engines:
+            parts.append(f"==> {e.id} ({e.state.value} on {e.node or '-'}) <==")
+            parts.append(self.cluster.logs(e.id, lines=lines).rstrip())
+        return "\n".join(parts) if parts else f"{self.name}: no engines yet"
+
+    # ---- chat ----
+
+    def _pick(self) -> Engine:
+        running = [
+            e
+            for e in self.engines
+            if e.state is EngineState.RUNNING and e.endpoint and e.auth_token
+        ]
+        if not running:
+            raise EngineUnavailableError(
+                f"{self.name} has no Running engine ({self.status}); "
+                f"wait for it: %deepinfer status {self.name}"
+            )
+        return running[next(self._rr) % len(running)]
+
+    def _messages(
+        self, prompt: str | Sequence[dict[str, str]], system: str | None, remember: bool
+    ) -> list[dict[str, str]]:
+        msgs: list[dict[str, str]] = []
+        if system:
+            msgs.append({"role": "system", "content": system})
+        if remember:
+            msgs += [m for m in self.history if m["role"] != "system" or not system]
+        if isinstance(prompt, str):
+            msgs.append({"role": "user", "content": prompt})
+        else:
+            msgs += [dict(m) for m in prompt]
+        return msgs
+
+    def chat(
+        self,
+        prompt: str | Sequence[dict[str, str]],
+        *,
+        system: str | None = None,
+        max_tokens: int | None = 256,
+        temperature: float | None = None,
+        stream: bool = False,
+        remember: bool = False,
+        via: str = "engine",
+        timeout: float = 300.0,
+    ) -> Any:
+        """Chat with the deployment. Returns a `ChatResult`, or with `stream=True` a `ChatStream`
+        (iterate it for text deltas; its `.result` is set when it ends).
+
+        `via="engine"` talks gRPC to a Running engine; `via="gateway"` goes through the
+        OpenAI-compatible gateway. `remember=True` keeps a multi-turn history on this handle.
+        """
+        from .chat import ChatStream, build_request
+
+        msgs = self._messages(prompt, system, remember)
+        if via == "gateway":
+            result = self._chat_gateway(msgs, max_tokens=max_tokens, temperature=temperature)
+            if remember:
+                self._remember(msgs, result.text)
+            if stream:
+                return ChatStream.finished(result)
+            return result
+        if via != "engine":
+            raise DeepInferError("via must be 'engine' or 'gateway'")
+        engine = self._pick()
+        request = build_request(msgs, max_tokens=max_tokens, temperature=temperature)
+        chat_stream = ChatStream(
+            self.cluster.runtime,
+            self.cluster._hosted.stream_chat(engine, request),
+            timeout=timeout,
+            on_done=(lambda r: self._remember(msgs, r.text)) if remember else None,
+        )
+        if stream:
+            return chat_stream
+        for _ in chat_stream:
+            pass
+        assert chat_stream.result is not None
+        return chat_stream.result
+
+    def _remember(self, msgs: list[dict[str, str]], answer: str) -> None:
+        self.history = [*msgs, {"role": "assistant", "content": answer}]
+
+    def reset(self) -> None:
+        """Forget the multi-turn history."""
+        self.history = []
+
+    def _chat_gateway(
+        self, msgs: list[dict[str, str]], *, max_tokens: int | None, temperature: float | None
+    ) -> Any:
+        from .chat import ChatResult
+
+        client = self.openai_client()
+        t0 = time.monotonic()
+        kwargs: dict[str, Any] = {"model": self.model_name, "messages": msgs}
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        resp = client.chat.completions.create(**kwargs)
+        usage = resp.usage
+        return ChatResult(
+            text=resp.choices[0].message.content or "",
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            elapsed_s=time.monotonic() - t0,
+            ttft_s=0.0,
+            finish_reason=resp.choices[0].finish_reason or "",
+            engine="gateway",
+        )
+
+    def openai_client(self) -> Any:
+        """An `openai.OpenAI` client pointed at the gateway (model name: `.model_name`)."""
+        import openai
+
+        url = self.cluster.gateway_url
+        if url is None:
+            raise DeepInferError("no gateway runs in this kernel: %deepinfer gateway start")
+        return openai.OpenAI(base_url=url + "/v1", api_key=self.cluster.api_key or "none")
+
+    # ---- reprs (no I/O) ----
+
+    def __repr__(self) -> str:
+        from .render import deployment_text
+
+        return deployment_text(self.cluster.snapshot(), self.name)
+
+    def _repr_html_(self) -> str:
+        from .render import deployment_html
+
+        return deployment_html(self.cluster.snapshot(), self.name)
+
+
+# ---- pure helpers (tested without a cluster)
+
+
+class Waiter:
+    """The `deploy --wait` check: True once all replicas run; raises with the next step when an
+    engine failed or stayed unplaceable for NOFIT_PATIENCE_S; reports stage changes."""
+
+    def __init__(self, name: str, progress: ProgressFn | None) -> None:
+        self.name = name
+        self.progress = progress
+        self.start = time.monotonic()
+        self._last: tuple[Any, ...] = ()
+        self._nofit_since: float | None = None
+
+    def __call__(self, snap: Snapshot) -> bool:
+        spec = snap.deployments.get(self.name)
+        if spec is None:
+            raise DeploymentError(f"deployment {self.name!r} was removed while waiting")
+        engines = [e for e in snap.engines_of(self.name) if e.replica < spec.replicas]
+        stage = stage_of(engines, spec.replicas)
+        key = (stage, tuple((e.id, e.state, e.reason, e.node) for e in engines))
+        if self.progress is not None and key != self._last:
+            self.progress(stage, time.monotonic() - self.start, engines)
+        self._last = key
+        for e in engines:
+            if e.state is EngineState.FAILED:
+                raise DeploymentError(failure_hint(self.name, e, spec.max_restarts))
+        stuck = [e for e in engines if e.state is EngineState.PENDING and e.reason]
+        if stuck:
+            self._nofit_since = self._nofit_since or time.monotonic()
+            if time.monotonic() - self._nofit_since > NOFIT_PATIENCE_S:
+                raise DeploymentError(nofit_hint(stuck[0].reason))
+        else:
+            self._nofit_since = None
+        return sum(e.state is EngineState.RUNNING for e in engines) >= spec.replicas
+
+
+def stage_of(engines: list[Engine], replicas: int) -> str:
+    """The least advanced stage among a deployment's engines, for progress display."""
+    if replicas == 0:
+        return "Stopped"
+    if len(engines) < replicas:
+        return EngineState.PENDING.value
+    for stage in STAGES:
+        if any(e.state is stage for e in engines):
+            return stage.value
+    return engines[0].state.value if engines else EngineState.PENDING.value
+
+
+def status_of(snap: Snapshot, name: str) -> str:
+    spec = snap.deployments.get(name)
+    engines = snap.engines_of(name)
+    if spec is None:
+        return "Removed" if not engines else f"Removing ({len(engines)} engines stopping)"
+    running = sum(e.state is EngineState.RUNNING for e in engines)
+    failed = [e for e in engines if e.state is EngineState.FAILED]
+    stage = stage_of([e for e in engines if e.replica < spec.replicas], spec.replicas)
+    text = f"{stage} {running}/{spec.replicas}"
+    if failed:
+        text = f"Failed {running}/{spec.replicas}: {failed[0].error or failed[0].reason}"
+    return text
+
+
+def failure_hint(name: str, engine: Engine, max_restarts: int) -> str:
+    cause = (engine.error or engine.reason or "no error recorded").strip().splitlines()[-1]
+    retry = (
+        f"it restarts automatically ({engine.restarts}/{max_restarts})"
+        if engine.restarts < max_restarts
+        else "it will not be restarted"
+    )
+    return f"{engine.id} failed: {cause}; {retry}. See %deepinfer logs {name}"
+
+
+def nofit_hint(reason: str) -> str:
+    low = reason.lower()
+    if "gpu" in low:
+        return f"{reason}; try --device cpu or a smaller model"
+    if "no node" in low or "no worker" in low or "nodes" in low:
+        return f"{reason}; start a worker (%deepinfer up, or `deepinfer-nb worker` on a host)"
+    return f"cannot place the engine: {reason}"

@@ -1,0 +1,100 @@
+"""`%deepinfer doctor`: check what deploying needs here and say how to fix what is missing."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import importlib.util
+import shutil
+import sys
+from typing import Any
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+class Report:
+    def __init__(self, checks: list[Check]) -> None:
+        self.checks = checks
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def __repr__(self) -> str:
+        return "\n".join(f"{'ok ' if c.ok else 'BAD'}  {c.name}: {c.detail}" for c in self.checks)
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{'✅' if c.ok else '❌'}</td><td>{html.escape(c.name)}</td>"
+            f"<td>{html.escape(c.detail)}</td></tr>"
+            for c in self.checks
+        )
+        return f"<table>{rows}</table>"
+
+
+def _module(name: str, hint: str) -> Check:
+    found = importlib.util.find_spec(name) is not None
+    return Check(name, found, "installed" if found else f"missing: {hint}")
+
+
+def run_checks(cluster: Any) -> Report:
+    """Environment checks (no engine started); cluster checks when connected."""
+    from ..engine import local_models
+    from ..gpu import probe
+
+    checks = [Check("python", sys.version_info >= (3, 10), sys.version.split()[0])]
+    checks.append(_module("vllm", "pip install 'deepinfer-nb[cpu]' (or [gpu])"))
+    checks.append(_module("ipywidgets", "pip install 'deepinfer-nb[notebook]'"))
+    etcd = shutil.which("etcd")
+    checks.append(
+        Check(
+            "etcd",
+            etcd is not None,
+            etcd or "not found (only for --store etcd): apt-get install etcd-server",
+        )
+    )
+    gpus, why = probe()
+    checks.append(
+        Check(
+            "NVIDIA GPU",
+            True,
+            f"{len(gpus)} GPU(s)"
+            if gpus
+            else f"none ({why or 'no driver'}): deploy with --device cpu",
+        )
+    )
+    model = local_models.lookup("smollm2-135m-instruct")
+    built = model is not None and local_models.is_built(model)
+    checks.append(
+        Check(
+            "local model smollm2-135m-instruct",
+            built,
+            "built" if built else "not built: deepinfer-nb models build smollm2",
+        )
+    )
+    if cluster is not None and cluster.connected:
+        snap = cluster.snapshot()
+        checks.append(
+            Check(
+                "cluster",
+                bool(snap.nodes),
+                f"{cluster.store_url}, "
+                f"{len(snap.nodes)} node(s)"
+                + ("" if snap.nodes else ": no worker registered; %deepinfer up starts one"),
+            )
+        )
+        checks.append(
+            Check(
+                "gateway",
+                cluster.gateway_url is not None,
+                cluster.gateway_url or "not running: %deepinfer gateway start",
+            )
+        )
+    else:
+        checks.append(Check("cluster", False, "not connected: %deepinfer up"))
+    return Report(checks)

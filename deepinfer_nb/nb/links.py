@@ -1,0 +1,87 @@
+"""Gateway links and client snippets.
+
+The link a browser should open differs from the URL code in the kernel should call: on JupyterHub
+the gateway is reached through jupyter-server-proxy under the user's service prefix
+(`JUPYTERHUB_SERVICE_PREFIX` + `proxy/{port}/`). Snippets use the URL a client on this machine
+dials, the deployment's served model name and the gateway key (by variable name, never its value).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shlex
+
+DEFAULT_TEMPLATE = "http://{host}:{port}/"
+HUB_TEMPLATE = "{hub_prefix}proxy/{port}/"
+
+
+def browser_url(*, host: str, port: int, template: str = "", hub_prefix: str | None = None) -> str:
+    """The gateway link for a browser; `template` may use {host}, {port}, {hub_prefix}."""
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "") if hub_prefix is None else hub_prefix
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    chosen = template or (HUB_TEMPLATE if prefix else DEFAULT_TEMPLATE)
+    return chosen.format(host=host, port=port, hub_prefix=prefix)
+
+
+class GatewayLink:
+    """Rich display of the gateway: a clickable link plus the base URL for clients."""
+
+    def __init__(self, *, browser: str, api_base: str) -> None:
+        self.browser = browser
+        self.api_base = api_base
+
+    def _repr_html_(self) -> str:
+        b, a = html.escape(self.browser), html.escape(self.api_base)
+        return (
+            f"<div>Gateway: <a href='{b}' target='_blank'>{b}</a> · "
+            f"OpenAI base URL <code>{a}</code></div>"
+        )
+
+    def __repr__(self) -> str:
+        return f"Gateway: {self.browser} (OpenAI base URL {self.api_base})"
+
+
+def snippet(*, lang: str, api_base: str, model: str, key_env: str = "") -> str:
+    """Client code that works against the gateway as it runs now."""
+    if lang == "python":
+        key = f'os.environ["{key_env}"]' if key_env else '"none"'
+        return (
+            "import os\n"
+            "from openai import OpenAI\n\n"
+            f"client = OpenAI(base_url={api_base!r}, api_key={key})\n"
+            "reply = client.chat.completions.create(\n"
+            f"    model={model!r},\n"
+            '    messages=[{"role": "user", "content": "What is the capital of France?"}],\n'
+            ")\n"
+            "print(reply.choices[0].message.content)\n"
+        )
+    if lang == "curl":
+        body = json.dumps(
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            }
+        )
+        auth = f' \\\n  -H "Authorization: Bearer ${key_env}"' if key_env else ""
+        return (
+            f"curl -s {api_base}/chat/completions \\\n"
+            f'  -H "Content-Type: application/json"{auth} \\\n'
+            f"  -d {shlex.quote(body)}\n"
+        )
+    raise ValueError(f"unknown snippet language {lang!r}")
+
+
+class Snippet:
+    def __init__(self, code: str, lang: str) -> None:
+        self.code = code
+        self.lang = lang
+
+    def __repr__(self) -> str:
+        return self.code
+
+    def _repr_markdown_(self) -> str:
+        fence = "python" if self.lang == "python" else "bash"
+        return f"```{fence}\n{self.code}```"

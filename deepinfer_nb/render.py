@@ -1,0 +1,251 @@
+"""Pure rendering of cluster snapshots: pandas frames, HTML and text (no I/O, no widgets).
+
+Used by the reprs of `Cluster`/`Deployment` and by the notebook widgets for their HTML fallback,
+so a saved notebook still shows the last state. State colours live here, once.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import TYPE_CHECKING, Any
+
+from .models import Engine, EngineState
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .cluster import Cluster
+    from .view import Snapshot
+
+STATE_COLOURS = {
+    EngineState.PENDING: "#9e9e9e",
+    EngineState.SCHEDULED: "#5c6bc0",
+    EngineState.STARTING: "#f9a825",
+    EngineState.RUNNING: "#2e7d32",
+    EngineState.STOPPING: "#8d6e63",
+    EngineState.STOPPED: "#616161",
+    EngineState.FAILED: "#c62828",
+    EngineState.LOST: "#ad1457",
+}
+ENGINE_COLUMNS = [
+    "engine",
+    "deployment",
+    "state",
+    "node",
+    "device",
+    "gpus",
+    "endpoint",
+    "restarts",
+    "uptime",
+    "error",
+]
+GPU_COLUMNS = [
+    "node",
+    "gpu",
+    "name",
+    "util %",
+    "mem used GiB",
+    "mem total GiB",
+    "temp C",
+    "power W",
+    "engines",
+    "note",
+]
+GIB = 1024**3
+
+
+def uptime(engine: Engine, now: float | None = None) -> str:
+    if engine.state is not EngineState.RUNNING or not engine.started_at:
+        return ""
+    secs = int((now or time.time()) - engine.started_at)
+    h, rest = divmod(max(secs, 0), 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def engine_row(e: Engine) -> dict[str, Any]:
+    devices = e.device + (":" + ",".join(map(str, e.gpus)) if e.gpus else "")
+    last = (
+        e.error
+        or (
+            e.reason
+            if e.state in (EngineState.PENDING, EngineState.FAILED, EngineState.LOST)
+            else ""
+        )
+    ).strip()
+    return {
+        "engine": e.id,
+        "deployment": e.deployment,
+        "state": e.state.value,
+        "node": e.node,
+        "device": devices if e.node else "",
+        "gpus": len(e.gpus),
+        "endpoint": e.endpoint,
+        "restarts": e.restarts,
+        "uptime": uptime(e),
+        "error": last.splitlines()[-1][:160] if last else "",
+    }
+
+
+def engine_rows(snap: Snapshot, deployment: str | None = None) -> list[dict[str, Any]]:
+    engines = sorted(snap.engines.values(), key=lambda e: (e.deployment, e.replica, e.id))
+    return [engine_row(e) for e in engines if deployment is None or e.deployment == deployment]
+
+
+def engines_frame(snap: Snapshot) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(engine_rows(snap), columns=ENGINE_COLUMNS)
+
+
+def gpu_rows(snap: Snapshot) -> list[dict[str, Any]]:
+    users: dict[tuple[str, int], list[str]] = {}
+    for e in snap.engines.values():
+        if e.state.active:
+            for index in e.gpus:
+                users.setdefault((e.node, index), []).append(e.id)
+    rows: list[dict[str, Any]] = []
+    for node_id in sorted(set(snap.nodes) | set(snap.gpus)):
+        node = snap.nodes.get(node_id)
+        samples = snap.gpus.get(node_id)
+        gpus = samples.gpus if samples and samples.gpus else (node.gpus if node else [])
+        if not gpus:
+            why = (samples.error if samples else "") or (node.gpu_error if node else "")
+            rows.append(
+                {c: None for c in GPU_COLUMNS}
+                | {
+                    "node": node_id,
+                    "note": f"no NVIDIA GPU on node {node_id}" + (f" ({why})" if why else ""),
+                }
+            )
+            continue
+        for g in gpus:
+            rows.append(
+                {
+                    "node": node_id,
+                    "gpu": g.index,
+                    "name": g.name,
+                    "util %": g.utilization,
+                    "mem used GiB": round(g.memory_used / GIB, 2)
+                    if g.memory_used is not None
+                    else None,
+                    "mem total GiB": round(g.memory_total / GIB, 2),
+                    "temp C": g.temperature,
+                    "power W": g.power_draw,
+                    "engines": ", ".join(users.get((node_id, g.index), [])),
+                    "note": "",
+                }
+            )
+    return rows
+
+
+def gpus_frame(snap: Snapshot) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(gpu_rows(snap), columns=GPU_COLUMNS)
+
+
+# ---- HTML / text
+
+
+def badge(state: str) -> str:
+    colour = STATE_COLOURS.get(EngineState(state), "#616161") if state in _STATES else "#616161"
+    return (
+        f'<span style="background:{colour};color:white;border-radius:4px;'
+        f'padding:1px 6px;font-size:90%">{html.escape(state)}</span>'
+    )
+
+
+_STATES = {s.value for s in EngineState}
+
+
+def html_table(rows: list[dict[str, Any]], columns: list[str], *, empty: str) -> str:
+    if not rows:
+        return f"<p><i>{html.escape(empty)}</i></p>"
+    head = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for c in columns:
+            value = row.get(c)
+            text = "" if value is None else str(value)
+            cells.append(f"<td>{badge(text) if c == 'state' else html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (
+        f"<table class='deepinfer'><thead><tr>{head}</tr></thead>"
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def text_table(rows: list[dict[str, Any]], columns: list[str], *, empty: str) -> str:
+    if not rows:
+        return empty
+    cols = [c for c in columns if any(row.get(c) not in (None, "") for row in rows)] or columns
+    cells = [[("" if row.get(c) is None else str(row.get(c))) for c in cols] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def engines_html(snap: Snapshot, deployment: str | None = None) -> str:
+    return html_table(engine_rows(snap, deployment), ENGINE_COLUMNS, empty="no engines")
+
+
+def engines_text(snap: Snapshot, deployment: str | None = None) -> str:
+    return text_table(engine_rows(snap, deployment), ENGINE_COLUMNS, empty="no engines")
+
+
+def gpus_html(snap: Snapshot) -> str:
+    return html_table(gpu_rows(snap), GPU_COLUMNS, empty="no nodes registered")
+
+
+def gpus_text(snap: Snapshot) -> str:
+    return text_table(gpu_rows(snap), GPU_COLUMNS, empty="no nodes registered")
+
+
+def deployment_text(snap: Snapshot, name: str) -> str:
+    from .cluster import status_of
+
+    spec = snap.deployments.get(name)
+    model = spec.model if spec else "?"
+    head = f"Deployment {name!r}: {model} · {status_of(snap, name)}"
+    rows = engine_rows(snap, name)
+    return head + ("\n" + text_table(rows, ENGINE_COLUMNS, empty="") if rows else "")
+
+
+def deployment_html(snap: Snapshot, name: str) -> str:
+    from .cluster import status_of
+
+    spec = snap.deployments.get(name)
+    model = html.escape(spec.model if spec else "?")
+    status = status_of(snap, name)
+    return (
+        f"<div><b>Deployment</b> <code>{html.escape(name)}</code> · {model} · "
+        f"{badge(status.split()[0])} {html.escape(' '.join(status.split()[1:]))}"
+        f"{engines_html(snap, name) if engine_rows(snap, name) else ''}</div>"
+    )
+
+
+def cluster_text(cluster: Cluster) -> str:
+    if not cluster.connected:
+        return "Cluster (not connected)"
+    snap = cluster.snapshot()
+    gw = cluster.gateway_url or "no gateway"
+    return (
+        f"Cluster {cluster.store_url} · {len(snap.nodes)} node(s) · "
+        f"{len(snap.deployments)} deployment(s) · {len(snap.engines)} engine(s) · {gw}"
+    )
+
+
+def cluster_html(cluster: Cluster) -> str:
+    if not cluster.connected:
+        return "<p>Cluster (not connected)</p>"
+    snap = cluster.snapshot()
+    gw = cluster.gateway_url
+    link = f"<a href='{html.escape(gw)}' target='_blank'>{html.escape(gw)}</a>" if gw else "none"
+    return (
+        f"<div><b>Cluster</b> <code>{html.escape(cluster.store_url)}</code> · "
+        f"{len(snap.nodes)} node(s) · gateway {link}{engines_html(snap)}</div>"
+    )

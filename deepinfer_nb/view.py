@@ -1,0 +1,162 @@
+"""A watch-fed, in-memory mirror of the cluster's records for the notebook.
+
+`ClusterView` reads `/deepinfer/v1/` once, then follows one store watch on the runtime loop. Reprs,
+tables and widgets read its snapshots (a lock-protected copy, no store I/O), which is what lets
+`__repr__` and `_repr_html_` stay free of I/O. Listeners are called on the runtime loop after each
+applied batch; `wait_for` lets coroutines wait for a condition on the mirrored state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+
+from .errors import RevisionCompactedError, StoreError
+from .models import DeploymentSpec, Engine, GpuSamples, Node, RecordError, decode
+from .store import keys
+from .store.base import EventType, MetaStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """One consistent view of the mirrored records."""
+
+    deployments: dict[str, DeploymentSpec]
+    engines: dict[str, Engine]
+    nodes: dict[str, Node]
+    gpus: dict[str, GpuSamples]
+    revision: int
+
+    def engines_of(self, deployment: str) -> list[Engine]:
+        found = [e for e in self.engines.values() if e.deployment == deployment]
+        return sorted(found, key=lambda e: (e.replica, e.id))
+
+
+class ClusterView:
+    """Mirror of deployments, engines, nodes and GPU samples, kept current by a watch."""
+
+    def __init__(self, store: MetaStore) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._deployments: dict[str, DeploymentSpec] = {}
+        self._engines: dict[str, Engine] = {}
+        self._nodes: dict[str, Node] = {}
+        self._gpus: dict[str, GpuSamples] = {}
+        self._revision = 0
+        self._listeners: list[Callable[[], None]] = []
+        self._changed: asyncio.Condition | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle (runtime loop) ----
+
+    async def start(self) -> None:
+        self._changed = asyncio.Condition()
+        await self._resync()
+        self._task = asyncio.create_task(self._follow(), name="deepinfer-view")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    async def _resync(self) -> None:
+        result = await self._store.range(keys.ROOT)
+        with self._lock:
+            self._deployments.clear()
+            self._engines.clear()
+            self._nodes.clear()
+            self._gpus.clear()
+            for kv in result.items:
+                self._apply_put(kv.key, kv.value)
+            self._revision = result.revision
+        await self._notify()
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async for event in self._store.watch(keys.ROOT, start_revision=self._revision + 1):
+                    with self._lock:
+                        if event.type is EventType.PUT:
+                            self._apply_put(event.key, event.value)
+                        else:
+                            self._apply_delete(event.key)
+                        self._revision = event.revision
+                    await self._notify()
+                return  # the store was closed
+            except RevisionCompactedError:
+                await self._resync()
+            except StoreError as exc:
+                log.warning("cluster view lost its watch (%s); re-reading", exc)
+                await asyncio.sleep(1.0)
+                with contextlib.suppress(StoreError):
+                    await self._resync()
+
+    def _apply_put(self, key: str, value: bytes) -> None:
+        try:
+            if keys.is_node_gpus(key):
+                samples = decode(GpuSamples, key, value)
+                self._gpus[samples.node] = samples
+            elif name := keys.name_of(key, keys.DEPLOYMENTS):
+                self._deployments[name] = decode(DeploymentSpec, key, value)
+            elif name := keys.name_of(key, keys.ENGINES):
+                self._engines[name] = decode(Engine, key, value)
+            elif name := keys.name_of(key, keys.NODES):
+                self._nodes[name] = decode(Node, key, value)
+        except RecordError as exc:
+            log.warning("%s", exc)
+
+    def _apply_delete(self, key: str) -> None:
+        if keys.is_node_gpus(key):
+            self._gpus.pop(key[len(keys.NODES) : -len(keys.GPU_SUFFIX)], None)
+        elif name := keys.name_of(key, keys.DEPLOYMENTS):
+            self._deployments.pop(name, None)
+        elif name := keys.name_of(key, keys.ENGINES):
+            self._engines.pop(name, None)
+        elif name := keys.name_of(key, keys.NODES):
+            self._nodes.pop(name, None)
+
+    async def _notify(self) -> None:
+        if self._changed is not None:
+            async with self._changed:
+                self._changed.notify_all()
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception as exc:  # a broken widget must not stop the watch
+                log.warning("cluster view listener failed: %s", exc)
+
+    # ---- reading (any thread) ----
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return Snapshot(
+                deployments=dict(self._deployments),
+                engines=dict(self._engines),
+                nodes=dict(self._nodes),
+                gpus=dict(self._gpus),
+                revision=self._revision,
+            )
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    async def wait_for(self, predicate: Callable[[Snapshot], bool], *, poll_s: float = 1.0) -> None:
+        """Return once `predicate(snapshot)` holds (re-checked on every change, and every poll_s
+        so time-based conditions are seen too). The caller bounds it with a timeout."""
+        assert self._changed is not None, "view not started"
+        while not predicate(self.snapshot()):
+            async with self._changed:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), poll_s)
