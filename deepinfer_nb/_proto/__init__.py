@@ -1,0 +1,1 @@
+"""Generated gRPC code (protos/generate.py). Never edit by hand."""

@@ -1,0 +1,212 @@
+"""`python -m deepinfer_nb.engine`: one engine shim process (gRPC server over vLLM's AsyncLLM).
+
+    python -m deepinfer_nb.engine --model M --port P [--host 127.0.0.1] [--served-model-name N]
+        [--dtype D] [--max-model-len L] [--tensor-parallel-size T] [--gpu-memory-utilization F]
+        [--device cuda:N|cpu] [--enforce-eager] [--auth-token-env VAR] [--grace-period S]
+        [-- extra vLLM engine args]
+
+The port is bound first and answers HealthCheck with STARTING while the model loads. Exit codes:
+0 after a clean Shutdown/SIGTERM drain, 1 when the engine cannot start, 2 for bad arguments; a
+start-up failure prints its cause on stderr as one line starting with "deepinfer-nb engine:".
+vLLM spawns its engine core as a subprocess, so this module keeps the `__main__` guard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+PREFIX = "deepinfer-nb engine:"
+
+
+class StartupError(Exception):
+    """A start-up failure with a one-line, actionable message."""
+
+    def __init__(self, message: str, *, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m deepinfer_nb.engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model", required=True, help="local alias (smollm2-135m-instruct), folder, or hub id"
+    )
+    p.add_argument("--port", type=int, required=True, help="gRPC port (0 = any free port)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--served-model-name", default="", help="name reported to clients")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--gpu-memory-utilization", type=float)
+    p.add_argument("--device", default="", help="cuda:N or cpu (default: what vLLM finds)")
+    p.add_argument("--enforce-eager", action="store_true", help="no compilation/CUDA graphs")
+    p.add_argument(
+        "--auth-token-env",
+        default="",
+        help="environment variable holding the token every RPC must present",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=30.0,
+        help="seconds Shutdown/SIGTERM waits for in-flight requests",
+    )
+    return p
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Our flags before `--`, vLLM's engine flags after it."""
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def vllm_argv(args: argparse.Namespace, model_path: str, extra: list[str]) -> list[str]:
+    out = [
+        "--model",
+        model_path,
+        "--dtype",
+        args.dtype,
+        "--tensor-parallel-size",
+        str(args.tensor_parallel_size),
+    ]
+    if args.max_model_len:
+        out += ["--max-model-len", str(args.max_model_len)]
+    if args.gpu_memory_utilization:
+        out += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if args.enforce_eager:
+        out.append("--enforce-eager")
+    return out + extra
+
+
+def engine_args(argv: list[str]) -> Any:
+    """vLLM's own parser turns the flags into AsyncEngineArgs (so every vLLM flag works)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm engine args"))
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            ns = parser.parse_args(argv)
+        return AsyncEngineArgs.from_cli_args(ns)
+    except SystemExit:
+        lines = [ln for ln in err.getvalue().splitlines() if "error:" in ln] or ["invalid"]
+        raise StartupError(
+            f"bad engine args: {lines[-1].split('error:', 1)[-1].strip()}", code=2
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise StartupError(f"bad engine args: {exc}", code=2) from None
+
+
+def resolve_model(name: str) -> str:
+    from ..errors import DeepInferError
+    from . import local_models
+
+    try:
+        path = local_models.resolve(name)
+    except DeepInferError as exc:
+        raise StartupError(f"model {name!r}: {exc}") from None
+    # "org/model" is a hub id; only explicit paths can be checked before vLLM tries the hub.
+    if name.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+        raise StartupError(f"model not found: {name} (no such folder)")
+    return path
+
+
+def select_device(device: str) -> None:
+    """Pin the engine to one GPU before vLLM (and torch) initialise CUDA."""
+    if device.startswith("cuda:"):
+        index = device.split(":", 1)[1]
+        if not index.replace(",", "").isdigit():
+            raise StartupError(f"bad --device {device!r}: use cuda:N or cpu", code=2)
+        os.environ["CUDA_VISIBLE_DEVICES"] = index
+    elif device not in ("", "cpu", "cuda"):
+        raise StartupError(f"bad --device {device!r}: use cuda:N or cpu", code=2)
+
+
+def explain(exc: BaseException) -> str:
+    """One line a user can act on, from the deepest useful cause."""
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and cur not in chain:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    text = " <- ".join(f"{type(e).__name__}: {_first_line(e)}" for e in chain[:3])
+    low = " ".join(str(e) for e in chain).lower()
+    if "out of memory" in low or "no available memory" in low or "kv cache" in low:
+        text += (
+            " (out of memory: lower --max-model-len or --gpu-memory-utilization, or "
+            "VLLM_CPU_KVCACHE_SPACE on CPU)"
+        )
+    elif "engine core initialization failed" in low:
+        text += " (the engine core's error is logged above)"
+    return text
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ours, extra = split_argv(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(ours)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        token = ""
+        if args.auth_token_env:
+            token = os.environ.get(args.auth_token_env, "")
+            if not token:
+                raise StartupError(
+                    f"--auth-token-env {args.auth_token_env}: that environment "
+                    "variable is empty or unset",
+                    code=2,
+                )
+        select_device(args.device)
+        model_path = resolve_model(args.model)
+        eargs = engine_args(vllm_argv(args, model_path, extra))
+        return run(args, eargs, token=token)
+    except StartupError as exc:
+        print(f"{PREFIX} {exc}", file=sys.stderr, flush=True)
+        return exc.code
+
+
+def run(args: argparse.Namespace, eargs: Any, *, token: str) -> int:
+    from .server import BindError, serve
+    from .vllm_backend import VllmBackend
+
+    name = args.served_model_name or args.model
+    try:
+        return asyncio.run(
+            serve(
+                VllmBackend(eargs),
+                host=args.host,
+                port=args.port,
+                model_name=name,
+                token=token,
+                grace_period_s=args.grace_period,
+            )
+        )
+    except BindError as exc:
+        raise StartupError(f"{exc}: choose another --port") from None
+    except Exception as exc:
+        raise StartupError(f"cannot start {args.model}: {explain(exc)}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

