@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,34 @@ class StorageSettings:
             return "memory://"
         return "etcd://" + ",".join(self.endpoints)
 
+    def use_url(self, url: str) -> None:
+        """Point at `url` as a `--store` flag does: memory:// or etcd://HOST:PORT[,HOST:PORT]."""
+        scheme, sep, rest = url.partition("://")
+        if scheme == "memory" and sep:
+            self.backend = "memory"
+        elif scheme == "etcd" and sep and rest.strip("/"):
+            self.backend = "etcd"
+            self.endpoints = [e.strip() for e in rest.strip("/").split(",") if e.strip()]
+        else:
+            raise ConfigError(f"--store {url!r}: use memory:// or etcd://HOST:PORT[,HOST:PORT]")
+
+    def store_options(self, env: dict[str, str] | None = None) -> dict[str, str]:
+        """Keyword options for `store.open_store` (TLS files, user, password from its env var)."""
+        env = dict(os.environ) if env is None else env
+        opts = {
+            "etcd_ca_cert": self.etcd_ca_cert,
+            "etcd_cert": self.etcd_cert,
+            "etcd_key": self.etcd_key,
+            "etcd_user": self.etcd_user,
+        }
+        if self.etcd_password_env:
+            if self.etcd_password_env not in env:
+                raise ConfigError(
+                    f"[storage] etcd_password_env names {self.etcd_password_env}, which is not set"
+                )
+            opts["etcd_password"] = env[self.etcd_password_env]
+        return {k: v for k, v in opts.items() if v} if self.backend == "etcd" else {}
+
 
 @dataclasses.dataclass
 class Settings:
@@ -90,8 +120,9 @@ class Settings:
     storage: StorageSettings = dataclasses.field(default_factory=StorageSettings)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None,
-             env: dict[str, str] | None = None) -> Settings:
+    def load(
+        cls, path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None
+    ) -> Settings:
         """Defaults, then the TOML file (if given), then DEEPINFER_SECTION__KEY variables."""
         settings = cls()
         if path is not None:
@@ -112,14 +143,18 @@ class Settings:
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: [{section}] must be a table")
             for key, value in values.items():
-                self.set(section, key, value, source=f"{path}: {section}.{key}"
-                         + _line_hint(text, key))
+                self.set(
+                    section,
+                    key,
+                    value,
+                    source=f"{path}: {section}.{key}" + _line_hint(text, section, key),
+                )
 
     def _apply_env(self, env: Any) -> None:
         for name, raw in env.items():
             if not name.startswith(ENV_PREFIX) or "__" not in name:
                 continue
-            section, key = name[len(ENV_PREFIX):].lower().split("__", 1)
+            section, key = name[len(ENV_PREFIX) :].lower().split("__", 1)
             self.set(section, key, raw, source=f"environment {name}")
 
     def set(self, section: str, key: str, value: Any, *, source: str) -> None:
@@ -161,8 +196,34 @@ def _coerce(current: Any, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: expected {kind.__name__}, got {value!r}") from None
 
 
-def _line_hint(text: str, key: str) -> str:
+def _line_hint(text: str, section: str, key: str) -> str:
+    """The " (line N)" of `key` inside `[section]` (keys repeat across sections)."""
+    current = ""
+    key_line = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
     for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip().startswith(key) and "=" in line:
+        header = re.match(r"^\s*\[\s*([^\]]+?)\s*\]", line)
+        if header:
+            current = header.group(1).strip("\"'")
+        elif current == section and key_line.match(line):
             return f" (line {number})"
     return ""
+
+
+def default_config_path() -> Path:
+    """The shipped `configs/default.toml` (every setting at its default, with comments)."""
+    return Path(__file__).parent / "configs" / "default.toml"
+
+
+def read_api_keys(var: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """The gateway API keys held in environment variable `var` (comma-separated); none if `var`
+    is "". A named variable that is unset or empty is an error, never silently "no auth"."""
+    if not var:
+        return []
+    value = (os.environ if env is None else env).get(var, "")
+    keys = [k.strip() for k in value.split(",") if k.strip()]
+    if not keys:
+        raise ConfigError(
+            f"API key variable {var} is not set (or empty): "
+            f"export {var}=<key> before starting the gateway"
+        )
+    return keys

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ..errors import DeepInferError
 
-COMMANDS = ["models", "demo", "etcd"]
+COMMANDS = ["models", "demo", "etcd", "controller", "gateway"]
 
 
 def build_parser() -> argparse.ArgumentParser:
