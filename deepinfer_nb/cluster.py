@@ -587,6 +587,8 @@ def failure_hint(name: str, engine: Engine, max_restarts: int) -> str:
 
 def nofit_hint(reason: str) -> str:
     low = reason.lower()
+    if "--device" in low:
+        return reason
     if "gpu" in low:
         return f"{reason}; try --device cpu or a smaller model"
     if "no node" in low or "no worker" in low or "nodes" in low:

@@ -27,6 +27,7 @@ HELP = """\
 %deepinfer snippet NAME [--lang python|curl]
 %deepinfer doctor                  check the environment
 %deepinfer down                    stop everything this kernel started
+%deepinfer help                    this list
 %%deepinfer chat NAME [--system S] [--max-tokens K] [--temperature T] [--new]
 """
 

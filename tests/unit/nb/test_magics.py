@@ -1,0 +1,179 @@
+"""`%deepinfer` in a real IPython InteractiveShell: parsing, every error path, and the
+subcommands that need a cluster but no engine (memory store, no worker: nothing can start)."""
+
+from __future__ import annotations
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+from deepinfer_nb import cluster as api
+from deepinfer_nb.nb import parsing
+
+
+@pytest.fixture(scope="module")
+def shell():
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "deepinfer_nb")
+    yield sh
+    magics = sh.magics_manager.registry["DeepInferMagics"]
+    if magics.cluster is not None:
+        sh.run_line_magic("deepinfer", "down")
+
+
+def magic(sh, line: str, cell: str | None = None):
+    if cell is None:
+        return sh.run_line_magic("deepinfer", line)
+    return sh.run_cell_magic("deepinfer", line, cell)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("", "missing subcommand"),
+        ("bogus", "unknown subcommand 'bogus'"),
+        ("deploy", "required: model"),
+        ("deploy m --replicas -1", "--replicas must be >= 0"),
+        ("deploy m --gpus -2", "--gpus must be >= 0"),
+        ("deploy m --replicas two", "invalid int value"),
+        ("deploy m --unknown-flag", "unrecognized arguments"),
+        ("deploy 'unclosed", "cannot parse arguments"),
+        ("logs", "required: name"),
+        ("logs a -- --x", "only works with deploy"),
+        ("scale a", "required: replicas"),
+        ("up --gateway-port 70000", "between 0 and 65535"),
+        ("gateway open", "invalid choice"),
+        ("snippet a --lang rust", "invalid choice"),
+        ("chat a --max-tokens 0", "--max-tokens must be >= 1"),
+    ],
+)
+def test_parse_errors_are_short_usage_errors(shell, line: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        magic(shell, line)
+
+
+def test_prompts_are_not_interpolated(shell) -> None:
+    cmd, ns = parsing.parse("chat demo --system 'say {x} literally'")
+    assert (cmd, ns.system) == ("chat", "say {x} literally")
+    cmd, ns = parsing.parse("deploy m --name a -- --max-num-seqs 4 --foo")
+    assert ns.extra == ["--max-num-seqs", "4", "--foo"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "deploy m",
+        "ls",
+        "status",
+        "status x",
+        "logs x",
+        "stop x",
+        "rm x",
+        "scale x 2",
+        "gpus",
+        "monitor",
+        "gateway",
+        "snippet x",
+    ],
+)
+def test_commands_need_up_first(shell, line: str) -> None:
+    with pytest.raises(UsageError, match="run %deepinfer up first"):
+        magic(shell, line)
+
+
+def test_chat_needs_a_cell_and_others_refuse_one(shell) -> None:
+    with pytest.raises(UsageError, match="chat is a cell magic"):
+        magic(shell, "chat x")
+    with pytest.raises(UsageError, match="takes no cell body"):
+        magic(shell, "ls", "something")
+
+
+def test_help_lists_every_subcommand(shell, capsys) -> None:
+    magic(shell, "help")
+    out = capsys.readouterr().out
+    for cmd in parsing.COMMANDS:
+        assert cmd in out
+
+
+def test_down_without_up(shell, capsys) -> None:
+    magic(shell, "down")
+    assert "nothing to stop" in capsys.readouterr().out
+
+
+def test_config_traits(shell) -> None:
+    shell.run_line_magic("config", "DeepInferMagics.chat_max_tokens = 17")
+    assert shell.magics_manager.registry["DeepInferMagics"].chat_max_tokens == 17
+
+
+@pytest.fixture(scope="class")
+def cluster_up(shell):
+    shell.run_line_magic("config", "DeepInferMagics.worker = False")
+    magic(shell, "up --gateway-port 0")
+    yield
+    magic(shell, "down")
+    shell.run_line_magic("config", "DeepInferMagics.worker = True")
+
+
+@pytest.mark.usefixtures("cluster_up")
+class TestWithCluster:
+    """A memory-store cluster without a worker: deployments stay Pending with a reason."""
+
+    def test_up_twice_reuses(self, shell, capsys) -> None:
+        before = shell.magics_manager.registry["DeepInferMagics"].cluster._hosted
+        magic(shell, "up --gateway-port 0")
+        assert "reusing" in capsys.readouterr().out
+        assert shell.magics_manager.registry["DeepInferMagics"].cluster._hosted is before
+
+    def test_deploy_is_idempotent_and_scales(self, shell, monkeypatch) -> None:
+        a = magic(shell, "deploy smollm2-135m-instruct --name demo --device cpu")
+        b = magic(shell, "deploy smollm2-135m-instruct --name demo --device cpu")
+        assert a is b
+        with pytest.raises(UsageError, match="already serves"):
+            magic(shell, "deploy other-model --name demo")
+        magic(shell, "scale demo 2")
+        assert a.spec.replicas == 2
+        monkeypatch.setattr(api, "NOFIT_PATIENCE_S", 0.5)
+        with pytest.raises(UsageError, match="demo|node|worker|place"):
+            magic(shell, "scale demo 1 --wait")
+        table = magic(shell, "ls")
+        assert "Pending" in repr(table) and "Pending" in table._repr_html_()
+        assert list(table.df["state"]) == ["Pending"]
+        assert "demo" in repr(magic(shell, "status demo"))
+        assert "http://127.0.0.1:" in repr(magic(shell, "snippet demo"))
+        assert "Authorization" not in repr(magic(shell, "snippet demo --lang curl"))
+
+    def test_unknown_deployment(self, shell) -> None:
+        for line in ("status nope", "logs nope", "stop nope", "scale nope 1", "snippet nope"):
+            with pytest.raises(UsageError, match="no deployment named 'nope'"):
+                magic(shell, line)
+        with pytest.raises(UsageError, match="no deployment named 'nope'"):
+            magic(shell, "chat nope", "hello")
+
+    def test_chat_without_running_engine(self, shell) -> None:
+        magic(shell, "deploy smollm2-135m-instruct --name idle --device cpu")
+        with pytest.raises(UsageError, match="no Running engine"):
+            magic(shell, "chat idle", "hello")
+        with pytest.raises(UsageError, match="chat cell is empty"):
+            magic(shell, "chat idle", "   ")
+        magic(shell, "rm idle")
+
+    def test_monitors_and_gpus_have_fallbacks(self, shell) -> None:
+        for line in ("monitor", "monitor --gpus"):
+            widget = magic(shell, line)
+            bundle = widget._repr_mimebundle_()
+            assert {"text/plain", "text/html", "application/vnd.jupyter.widget-view+json"} <= set(
+                bundle
+            )
+        assert "no nodes registered" in repr(magic(shell, "gpus"))
+
+    def test_gateway_stop_and_start(self, shell) -> None:
+        magic(shell, "gateway stop")
+        with pytest.raises(UsageError, match="gateway start"):
+            magic(shell, "gateway")
+        link = magic(shell, "gateway start --port 0")
+        assert link.api_base.startswith("http://127.0.0.1:")
+
+    def test_doctor(self, shell) -> None:
+        report = magic(shell, "doctor")
+        names = [c.name for c in report.checks]
+        assert "cluster" in names and "gateway" in names

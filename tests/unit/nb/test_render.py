@@ -1,0 +1,119 @@
+"""Pure pieces of the notebook layer: specs from deploy(), stages, hints, tables, links."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepinfer_nb import cluster as api
+from deepinfer_nb import render
+from deepinfer_nb.models import DeploymentSpec, Engine, EngineState, GpuInfo, GpuSamples, Node
+from deepinfer_nb.nb.links import browser_url, snippet
+from deepinfer_nb.nb.widgets import sparkline
+from deepinfer_nb.view import Snapshot
+
+
+def snap(engines: list[Engine], *, replicas: int = 1, nodes=None, gpus=None) -> Snapshot:
+    return Snapshot(
+        deployments={"d": DeploymentSpec(name="d", model="m", replicas=replicas)},
+        engines={e.id: e for e in engines},
+        nodes=nodes or {},
+        gpus=gpus or {},
+        revision=1,
+    )
+
+
+def test_build_spec_cpu_defaults_and_extra_args() -> None:
+    spec = api.build_spec(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        name=None,
+        gpus=0,
+        replicas=2,
+        device="cpu",
+        engine_args={"max_num_seqs": 4, "trust_remote_code": True},
+    )
+    assert spec.name == "smollm2-135m-instruct"
+    assert (spec.dtype, spec.enforce_eager, spec.max_model_len) == ("bfloat16", True, 2048)
+    assert spec.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert spec.engine_args == ["--max-num-seqs", "4", "--trust-remote-code"]
+    gpu = api.build_spec("m", name="x", gpus=2, replicas=1, device="auto", engine_args={})
+    assert (gpu.device, gpu.tensor_parallel_size) == ("cuda", 2)
+    with pytest.raises(api.DeploymentError, match="invalid deployment name"):
+        api.build_spec("m", name="Bad Name", gpus=0, replicas=1, device="cpu", engine_args={})
+
+
+def test_stages_and_status() -> None:
+    e0 = Engine(id="d-0-a", deployment="d", replica=0, state=EngineState.RUNNING)
+    e1 = Engine(id="d-1-b", deployment="d", replica=1, state=EngineState.STARTING)
+    assert api.stage_of([e0, e1], 2) == "Starting"
+    assert api.stage_of([e0], 2) == "Pending"
+    assert api.status_of(snap([e0, e1], replicas=2), "d") == "Starting 1/2"
+    failed = e1.model_copy(update={"state": EngineState.FAILED, "error": "CUDA OOM"})
+    assert api.status_of(snap([e0, failed], replicas=2), "d") == "Failed 1/2: CUDA OOM"
+
+
+def test_waiter_reports_stages_and_failures() -> None:
+    seen: list[str] = []
+    waiter = api.Waiter("d", lambda stage, _t, _e: seen.append(stage))
+    pending = Engine(id="d-0-a", deployment="d")
+    assert not waiter(snap([pending]))
+    assert waiter(snap([pending.transition(EngineState.RUNNING)]))
+    assert seen == ["Pending", "Running"]
+    failed = pending.model_copy(update={"state": EngineState.FAILED, "error": "boom\nexit 1"})
+    with pytest.raises(api.DeploymentError, match=r"failed: exit 1; it restarts automatically"):
+        api.Waiter("d", None)(snap([failed]))
+
+
+def test_nofit_hints() -> None:
+    assert api.nofit_hint("GPU 1 has 3.1 GiB free, needs 21 GiB").endswith(
+        "try --device cpu or a smaller model"
+    )
+    assert "start a worker" in api.nofit_hint("no nodes registered")
+
+
+def test_gpu_rows_explain_missing_gpus() -> None:
+    nodes = {"a": Node(id="a", gpu_error="no NVIDIA driver"), "b": Node(id="b")}
+    gpus = {
+        "b": GpuSamples(
+            node="b",
+            gpus=[
+                GpuInfo(
+                    index=0,
+                    name="H100",
+                    memory_total=80 << 30,
+                    memory_used=8 << 30,
+                    utilization=50.0,
+                )
+            ],
+        )
+    }
+    e = Engine(id="d-0-a", deployment="d", state=EngineState.RUNNING, node="b", gpus=[0])
+    rows = render.gpu_rows(snap([e], nodes=nodes, gpus=gpus))
+    assert rows[0]["note"] == "no NVIDIA GPU on node a (no NVIDIA driver)"
+    assert (rows[1]["name"], rows[1]["mem used GiB"], rows[1]["engines"]) == ("H100", 8.0, "d-0-a")
+
+
+def test_tables_escape_and_colour() -> None:
+    e = Engine(id="d-0-a", deployment="d", state=EngineState.FAILED, error="<oops>")
+    html = render.engines_html(snap([e]))
+    assert "&lt;oops&gt;" in html and render.STATE_COLOURS[EngineState.FAILED] in html
+    assert "Failed" in render.engines_text(snap([e]))
+
+
+def test_links_honour_the_hub_prefix() -> None:
+    assert browser_url(host="127.0.0.1", port=8082, hub_prefix="") == "http://127.0.0.1:8082/"
+    assert browser_url(host="h", port=8082, hub_prefix="/user/ann") == "/user/ann/proxy/8082/"
+    assert (
+        browser_url(host="h", port=9, template="https://x/{port}", hub_prefix="") == "https://x/9"
+    )
+
+
+def test_snippets() -> None:
+    py = snippet(lang="python", api_base="http://127.0.0.1:8082/v1", model="demo", key_env="GW_KEY")
+    compile(py, "<snippet>", "exec")
+    assert "base_url='http://127.0.0.1:8082/v1'" in py and 'os.environ["GW_KEY"]' in py
+    curl = snippet(lang="curl", api_base="http://h/v1", model="demo", key_env="")
+    assert curl.startswith("curl -s http://h/v1/chat/completions") and '"model": "demo"' in curl
+
+
+def test_sparkline() -> None:
+    assert sparkline([0.0, 50.0, 100.0, None]) == "▁▄█ "
