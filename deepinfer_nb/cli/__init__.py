@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ..errors import DeepInferError
 
-COMMANDS = ["models", "demo", "etcd", "controller", "gateway"]
+COMMANDS = ["models", "demo", "etcd", "controller", "gateway", "worker", "up"]
 
 
 def build_parser() -> argparse.ArgumentParser:

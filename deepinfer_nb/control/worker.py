@@ -1,0 +1,636 @@
+"""The worker agent of one node: registers it, runs the engines placed on it, keeps them running.
+
+    worker = Worker(store, node_id="w1", settings=Settings())
+    await worker.start()          # register under a lease, re-adopt, watch, launch
+    worker.logs("chat-0-ab12")    # last lines of an engine's output
+    await worker.stop()           # drain: stop engines, revoke the lease (node deregistered)
+
+`nodes/{node}` (inventory) and `nodes/{node}/gpus` (samples every `gpu_sample_interval_s`) are
+bound to the worker's lease, refreshed by the store's keepalive: if the worker dies, both vanish
+within `heartbeat_ttl_s` and the controller re-places its engines.
+
+Engine records are followed with a watch (re-read on `RevisionCompactedError`). For each record a
+pure `decide_local()` says what this node must do with it; one supervisor task per launched engine
+then claims it (CAS Scheduled -> Starting, so no engine starts twice), launches the shim, waits
+for HealthCheck READY (Starting -> Running), and watches exit and health until it fails
+(-> Failed with the cause and `next_restart_at`). Every write is read-modify-CAS and re-decided
+on conflict. A per-engine lock keeps the supervisor's writes and the reconciler's kills apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import importlib.metadata
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from .. import gpu
+from .._proto import engine_service_pb2 as pb
+from ..config import Settings
+from ..engine.client import EngineClient
+from ..errors import EngineError, RevisionCompactedError, StoreError
+from ..logs import ContextAdapter, bind
+from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node
+from ..store import Lease, MetaStore, decode_record, keys
+from .launcher import EngineProcess, Launcher, LogTail
+from .reconcile import Backoff
+
+__all__ = ["LocalAction", "Worker", "decide_local"]
+
+log = logging.getLogger(__name__)
+S = EngineState
+
+STORE_RETRY_S = 30.0
+"""How long a record write keeps retrying while the store is unreachable."""
+EXIT_POLL_S = 0.5
+MAX_REASON = 500
+
+
+class LocalAction(str, enum.Enum):
+    NOTHING = "nothing"
+    START = "start"  # claim and launch
+    KILL = "kill"  # stop our process; the record is not ours to write
+    STOP = "stop"  # stop our process, then Stopping -> Stopped
+    MARK_GONE = "mark_gone"  # Starting/Running here, but no process: -> Failed
+
+
+def decide_local(record: Engine | None, *, node_id: str, has_local: bool) -> LocalAction:
+    """What node `node_id` does about one engine record (None: deleted), given whether it holds
+    a process (or a supervisor about to launch one) for it. Pure."""
+    if record is None or record.node != node_id:
+        return LocalAction.KILL if has_local else LocalAction.NOTHING
+    state = record.state
+    if state == S.SCHEDULED:
+        return LocalAction.NOTHING if has_local else LocalAction.START
+    if state in (S.STARTING, S.RUNNING):
+        return LocalAction.NOTHING if has_local else LocalAction.MARK_GONE
+    if state == S.STOPPING:
+        return LocalAction.STOP
+    # Pending, Stopped, Failed, Lost (e.g. after a partition): nothing may run here.
+    return LocalAction.KILL if has_local else LocalAction.NOTHING
+
+
+@dataclasses.dataclass
+class _Local:
+    """What this worker holds for one engine."""
+
+    proc: EngineProcess | None = None
+    token: str = ""
+    task: asyncio.Task[None] | None = None
+    running: bool = False
+    """Already recorded Running (a re-adopted engine): no Starting -> Running to write."""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("deepinfer-nb")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+class Worker:
+    def __init__(
+        self,
+        store: MetaStore,
+        *,
+        node_id: str,
+        settings: Settings | None = None,
+        advertise_host: str = "127.0.0.1",
+        engine_python: str | None = None,
+        home: Path | None = None,
+    ) -> None:
+        self.store = store
+        self.node_id = node_id
+        self.settings = settings or Settings()
+        self.agent = self.settings.agent
+        self.advertise_host = advertise_host
+        self.launcher = Launcher(
+            node_id=node_id, home=home, engine_python=engine_python or self.agent.engine_python
+        )
+        self.backoff = Backoff(
+            self.settings.scheduler.restart_backoff_s, self.settings.scheduler.restart_backoff_max_s
+        )
+        self.log = bind(log, node=node_id)
+        self._records: dict[str, Engine] = {}
+        self._local: dict[str, _Local] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._dirty: set[str] = set()
+        self._reconcilers: dict[str, asyncio.Task[None]] = {}
+        self._loops: list[asyncio.Task[None]] = []
+        self._lease: Lease | None = None
+        self._stopping = False
+        self._started = False
+
+    # ---- public API ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register the node, re-adopt or clean up earlier engines, start the loops."""
+        self.launcher.acquire()
+        try:
+            await self._register()
+            revision = await self._resync()
+            await self._adopt()
+        except BaseException:
+            self.launcher.release()
+            raise
+        self._started = True
+        self._loops = [
+            asyncio.create_task(self._watch_loop(revision)),
+            asyncio.create_task(self._tick_loop()),
+            asyncio.create_task(self._sample_loop()),
+        ]
+        self.log.info(
+            "worker started (advertise %s, engine python %s)",
+            self.advertise_host,
+            self.launcher.python,
+        )
+
+    async def stop(self, *, stop_engines: bool = True) -> None:
+        """Drain: stop the loops; with `stop_engines`, stop every engine and revoke the lease
+        (deregistering the node). Without, engines keep running for a restarted worker to
+        re-adopt and the lease is left to expire."""
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        tasks = [*self._loops, *self._reconcilers.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if stop_engines:
+            await asyncio.gather(*(self._drain(eid) for eid in list(self._local)))
+        else:
+            for local in self._local.values():
+                if local.task is not None:
+                    local.task.cancel()
+            await asyncio.gather(
+                *(lc.task for lc in self._local.values() if lc.task), return_exceptions=True
+            )
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            try:
+                if stop_engines:
+                    await lease.revoke()
+                else:
+                    lease.stop_keepalive()
+            except StoreError as exc:
+                self.log.warning("could not revoke the node lease: %s", exc)
+        self.launcher.release()
+        self.log.info("worker stopped")
+
+    def logs(self, engine_id: str, lines: int = 100) -> list[str]:
+        """The last `lines` lines of an engine's output (from its log file once it is gone)."""
+        proc = self.launcher.processes.get(engine_id)
+        if proc is not None:
+            return proc.tail.lines(lines)
+        path = self.launcher.log_path(engine_id)
+        size = path.stat().st_size if path.exists() else 0
+        return LogTail(path, offset=max(0, size - 256 * 1024)).lines(lines)
+
+    @property
+    def engines(self) -> dict[str, EngineProcess]:
+        """The engine processes this worker holds now, by engine id."""
+        return dict(self.launcher.processes)
+
+    # ---- node registration and GPU samples ----------------------------------------------------
+
+    async def _register(self) -> None:
+        devices, reason = await asyncio.to_thread(gpu.probe)
+        lease = await self.store.grant_lease(max(1, int(self.agent.heartbeat_ttl_s)))
+        node = Node(
+            id=self.node_id,
+            host=socket.gethostname(),
+            advertise_host=self.advertise_host,
+            cpu_count=os.cpu_count() or 0,
+            memory_total=psutil.virtual_memory().total,
+            gpus=devices,
+            gpu_error=reason,
+            version=_version(),
+        )
+        await self.store.put(keys.node(self.node_id), node.encode(), lease=lease.id)
+        samples = GpuSamples(node=self.node_id, gpus=devices, error=reason)
+        await self.store.put(keys.node_gpus(self.node_id), samples.encode(), lease=lease.id)
+        self._lease = lease
+        lease.on_lost(self._on_lease_lost)
+        self.log.info(
+            "registered node (%d GPU(s)%s, lease ttl %ds)",
+            len(devices),
+            f": {reason}" if reason else "",
+            lease.ttl,
+        )
+
+    def _on_lease_lost(self) -> None:
+        if self._stopping:
+            return
+        # The controller will mark our engines Lost and the reconciler then kills them; the node
+        # comes back under a new lease so it can be used again.
+        self.log.warning("node lease lost; registering again")
+        self._loops.append(asyncio.create_task(self._reregister()))
+
+    async def _reregister(self) -> None:
+        while not self._stopping:
+            try:
+                await self._register()
+                return
+            except StoreError as exc:
+                self.log.warning("registering again failed (retrying): %s", exc)
+                await asyncio.sleep(1.0)
+
+    async def _sample_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.agent.gpu_sample_interval_s)
+            lease = self._lease
+            if lease is None or lease.lost:
+                continue
+            devices, reason = await asyncio.to_thread(gpu.probe)
+            samples = GpuSamples(node=self.node_id, gpus=devices, error=reason)
+            try:
+                await self.store.put(keys.node_gpus(self.node_id), samples.encode(), lease=lease.id)
+            except StoreError as exc:
+                self.log.warning("publishing GPU samples failed: %s", exc)
+
+    # ---- following the records ----------------------------------------------------------------
+
+    async def _resync(self) -> int:
+        result = await self.store.range(keys.ENGINES)
+        records: dict[str, Engine] = {}
+        for kv in result.items:
+            if keys.name_of(kv.key, keys.ENGINES):
+                record = decode_record(Engine, kv.key, kv.value)
+                if record is not None:
+                    records[record.id] = record
+        gone = set(self._records) - set(records)
+        self._records = records
+        for eid in {*records, *gone, *self._local}:
+            self._kick(eid)
+        return result.revision
+
+    async def _watch_loop(self, revision: int) -> None:
+        while not self._stopping:
+            watch = self.store.watch(keys.ENGINES, start_revision=revision + 1)
+            try:
+                async for event in watch:
+                    revision = event.revision
+                    eid = keys.name_of(event.key, keys.ENGINES)
+                    if not eid:
+                        continue
+                    record = decode_record(Engine, event.key, event.value) if event.value else None
+                    if record is None:
+                        self._records.pop(eid, None)
+                    else:
+                        self._records[eid] = record
+                    self._kick(eid)
+                return  # the store was closed
+            except RevisionCompactedError:
+                self.log.warning("engine watch compacted; re-reading the engines")
+                revision = await self._retry_resync()
+            except StoreError as exc:
+                self.log.warning("engine watch failed (%s); re-reading the engines", exc)
+                await asyncio.sleep(1.0)
+                revision = await self._retry_resync()
+            finally:
+                with contextlib.suppress(StoreError, RuntimeError):
+                    await watch.aclose()  # type: ignore[attr-defined]
+
+    async def _retry_resync(self) -> int:
+        while True:
+            try:
+                return await self._resync()
+            except StoreError as exc:
+                self.log.warning("re-reading engines failed (retrying): %s", exc)
+                await asyncio.sleep(1.0)
+
+    async def _tick_loop(self) -> None:
+        """Level-triggered safety net: re-decide everything every reconcile interval."""
+        while True:
+            await asyncio.sleep(self.agent.reconcile_interval_s)
+            for eid in {*self._records, *self._local}:
+                self._kick(eid)
+
+    def _kick(self, eid: str) -> None:
+        """Re-decide `eid` soon; decisions for one engine run one at a time, coalesced."""
+        if self._stopping:
+            return
+        self._dirty.add(eid)
+        task = self._reconcilers.get(eid)
+        if task is None or task.done():
+            self._reconcilers[eid] = asyncio.create_task(self._reconcile_loop(eid))
+
+    async def _reconcile_loop(self, eid: str) -> None:
+        while eid in self._dirty:
+            self._dirty.discard(eid)
+            try:
+                await self._reconcile(eid)
+            except StoreError as exc:
+                self.log.warning(
+                    "engine %s: store error (next tick retries): %s",
+                    eid,
+                    exc,
+                    extra={"engine": eid},
+                )
+            except Exception:
+                self.log.exception("engine %s: reconcile failed", eid, extra={"engine": eid})
+
+    async def _reconcile(self, eid: str) -> None:
+        async with self._lock(eid):
+            record = self._records.get(eid)
+            action = decide_local(record, node_id=self.node_id, has_local=eid in self._local)
+            if action == LocalAction.NOTHING:
+                return
+            elog = bind(self.log, engine=eid)
+            if action == LocalAction.START:
+                local = _Local()
+                self._local[eid] = local
+                local.task = asyncio.create_task(self._supervise(eid, local))
+            elif action == LocalAction.KILL:
+                elog.info(
+                    "stopping engine process (record %s)",
+                    f"{record.state.value} on {record.node or '-'}" if record else "deleted",
+                )
+                await self._release(eid)
+            elif action == LocalAction.STOP:
+                await self._release(eid)
+                await self._update(
+                    eid,
+                    lambda e: (
+                        e.transition(S.STOPPED, f"stopped by node {self.node_id}")
+                        if e.state == S.STOPPING and e.node == self.node_id
+                        else None
+                    ),
+                )
+                elog.info("engine stopped")
+            elif action == LocalAction.MARK_GONE:
+                await self._fail(
+                    eid,
+                    pid=None,
+                    cause="engine process is gone (its worker restarted and found no live process)",
+                )
+
+    def _lock(self, eid: str) -> asyncio.Lock:
+        return self._locks.setdefault(eid, asyncio.Lock())
+
+    async def _release(self, eid: str) -> None:
+        """Cancel the supervisor and stop the process (caller holds the engine's lock)."""
+        local = self._local.get(eid)
+        if local is None:
+            return
+        if local.task is not None and local.task is not asyncio.current_task():
+            local.task.cancel()
+            await asyncio.gather(local.task, return_exceptions=True)
+        if local.proc is not None:
+            await self.launcher.stop(local.proc, token=local.token, grace_s=self.agent.stop_grace_s)
+        # Forgotten only once stopped: a drain interrupting this stop still finds the process.
+        self._local.pop(eid, None)
+
+    async def _drain(self, eid: str) -> None:
+        async with self._lock(eid):
+            await self._release(eid)
+            # A deletion in progress still completes: Stopping -> Stopped.
+            await self._update(
+                eid,
+                lambda e: (
+                    e.transition(S.STOPPED, "worker drained")
+                    if e.state == S.STOPPING and e.node == self.node_id
+                    else None
+                ),
+            )
+
+    # ---- one engine ---------------------------------------------------------------------------
+
+    async def _supervise(self, eid: str, local: _Local) -> None:
+        """Claim, launch, wait ready, then watch until the process fails."""
+        elog = bind(self.log, engine=eid)
+        try:
+            if local.proc is None and not await self._launch(eid, local, elog):
+                return
+            proc = local.proc
+            assert proc is not None
+            async with EngineClient(proc.endpoint, token=local.token) as client:
+                cause = await self._wait_ready(proc, client)
+                if cause is None:
+                    if not local.running and not await self._mark_running(eid, proc, elog):
+                        return  # the record moved on; the reconciler decides
+                    cause = await self._monitor(proc, client)
+            async with self._lock(eid):
+                if self._local.get(eid) is local:
+                    await self.launcher.terminate(proc)
+                    self._local.pop(eid)
+                    await self._fail(eid, pid=proc.pid, cause=cause)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            elog.exception("engine supervisor failed")
+            raise
+
+    async def _launch(self, eid: str, local: _Local, elog: ContextAdapter) -> bool:
+        async with self._lock(eid):
+            if self._local.get(eid) is not local:
+                return False
+            claimed = await self._update(
+                eid,
+                lambda e: (
+                    e.transition(S.STARTING, f"claimed by node {self.node_id}")
+                    if e.state == S.SCHEDULED and e.node == self.node_id
+                    else None
+                ),
+            )
+            if claimed is None:
+                self._local.pop(eid, None)  # lost the race or the record moved on
+                return False
+            spec = await self._deployment(claimed.deployment)
+            if spec is None:
+                self._local.pop(eid, None)
+                await self._fail(eid, pid=0, cause=f"deployment {claimed.deployment} not found")
+                return False
+            proc, token = self.launcher.launch(
+                claimed, spec, advertise_host=self.advertise_host, grace_s=self.agent.stop_grace_s
+            )
+            local.proc, local.token = proc, token
+            elog.info(
+                "launched pid %d on %s (%s%s)",
+                proc.pid,
+                proc.endpoint,
+                claimed.device,
+                f" GPUs {claimed.gpus}" if claimed.gpus else "",
+            )
+            recorded = await self._update(
+                eid,
+                lambda e: (
+                    e.model_copy(
+                        update={
+                            "pid": proc.pid,
+                            "pid_start_time": proc.start_time,
+                            "endpoint": proc.endpoint,
+                            "auth_token": token,
+                            "updated_at": time.time(),
+                        }
+                    )
+                    if e.state == S.STARTING and e.node == self.node_id
+                    else None
+                ),
+            )
+            # If the record moved on (e.g. Stopping), the reconciler stops the process.
+            return recorded is not None
+
+    async def _deployment(self, name: str) -> DeploymentSpec | None:
+        kv = await self.store.get(keys.deployment(name))
+        return None if kv is None else decode_record(DeploymentSpec, kv.key, kv.value)
+
+    async def _wait_ready(self, proc: EngineProcess, client: EngineClient) -> str | None:
+        """None once HealthCheck says READY; else why it never will."""
+        deadline = time.monotonic() + self.agent.start_timeout_s
+        while True:
+            if not proc.alive():
+                return self._exit_cause(proc)
+            try:
+                reply = await client.health(timeout=2.0)
+                if reply.status == pb.SERVING_STATUS_READY:
+                    return None
+            except EngineError:
+                pass  # not listening yet
+            if time.monotonic() >= deadline:
+                return (
+                    f"not ready after {self.agent.start_timeout_s:g}s (start timeout); "
+                    f"last output: {proc.tail.cause()}"
+                )
+            await asyncio.sleep(1.0)
+
+    async def _mark_running(self, eid: str, proc: EngineProcess, elog: ContextAdapter) -> bool:
+        async with self._lock(eid):
+            running = await self._update(
+                eid,
+                lambda e: (
+                    e.transition(S.RUNNING, f"ready on {proc.endpoint}").model_copy(
+                        update={"started_at": time.time(), "error": ""}
+                    )
+                    if e.state == S.STARTING and e.node == self.node_id and e.pid == proc.pid
+                    else None
+                ),
+            )
+        if running is not None:
+            elog.info(
+                "engine running on %s (%.1fs after launch)",
+                proc.endpoint,
+                time.time() - proc.launched_at,
+            )
+        return running is not None
+
+    async def _monitor(self, proc: EngineProcess, client: EngineClient) -> str:
+        """Return the cause once the process exits or fails its health checks in a row."""
+        failures, last_check, last_error = 0, time.monotonic(), ""
+        while True:
+            await asyncio.sleep(EXIT_POLL_S)
+            if not proc.alive():
+                return self._exit_cause(proc)
+            if time.monotonic() - last_check < self.agent.health_check_interval_s:
+                continue
+            last_check = time.monotonic()
+            try:
+                reply = await client.health(timeout=5.0)
+                ok = reply.status == pb.SERVING_STATUS_READY
+                last_error = "" if ok else f"status {pb.ServingStatus.Name(reply.status)}"
+            except EngineError as exc:
+                ok, last_error = False, str(exc)
+            failures = 0 if ok else failures + 1
+            if failures >= self.agent.health_check_failures:
+                return f"health check failed {failures} times in a row: {last_error}"
+
+    @staticmethod
+    def _exit_cause(proc: EngineProcess) -> str:
+        last = proc.tail.cause()
+        return (
+            f"{proc.exit_description()}; last output: {last}" if last else proc.exit_description()
+        )
+
+    async def _fail(self, eid: str, *, pid: int | None, cause: str) -> None:
+        """Starting/Running here -> Failed with `cause` and the backoff's next restart time."""
+        cause = cause[:MAX_REASON]
+
+        def change(e: Engine) -> Engine | None:
+            if e.node != self.node_id or e.state not in (S.STARTING, S.RUNNING):
+                return None
+            if pid is not None and e.pid not in (0, pid):
+                return None  # a newer launch of the same engine: not this failure's record
+            return e.transition(S.FAILED, cause).model_copy(
+                update={
+                    "error": cause,
+                    "next_restart_at": time.time() + self.backoff.delay(e.restarts),
+                }
+            )
+
+        if await self._update(eid, change) is not None:
+            bind(self.log, engine=eid).warning("engine failed: %s", cause)
+
+    # ---- record writes ------------------------------------------------------------------------
+
+    async def _update(self, eid: str, change: Callable[[Engine], Engine | None]) -> Engine | None:
+        """Read-modify-CAS `engines/{eid}` until it sticks; None if `change` declines (or the
+        record is gone). Retries while the store is briefly unreachable."""
+        key = keys.engine(eid)
+        deadline = time.monotonic() + STORE_RETRY_S
+        while True:
+            try:
+                kv = await self.store.get(key)
+                record = None if kv is None else decode_record(Engine, key, kv.value)
+                if kv is None or record is None:
+                    return None
+                new = change(record)
+                if new is None:
+                    return None
+                if (await self.store.compare_and_swap(kv, new.encode())).succeeded:
+                    self._records[eid] = new
+                    return new
+            except StoreError:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(1.0)
+
+    # ---- adoption ------------------------------------------------------------------------------
+
+    async def _adopt(self) -> None:
+        """Take over engines a previous worker of this node launched, or clean up after them."""
+        state = self.launcher.load_state()
+        for eid, entry in state.items():
+            record = self._records.get(eid)
+            proc = self.launcher.adopt(eid, entry)
+            if proc is None:
+                self.log.info(
+                    "engine %s from the state file is gone; cleaned up", eid, extra={"engine": eid}
+                )
+                continue
+            if (
+                record is None
+                or record.node != self.node_id
+                or record.pid != proc.pid
+                or record.state not in (S.STARTING, S.RUNNING)
+            ):
+                self.log.info(
+                    "engine %s (pid %d) is no longer wanted here; stopping it",
+                    eid,
+                    proc.pid,
+                    extra={"engine": eid},
+                )
+                await self.launcher.stop(
+                    proc, token=record.auth_token if record else "", grace_s=self.agent.stop_grace_s
+                )
+                continue
+            local = _Local(proc=proc, token=record.auth_token,
+                           running=record.state == S.RUNNING)
+            self._local[eid] = local
+            local.task = asyncio.create_task(self._supervise(eid, local))
+            self.log.info(
+                "re-adopted engine %s (pid %d, %s)",
+                eid,
+                proc.pid,
+                record.state.value,
+                extra={"engine": eid},
+            )
+        self.launcher.save_state()
