@@ -1,0 +1,70 @@
+"""`deepinfer-nb gateway`: run the OpenAI-compatible gateway in the foreground.
+
+    deepinfer-nb gateway --store etcd://HOST:2379 --host 127.0.0.1 --port 8082 [--api-key-env VAR]
+
+It serves whatever the store's deployments run (the controller and workers run elsewhere).
+Binding anything but loopback requires an API key, read from the environment variable that
+`--api-key-env` names (several keys: comma-separated). SIGTERM or Ctrl-C stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import Any
+
+from .. import logs
+from ..config import read_api_keys
+from ..gateway.security import check_bind
+from ..gateway.server import serve
+from .controller import add_common_flags, settings_from
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser(
+        "gateway",
+        help="run the OpenAI-compatible gateway over a cluster's store",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/embeddings, "
+        "/v1/models, /v1/deployments, /v1/engines, /health and /metrics.",
+    )
+    add_common_flags(parser)
+    parser.add_argument(
+        "--host", default=None, help="bind address (default 127.0.0.1; others need an API key)"
+    )
+    parser.add_argument("--port", type=int, default=None, help="port (default 8082)")
+    parser.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        default=None,
+        help="environment variable holding the API key(s), comma-separated",
+    )
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    for key in ("host", "port", "api_key_env"):
+        value = getattr(args, key)
+        if value is not None:
+            settings.set("server", key, value, source="--" + key.replace("_", "-"))
+    logs.setup(args.log_format)
+    keys = read_api_keys(settings.server.api_key_env)
+    check_bind(settings.server.host, keys)  # refuse before touching the store
+    if settings.storage.backend == "memory":
+        log.warning(
+            "memory:// store: only this process sees it, so no engine will ever run "
+            "behind this gateway (use etcd://HOST:PORT, or `deepinfer-nb up`)"
+        )
+    asyncio.run(
+        serve(
+            settings.storage.url,
+            host=settings.server.host,
+            port=settings.server.port,
+            api_keys=keys,
+            settings=settings,
+        )
+    )
+    return 0

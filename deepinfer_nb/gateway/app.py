@@ -1,0 +1,60 @@
+"""`build_app`: the gateway's FastAPI application over one metadata store.
+
+Wires the routing table (started and stopped by the app's lifespan), the serving layer, the
+metrics registry, the routers, the error handlers and the security middleware. The app holds no
+global state: several gateways can live in one process (tests, a notebook next to a CLI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..config import Settings
+from ..engine.client import EngineClient
+from ..store import MetaStore
+from . import cluster_routes, deployments, openai_routes
+from .errors import install_handlers
+from .metrics import GatewayMetrics
+from .routing import ClientFactory, RoutingTable
+from .security import SecurityMiddleware
+from .serving import OpenAIServing
+
+
+def build_app(
+    store: MetaStore,
+    *,
+    settings: Settings | None = None,
+    api_keys: Sequence[str] = (),
+    client_factory: ClientFactory = EngineClient,
+) -> FastAPI:
+    """The gateway app. `api_keys` (any of them accepted) turn on Bearer authentication."""
+    settings = settings or Settings()
+    keys = tuple(k for k in api_keys if k)
+    metrics = GatewayMetrics()
+    table = RoutingTable(store, client_factory=client_factory, observer=metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await table.start()
+        try:
+            yield
+        finally:
+            await table.close()
+
+    app = FastAPI(title="deepinfer-nb gateway", version=__version__, lifespan=lifespan)
+    app.state.store = store
+    app.state.table = table
+    app.state.metrics = metrics
+    app.state.serving = OpenAIServing(table, metrics)
+    app.state.auth_enabled = bool(keys)
+    install_handlers(app)
+    for module in (openai_routes, deployments, cluster_routes):
+        app.include_router(module.router)
+    app.add_middleware(
+        SecurityMiddleware, api_keys=keys, max_body_bytes=settings.server.max_body_bytes
+    )
+    return app

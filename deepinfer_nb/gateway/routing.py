@@ -1,0 +1,352 @@
+"""The routing table: which engines serve which model, kept in memory from store watches.
+
+`RoutingTable` follows `deployments/` and `engines/` (a snapshot, then a watch from the snapshot's
+revision; a compacted history means re-read and resume), so serving a request never touches the
+store. It owns one pooled `EngineClient` (one gRPC channel) per Running engine, carrying that
+engine's auth token. The choice of replica is the pure `choose` (least outstanding requests,
+ties taken in turn); why a deployment cannot serve is the pure `unavailable_reason`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, Protocol
+
+from .. import errors as E
+from ..engine.client import EngineClient
+from ..models import DeploymentSpec, Engine, EngineState
+from ..store import decode_record, keys
+from ..store.base import EventType, KeyValue, MetaStore, WatchEvent
+from .errors import model_not_found, no_replica
+
+log = logging.getLogger(__name__)
+
+ClientFactory = Callable[..., Any]
+# states whose reason/error explains a deployment that cannot serve
+_EXPLAINING = (EngineState.PENDING, EngineState.FAILED, EngineState.LOST)
+
+
+class TableObserver(Protocol):
+    """Receives changes worth exporting as metrics."""
+
+    def inflight_changed(self, engine_id: str, deployment: str, value: int) -> None: ...
+
+    def states_changed(self, counts: dict[str, int]) -> None: ...
+
+
+@dataclasses.dataclass(eq=False)
+class Replica:
+    engine: Engine
+    inflight: int = 0
+    retired: bool = False
+    _client: Any = None
+    _stale: list[Any] = dataclasses.field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.engine.id
+
+    @property
+    def routable(self) -> bool:
+        return (
+            self.engine.state is EngineState.RUNNING
+            and bool(self.engine.endpoint)
+            and not self.retired
+        )
+
+
+def choose(
+    replicas: Sequence[Replica], *, exclude: Collection[str] = (), turn: int = 0
+) -> Replica | None:
+    """The routable replica with the fewest outstanding requests; ties are taken in turn so
+    sequential traffic still spreads over idle replicas."""
+    candidates = [r for r in replicas if r.routable and r.id not in exclude]
+    if not candidates:
+        return None
+    least = min(r.inflight for r in candidates)
+    tied = sorted((r for r in candidates if r.inflight == least), key=lambda r: r.id)
+    return tied[turn % len(tied)]
+
+
+def unavailable_reason(spec: DeploymentSpec, engines: Sequence[Engine]) -> str:
+    """Why `spec` has no Running replica, in words a client can act on."""
+    name = spec.name
+    if spec.replicas == 0:
+        return f"deployment {name} is scaled to 0 replicas"
+    if not engines:
+        return f"deployment {name} is Pending (no engine created yet)"
+    detail = next(
+        (e.error or e.reason for e in engines if e.state in _EXPLAINING and (e.error or e.reason)),
+        "",
+    )
+    suffix = f": {detail}" if detail else ""
+    states = collections.Counter(e.state.value for e in engines)
+    if len(states) == 1:
+        return f"deployment {name} is {engines[0].state.value}{suffix}"
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    return f"deployment {name} has no running replica ({counts}){suffix}"
+
+
+class Lease:
+    """One request's hold on a replica: counts as outstanding until released."""
+
+    __slots__ = ("_released", "_table", "client", "replica")
+
+    def __init__(self, table: RoutingTable, replica: Replica) -> None:
+        self._table = table
+        self.replica = replica
+        self.client: EngineClient = table.client_for(replica)
+        self._released = False
+
+    @property
+    def engine_id(self) -> str:
+        return self.replica.id
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._table.release(self.replica)
+
+
+class RoutingTable:
+    """In-memory view of deployments and engines, following the store."""
+
+    def __init__(
+        self,
+        store: MetaStore,
+        *,
+        client_factory: ClientFactory = EngineClient,
+        observer: TableObserver | None = None,
+        retry_delay_s: float = 1.0,
+    ) -> None:
+        self._store = store
+        self._client_factory = client_factory
+        self._observer = observer
+        self._retry_delay_s = retry_delay_s
+        self.deployments: dict[str, DeploymentSpec] = {}
+        self.engines: dict[str, Engine] = {}
+        self._replicas: dict[str, dict[str, Replica]] = {}  # deployment -> engine id -> replica
+        self._by_model: dict[str, str] = {}
+        self._turn = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._synced = {keys.DEPLOYMENTS: asyncio.Event(), keys.ENGINES: asyncio.Event()}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, *, timeout: float = 10.0) -> None:
+        """Start following the store; returns once both prefixes were read once."""
+        self._tasks = [
+            asyncio.create_task(
+                self._follow(keys.DEPLOYMENTS, self._load_deployments, self._on_deployment)
+            ),
+            asyncio.create_task(self._follow(keys.ENGINES, self._load_engines, self._on_engine)),
+        ]
+        waits = [asyncio.create_task(ev.wait()) for ev in self._synced.values()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        except asyncio.TimeoutError:
+            log.warning(
+                "routing table: store not read within %.0f s; following in background", timeout
+            )
+
+    @property
+    def synced(self) -> bool:
+        return all(ev.is_set() for ev in self._synced.values())
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        clients = []
+        for reps in self._replicas.values():
+            for r in reps.values():
+                clients.extend([*r._stale, *([r._client] if r._client is not None else [])])
+                r._client = None
+                r._stale.clear()
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def _follow(
+        self,
+        prefix: str,
+        load: Callable[[list[KeyValue]], None],
+        apply: Callable[[WatchEvent], None],
+    ) -> None:
+        while True:
+            try:
+                snapshot = await self._store.range(prefix)
+                load(snapshot.items)
+                self._synced[prefix].set()
+                async for event in self._store.watch(prefix, start_revision=snapshot.revision + 1):
+                    apply(event)
+                return  # the store was closed
+            except E.RevisionCompactedError:
+                log.info("routing table: %s history compacted; re-reading", prefix)
+            except E.StoreError as exc:
+                log.warning("routing table: following %s failed (%s); retrying", prefix, exc)
+                await asyncio.sleep(self._retry_delay_s)
+
+    # ---- applying store state (also driven directly by unit tests) -----------------------------
+
+    def _load_deployments(self, items: list[KeyValue]) -> None:
+        specs = {}
+        for kv in items:
+            spec = decode_record(DeploymentSpec, kv.key, kv.value)
+            if spec is not None and keys.name_of(kv.key, keys.DEPLOYMENTS):
+                specs[spec.name] = spec
+        self.deployments = specs
+        self._reindex_models()
+
+    def _on_deployment(self, event: WatchEvent) -> None:
+        name = keys.name_of(event.key, keys.DEPLOYMENTS)
+        if not name:
+            return
+        if event.type is EventType.DELETE:
+            self.deployments.pop(name, None)
+        else:
+            spec = decode_record(DeploymentSpec, event.key, event.value)
+            if spec is None:
+                return
+            self.deployments[name] = spec
+        self._reindex_models()
+
+    def _load_engines(self, items: list[KeyValue]) -> None:
+        fresh = {}
+        for kv in items:
+            engine = decode_record(Engine, kv.key, kv.value)
+            if engine is not None:
+                fresh[engine.id] = engine
+        for gone in set(self.engines) - set(fresh):
+            self._remove_engine(gone)
+        for engine in fresh.values():
+            self._put_engine(engine)
+        self._report_states()
+
+    def _on_engine(self, event: WatchEvent) -> None:
+        engine_id = keys.name_of(event.key, keys.ENGINES)
+        if not engine_id:
+            return
+        if event.type is EventType.DELETE:
+            self._remove_engine(engine_id)
+        else:
+            engine = decode_record(Engine, event.key, event.value)
+            if engine is None:
+                return
+            self._put_engine(engine)
+        self._report_states()
+
+    def _put_engine(self, engine: Engine) -> None:
+        previous = self.engines.get(engine.id)
+        if previous is not None and previous.deployment != engine.deployment:
+            self._remove_engine(engine.id)
+            previous = None
+        self.engines[engine.id] = engine
+        reps = self._replicas.setdefault(engine.deployment, {})
+        replica = reps.get(engine.id)
+        if replica is None:
+            reps[engine.id] = Replica(engine)
+            return
+        moved = (replica.engine.endpoint, replica.engine.auth_token) != (
+            engine.endpoint,
+            engine.auth_token,
+        )
+        if moved or engine.state is not EngineState.RUNNING:
+            self._retire_client(replica)
+        replica.engine = engine
+
+    def _remove_engine(self, engine_id: str) -> None:
+        engine = self.engines.pop(engine_id, None)
+        if engine is None:
+            return
+        replica = self._replicas.get(engine.deployment, {}).pop(engine_id, None)
+        if replica is not None:
+            replica.retired = True
+            self._retire_client(replica)
+
+    def _retire_client(self, replica: Replica) -> None:
+        # in-flight requests keep their channel (a Stopping engine drains them) and it is closed
+        # when the last of them is released; new requests get a channel to the current endpoint
+        if replica._client is not None:
+            replica._stale.append(replica._client)
+            replica._client = None
+        if replica.inflight == 0:
+            for client in replica._stale:
+                self._close_later(client)
+            replica._stale.clear()
+
+    def _close_later(self, client: Any) -> None:
+        task = asyncio.get_running_loop().create_task(client.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _reindex_models(self) -> None:
+        self._by_model = {spec.model_name: name for name, spec in self.deployments.items()}
+
+    def _report_states(self) -> None:
+        if self._observer is not None:
+            counts = collections.Counter(e.state.value for e in self.engines.values())
+            self._observer.states_changed({s.value: counts.get(s.value, 0) for s in EngineState})
+
+    # ---- queries used per request ---------------------------------------------------------------
+
+    def resolve(self, model: str) -> DeploymentSpec:
+        """The deployment serving `model` (its served name, or the deployment's name)."""
+        name = self._by_model.get(model, model)
+        spec = self.deployments.get(name)
+        if spec is None:
+            raise model_not_found(model)
+        return spec
+
+    def engines_of(self, deployment: str) -> list[Engine]:
+        reps = self._replicas.get(deployment, {})
+        return sorted((r.engine for r in reps.values()), key=lambda e: (e.replica, e.id))
+
+    def serving(self) -> list[DeploymentSpec]:
+        """Deployments with at least one routable replica."""
+        return [
+            spec
+            for name, spec in sorted(self.deployments.items())
+            if any(r.routable for r in self._replicas.get(name, {}).values())
+        ]
+
+    def acquire(self, spec: DeploymentSpec, *, exclude: Collection[str] = ()) -> Lease:
+        """Hold the least-loaded Running replica of `spec`; 503 with the reason if none."""
+        reps = list(self._replicas.get(spec.name, {}).values())
+        replica = choose(reps, exclude=exclude, turn=self._turn)
+        self._turn += 1
+        if replica is None:
+            if exclude and any(r.routable for r in reps):
+                raise no_replica(f"deployment {spec.name} has no other running replica")
+            raise no_replica(unavailable_reason(spec, [r.engine for r in reps]))
+        replica.inflight += 1
+        self._notify_inflight(replica)
+        return Lease(self, replica)
+
+    def release(self, replica: Replica) -> None:
+        replica.inflight -= 1
+        self._notify_inflight(replica)
+        if replica.inflight == 0 and replica._stale:
+            for client in replica._stale:
+                self._close_later(client)
+            replica._stale.clear()
+
+    def client_for(self, replica: Replica) -> EngineClient:
+        if replica._client is None:
+            replica._client = self._client_factory(
+                replica.engine.endpoint, token=replica.engine.auth_token
+            )
+        client: EngineClient = replica._client
+        return client
+
+    def _notify_inflight(self, replica: Replica) -> None:
+        if self._observer is not None:
+            self._observer.inflight_changed(replica.id, replica.engine.deployment, replica.inflight)

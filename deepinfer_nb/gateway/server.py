@@ -1,0 +1,170 @@
+"""Hosting the gateway: uvicorn on the caller's event loop, on a socket bound here.
+
+`GatewayServer` runs `uvicorn.Server` as a task of the *current* loop (the notebook runtime's
+background thread, or the CLI's `asyncio.run`), never a loop of its own, and binds the listening
+socket itself so port 0 works and the real port is known before the first request. It refuses a
+non-loopback address unless the app requires an API key. `serve` is the standalone entry point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+from types import TracebackType
+
+import uvicorn
+from fastapi import FastAPI
+
+from ..config import Settings, read_api_keys
+from ..errors import ConfigError
+from ..store import MetaStore, open_store
+from .app import build_app
+from .security import check_bind
+
+log = logging.getLogger(__name__)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot bind the gateway to {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class GatewayServer:
+    """One running gateway. `await start()`, then `url`; `await stop()` to end it.
+
+    `target` is an app from `build_app`, or a store to build one over (then API keys come from
+    `api_keys`, else from the variable `settings.server.api_key_env` names). `sock` is a
+    listening socket bound by the caller; without it one is bound on `host`:`port`.
+    """
+
+    def __init__(
+        self,
+        target: FastAPI | MetaStore,
+        *,
+        settings: Settings | None = None,
+        api_keys: Sequence[str] | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        sock: socket.socket | None = None,
+        log_level: str = "warning",
+    ) -> None:
+        settings = settings or Settings()
+        if isinstance(target, MetaStore):
+            if api_keys is None:
+                api_keys = read_api_keys(settings.server.api_key_env)
+            target = build_app(target, settings=settings, api_keys=api_keys)
+        self.app = target
+        if sock is not None:
+            host, port = sock.getsockname()[:2]
+        self.host = host or settings.server.host
+        self.port = settings.server.port if port is None else port
+        check_bind(self.host, ["set"] if self.app.state.auth_enabled else [])
+        self._log_level = log_level
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sock = sock
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self, *, timeout: float = 30.0) -> None:
+        if self._sock is None:
+            self._sock = bind_socket(self.host, self.port)
+        self.port = self._sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            log_level=self._log_level,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=30,
+        )
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._server.started:
+            if self._task.done():
+                self._close_socket()
+                # uvicorn exits (without raising) when the lifespan start-up fails
+                exc = self._task.exception()
+                raise ConfigError(f"the gateway failed to start: {exc or 'see the log'}")
+            if loop.time() > deadline:
+                await self.stop()
+                raise ConfigError(f"the gateway did not start within {timeout:.0f} s")
+            await asyncio.sleep(0.01)
+
+    async def wait(self) -> None:
+        """Until the server exits (stop(), or a signal when running in the main thread)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def __aenter__(self) -> GatewayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(
+    store_url: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8082,
+    api_keys: Sequence[str] = (),
+    settings: Settings | None = None,
+    log_level: str = "info",
+) -> None:
+    """Run a standalone gateway over the store at `store_url` until interrupted."""
+    settings = settings or Settings()
+    check_bind(host, api_keys)
+    settings.storage.use_url(store_url)
+    async with open_store(store_url, **settings.storage.store_options()) as store:
+        app = build_app(store, settings=settings, api_keys=api_keys)
+        server = GatewayServer(app, settings=settings, host=host, port=port, log_level=log_level)
+        await server.start()
+        auth = "API key required" if api_keys else "no API key"
+        print(
+            f"deepinfer-nb gateway on {server.url} (store {store_url}, {auth})",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            await server.wait()
+        finally:
+            await server.stop()

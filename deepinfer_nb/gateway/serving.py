@@ -1,0 +1,308 @@
+"""The serving layer behind the OpenAI routes: pick a replica, call it, stream the answer.
+
+Per request: resolve the model in the routing table, hold the least-loaded Running replica
+(a `Lease`), call its engine over the pooled gRPC channel, and translate the reply. A call that
+fails before its first byte (engine unreachable, draining, or failing) is retried once on another
+replica. Streams are opened before the HTTP response starts, so such failures still get a proper
+status; after that, an engine failure ends the stream with an OpenAI error event. A client that
+disconnects cancels the engine call (the shim then aborts the vLLM request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from .. import errors as E
+from .._proto import engine_service_pb2 as pb
+from ..engine.client import EngineClient
+from ..models import DeploymentSpec
+from . import translate
+from .errors import APIError, ClientDisconnected, to_api_error
+from .metrics import GatewayMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .routing import Lease, RoutingTable
+
+T = TypeVar("T")
+Stream = AsyncIterator[pb.GenerateStreamResponse]
+
+# errors after which another replica may well succeed; invalid arguments, timeouts and
+# cancellations would only repeat (or double the load)
+_RETRYABLE = (E.EngineUnavailableError, E.AuthenticationError)
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, _RETRYABLE) or type(exc) is E.EngineError
+
+
+class _Tracker:
+    """Metrics of one request: status, latency, time to first token, tokens."""
+
+    __slots__ = ("endpoint", "metrics", "model", "start")
+
+    def __init__(self, metrics: GatewayMetrics, *, model: str, endpoint: str) -> None:
+        self.metrics = metrics
+        self.model = model
+        self.endpoint = endpoint
+        self.start = time.perf_counter()
+
+    def first_token(self) -> None:
+        self.metrics.first_token(model=self.model, seconds=time.perf_counter() - self.start)
+
+    def tokens(self, u: pb.Usage) -> None:
+        self.metrics.tokens(
+            model=self.model, prompt=u.prompt_tokens, completion=u.completion_tokens
+        )
+
+    def done(self, status: int = 200, error_type: str = "") -> None:
+        self.metrics.finished(
+            model=self.model,
+            endpoint=self.endpoint,
+            status=status,
+            seconds=time.perf_counter() - self.start,
+            error_type=error_type,
+        )
+
+    def failed(self, exc: BaseException) -> None:
+        err = to_api_error(ClientDisconnected() if isinstance(exc, asyncio.CancelledError) else exc)
+        self.done(err.status, err.type)
+
+
+class SSEResponse(StreamingResponse):
+    """A streaming response whose cleanup runs however the response ends (even if the client
+    is gone before the body iterator was ever started)."""
+
+    def __init__(self, body: AsyncIterator[str], cleanup: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=_SSE_HEADERS)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
+
+
+class OpenAIServing:
+    def __init__(self, table: RoutingTable, metrics: GatewayMetrics) -> None:
+        self.table = table
+        self.metrics = metrics
+
+    # ---- endpoints ------------------------------------------------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        spec = self.table.resolve(body.model)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        preq = translate.chat_request(body, rid)
+        track = _Tracker(self.metrics, model=spec.model_name, endpoint="chat")
+        if body.stream:
+            chunks = translate.ChatChunks(
+                id=rid,
+                model=body.model,
+                n=body.n,
+                logprobs=body.logprobs,
+                include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            )
+            return await self._stream(spec, lambda c: c.chat_stream(preq), chunks, track, request)
+        resp = await self._tracked(track, request, self._call(spec, lambda c: c.chat(preq)))
+        track.tokens(resp.usage)
+        track.done()
+        out = translate.chat_response(resp, id=rid, model=body.model, logprobs=body.logprobs)
+        return JSONResponse(out.model_dump())
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        spec = self.table.resolve(body.model)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        preqs = translate.completion_requests(body, rid)
+        track = _Tracker(self.metrics, model=spec.model_name, endpoint="completions")
+        logprobs = body.logprobs is not None
+        if body.stream:
+            chunks = translate.CompletionChunks(
+                id=rid,
+                model=body.model,
+                n=body.n,
+                logprobs=logprobs,
+                include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            )
+            preq = preqs[0]
+            return await self._stream(
+                spec, lambda c: c.generate_stream(preq), chunks, track, request
+            )
+        calls = [self._call(spec, _generate(p)) for p in preqs]
+        replies = await self._tracked(track, request, _gather(calls))
+        for r in replies:
+            track.tokens(r.usage)
+        track.done()
+        out = translate.completion_response(
+            replies, id=rid, model=body.model, n=body.n, logprobs=logprobs
+        )
+        return JSONResponse(out.model_dump())
+
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> Response:
+        spec = self.table.resolve(body.model)
+        preq = translate.embedding_request(body, f"embd-{uuid.uuid4().hex}")
+        track = _Tracker(self.metrics, model=spec.model_name, endpoint="embeddings")
+        resp = await self._tracked(track, request, self._call(spec, lambda c: c.embed(preq)))
+        track.tokens(resp.usage)
+        track.done()
+        out = translate.embedding_response(
+            resp, model=body.model, base64_out=body.encoding_format == "base64"
+        )
+        return JSONResponse(out.model_dump())
+
+    # ---- calling replicas -----------------------------------------------------------------------
+
+    def _lease(
+        self, spec: DeploymentSpec, tried: Sequence[str], error: BaseException | None
+    ) -> Lease:
+        try:
+            return self.table.acquire(spec, exclude=tried)
+        except APIError:
+            if error is not None:  # nowhere to retry: the client sees the engine's failure
+                raise error from None
+            raise
+
+    async def _call(self, spec: DeploymentSpec, call: Callable[[EngineClient], Awaitable[T]]) -> T:
+        tried: list[str] = []
+        error: BaseException | None = None
+        while True:
+            lease = self._lease(spec, tried, error)
+            try:
+                return await call(lease.client)
+            except E.EngineError as exc:
+                if error is not None or not _retryable(exc):
+                    raise
+                error = exc
+                tried.append(lease.engine_id)
+            finally:
+                lease.release()
+
+    async def _open(
+        self, spec: DeploymentSpec, open_stream: Callable[[EngineClient], Stream]
+    ) -> tuple[Lease, Stream, pb.GenerateStreamResponse | None]:
+        """Start a stream and read its first event, retrying once on another replica."""
+        tried: list[str] = []
+        error: BaseException | None = None
+        while True:
+            lease = self._lease(spec, tried, error)
+            stream = open_stream(lease.client)
+            try:
+                first = await stream.__anext__()
+            except StopAsyncIteration:
+                return lease, stream, None
+            except BaseException as exc:
+                lease.release()
+                await _aclose(stream)
+                if not isinstance(exc, E.EngineError) or error is not None or not _retryable(exc):
+                    raise
+                error = exc
+                tried.append(lease.engine_id)
+                continue
+            return lease, stream, first
+
+    async def _stream(
+        self,
+        spec: DeploymentSpec,
+        open_stream: Callable[[EngineClient], Stream],
+        chunks: translate._Chunks,
+        track: _Tracker,
+        request: Request,
+    ) -> Response:
+        lease, stream, first = await self._tracked(track, request, self._open(spec, open_stream))
+        if first is not None:
+            track.first_token()
+        # how the stream ended, for the metrics (499 until it ends by itself)
+        outcome: list[Any] = [499, "client_disconnected"]
+
+        async def body() -> AsyncIterator[str]:
+            for piece in chunks.start():
+                yield piece
+            try:
+                if first is not None:
+                    for piece in self._on_event(first, chunks, track):
+                        yield piece
+                async for event in stream:
+                    for piece in self._on_event(event, chunks, track):
+                        yield piece
+            except E.DeepInferError as exc:
+                # headers are gone: report in-band, as OpenAI does, and end the stream
+                err = to_api_error(exc)
+                outcome[:] = [err.status, err.type]
+                yield translate.sse(err.body().model_dump())
+                yield translate.DONE
+                return
+            for piece in chunks.end():
+                yield piece
+            outcome[:] = [200, ""]
+
+        async def cleanup() -> None:
+            lease.release()
+            await _aclose(stream)
+            track.done(outcome[0], outcome[1])
+
+        return SSEResponse(body(), cleanup)
+
+    def _on_event(
+        self, event: pb.GenerateStreamResponse, chunks: translate._Chunks, track: _Tracker
+    ) -> list[str]:
+        if event.finished and event.HasField("usage"):
+            track.tokens(event.usage)
+        return chunks.event(event)
+
+    async def _tracked(self, track: _Tracker, request: Request, work: Awaitable[T]) -> T:
+        """Run `work` until done or until the client disconnects (then cancel it); count
+        failures in the metrics."""
+        try:
+            return await _until_disconnect(request, work)
+        except BaseException as exc:
+            track.failed(exc)
+            raise
+
+
+def _generate(preq: pb.GenerateRequest) -> Callable[[EngineClient], Awaitable[pb.GenerateResponse]]:
+    return lambda client: client.generate(preq)
+
+
+async def _gather(calls: Sequence[Awaitable[T]]) -> list[T]:
+    return list(await asyncio.gather(*calls))
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    task: asyncio.Future[T] = asyncio.ensure_future(work)
+    watcher: asyncio.Future[Any] = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            # cancelling the gRPC call makes the shim abort the vLLM request
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        watcher.cancel()
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _aclose(stream: Any) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
