@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from ..config import SchedulerSettings
-from ..errors import RevisionCompactedError, StoreError
+from ..errors import RevisionCompactedError, StoreError, StoreUnavailableError
 from ..models import DeploymentSpec, Engine, GpuSamples, Node
 from ..store import Compare, Delete, EventType, KeyValue, Lease, MetaStore, Put, decode_record, keys
 from . import reconcile
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 LEADER_KEY = keys.leader("controller")
 APPLY_CONCURRENCY = 32
 """Writes in flight at once: enough to hide etcd round trips when placing many engines."""
+RETRY_S = 1.0
 
 
 class NotLeaderError(StoreError):
@@ -116,12 +117,18 @@ class Controller:
         """Campaign, lead until leadership is lost, repeat; return after `stop()`."""
         try:
             while not self._stopping:
-                if not await self._campaign():
-                    break
                 try:
-                    await self._lead()
-                finally:
-                    await self._resign()
+                    if not await self._campaign():
+                        break
+                    try:
+                        await self._lead()
+                    finally:
+                        await self._resign()
+                except StoreUnavailableError as exc:
+                    # The store stayed down past its retry deadline: not ours to fix; campaign
+                    # again once it answers (a standby may lead by then).
+                    log.warning("store unavailable (%s); retrying in %.0f s", exc, RETRY_S)
+                    await asyncio.sleep(RETRY_S)
         finally:
             await self._resign()
 
@@ -236,6 +243,10 @@ class Controller:
                 log.warning("watch history compacted; resyncing")
                 revision = (await self.store.range(LEADER_KEY)).revision + 1
                 self._wakeup.set()
+            except StoreUnavailableError as exc:
+                # Rounds still run on the timer meanwhile; resume where the watch stopped.
+                log.warning("watch failed (%s); retrying in %.0f s", exc, RETRY_S)
+                await asyncio.sleep(RETRY_S)
             finally:
                 await _close(watch)
 

@@ -273,45 +273,60 @@ def _place_gpu(
             f"any node offers is {len(_eligible(largest, pins))} (node {largest.id}); "
             f"lower tensor_parallel_size or add GPUs"
         )
-    best: tuple[tuple[float, ...], Assignment] | None = None
-    refusals: list[str] = []
+    fraction = request.gpu_memory_utilization
+
+    def gpu_key(g: GpuSlot) -> tuple[float, ...]:
+        return _gpu_key(g, request.deployment, strategy)
+
+    # The hot path (thousands of placements per round): only a cheap fit test per GPU here;
+    # the refusal texts are built only when nothing fits.
+    best: tuple[tuple[float, ...], NodeSnapshot, list[GpuSlot]] | None = None
     for node in with_gpus:
+        fitting = [g for g in node.gpus if (not pins or g.index in pins) and _fits(g, fraction)]
+        if len(fitting) < need:
+            continue
+        chosen = [min(fitting, key=gpu_key)] if need == 1 else sorted(fitting, key=gpu_key)[:need]
+        score = _node_key(node, chosen, request.deployment, strategy)
+        if best is None or score < best[0]:
+            best = (score, node, chosen)
+    if best is not None:
+        _, node, chosen = best
+        gpus = tuple(sorted(g.index for g in chosen))
+        return Assignment(node=node.id, device="cuda", gpus=gpus, gpu_fraction=fraction)
+    return NoFit(_explain(with_gpus, pins=pins, need=need, fraction=fraction))
+
+
+def _explain(
+    nodes: Sequence[NodeSnapshot], *, pins: tuple[int, ...], need: int, fraction: float
+) -> str:
+    refusals: list[str] = []
+    for node in nodes:
         eligible = _eligible(node, pins)
         if len(eligible) < need:
             continue
-        fitting: list[GpuSlot] = []
+        fitting = 0
         for slot in eligible:
-            why = _refusal(slot, request.gpu_memory_utilization)
+            why = _refusal(slot, fraction)
             if why:
                 refusals.append(f"node {node.id} GPU {slot.index}: {why}")
             else:
-                fitting.append(slot)
-        if len(fitting) < need:
-            if need > 1:
-                refusals.append(f"node {node.id}: {len(fitting)} of the {need} GPUs needed fit")
-            continue
-        chosen = sorted(fitting, key=lambda g: _gpu_key(g, request.deployment, strategy))[:need]
-        score = _node_key(node, chosen, request.deployment, strategy)
-        if best is None or score < best[0]:
-            gpus = tuple(sorted(g.index for g in chosen))
-            best = (
-                score,
-                Assignment(
-                    node=node.id,
-                    device="cuda",
-                    gpus=gpus,
-                    gpu_fraction=request.gpu_memory_utilization,
-                ),
-            )
-    if best is not None:
-        return best[1]
+                fitting += 1
+        if need > 1:
+            refusals.append(f"node {node.id}: {fitting} of the {need} GPUs needed fit")
     shown = "; ".join(refusals[:MAX_DETAILS])
     more = f" (and {len(refusals) - MAX_DETAILS} more)" if len(refusals) > MAX_DETAILS else ""
-    return NoFit(f"{shown}{more}; try a lower gpu_memory_utilization or --device cpu")
+    return f"{shown}{more}; try a lower gpu_memory_utilization or --device cpu"
 
 
 def _eligible(node: NodeSnapshot, pins: tuple[int, ...]) -> list[GpuSlot]:
     return [g for g in node.gpus if not pins or g.index in pins]
+
+
+def _fits(slot: GpuSlot, fraction: float) -> bool:
+    if slot.promised + fraction > 1.0 + EPS:
+        return False
+    free, total = slot.memory_free, slot.memory_total
+    return free is None or total <= 0 or free >= fraction * total - EPS
 
 
 def _refusal(slot: GpuSlot, fraction: float) -> str:
