@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -254,13 +255,20 @@ class Controller:
         """One round: read, decide, apply. Raises NotLeaderError when fenced out."""
         snap = await read_snapshot(self.store)
         self.rounds += 1
-        decision = reconcile.decide(
-            deployments=snap.deployments,
-            engines=[e for e, _ in snap.engines.values()],
-            nodes=snap.nodes,
-            samples=snap.samples,
-            now=self.clock(),
-            backoff=Backoff(self.settings.restart_backoff_s, self.settings.restart_backoff_max_s),
+        # decide() is pure and can take a second for thousands of placements: a thread keeps this
+        # loop (which also serves the gateway inside a notebook) responsive meanwhile.
+        decision = await asyncio.to_thread(
+            functools.partial(
+                reconcile.decide,
+                deployments=snap.deployments,
+                engines=[e for e, _ in snap.engines.values()],
+                nodes=snap.nodes,
+                samples=snap.samples,
+                now=self.clock(),
+                backoff=Backoff(
+                    self.settings.restart_backoff_s, self.settings.restart_backoff_max_s
+                ),
+            )
         )
         stats = RoundStats(actions=len(decision.actions), wake_at=decision.wake_at)
         kvs = {engine_id: kv for engine_id, (_, kv) in snap.engines.items()}

@@ -127,6 +127,7 @@ def decide(
     snaps = scheduler.snapshot(
         nodes.values(), [e for e in all_engines if e.id not in touched], samples
     )
+    memo = scheduler.Memo()  # one per round: snapshots change one node per placement
     ordered = sorted(deployments.values(), key=lambda d: (d.created_at, d.name))
     for spec in ordered:
         slots: dict[int, list[Engine]] = {}
@@ -145,7 +146,9 @@ def decide(
                 actions.append(CreateEngine(pending.transition(S.PENDING, pending.reason)))
                 continue
             for e in engines_in_slot:
-                action, snaps = _advance(e, spec, snaps, now=now, backoff=backoff, wake=wake)
+                action, snaps = _advance(
+                    e, spec, snaps, now=now, backoff=backoff, wake=wake, memo=memo
+                )
                 if action is not None:
                     actions.append(action)
     return Decision(actions, min(wake) if wake else None)
@@ -179,6 +182,7 @@ def _advance(
     now: float,
     backoff: Backoff,
     wake: list[float],
+    memo: scheduler.Memo,
 ) -> tuple[Action | None, list[scheduler.NodeSnapshot]]:
     """The next step for a wanted engine, and the snapshot with any new placement booked."""
     if e.state == S.STOPPED:
@@ -193,7 +197,9 @@ def _advance(
             return None, snaps
     elif e.state not in (S.PENDING, S.LOST):
         return None, snaps
-    result = scheduler.place(PlacementRequest.for_spec(spec), snaps, strategy=_strategy(spec))
+    result = scheduler.place(
+        PlacementRequest.for_spec(spec), snaps, strategy=_strategy(spec), memo=memo
+    )
     restarts = e.restarts + (1 if e.state in (S.FAILED, S.LOST) else 0)
     if isinstance(result, NoFit):
         if e.state == S.PENDING and e.reason == result.reason:

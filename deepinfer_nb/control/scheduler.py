@@ -15,7 +15,7 @@ processes are not promised anything: either check alone would over-commit).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 from ..models import DeploymentSpec, Engine, GpuInfo, GpuSamples, Node
@@ -168,16 +168,50 @@ def apply(node: NodeSnapshot, assignment: Assignment, *, deployment: str) -> Nod
 # ---- placement ---------------------------------------------------------------------------------
 
 
+class Memo:
+    """Per-node scores for one request shape, reused while a node's snapshot is the same object.
+
+    A caller placing many engines in a row (a reconcile round) changes one node per placement;
+    the memo spares re-scoring all the others. Entries keep the node object alive, so its id()
+    cannot be reused by another snapshot while the entry exists. Results are identical with or
+    without a memo.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, tuple[object, ...]], tuple[NodeSnapshot, _NodeBest]] = {}
+
+    def lookup(
+        self,
+        node: NodeSnapshot,
+        shape: tuple[object, ...],
+        compute: Callable[[NodeSnapshot], _NodeBest],
+    ) -> _NodeBest:
+        entry = self._entries.get((id(node), shape))
+        if entry is not None and entry[0] is node:
+            return entry[1]
+        best = compute(node)
+        self._entries[(id(node), shape)] = (node, best)
+        return best
+
+
+_NodeBest = tuple[tuple[float, ...], list[GpuSlot]] | None
+
+
 def place(
-    request: PlacementRequest, nodes: Sequence[NodeSnapshot], *, strategy: Strategy = "spread"
+    request: PlacementRequest,
+    nodes: Sequence[NodeSnapshot],
+    *,
+    strategy: Strategy = "spread",
+    memo: Memo | None = None,
 ) -> Placement | NoFit:
     """Place `request.replicas` engines, all or none (each sees the ones placed before it)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    memo = memo if memo is not None else Memo()
     current = list(nodes)
     placed: list[Assignment] = []
     for replica in range(request.replicas):
-        result = _place_one(request, current, strategy)
+        result = _place_one(request, current, strategy, memo)
         if isinstance(result, NoFit):
             if replica:
                 return NoFit(f"only {replica} of {request.replicas} replicas fit: {result.reason}")
@@ -191,7 +225,7 @@ def place(
 
 
 def _place_one(
-    request: PlacementRequest, nodes: Sequence[NodeSnapshot], strategy: Strategy
+    request: PlacementRequest, nodes: Sequence[NodeSnapshot], strategy: Strategy, memo: Memo
 ) -> Assignment | NoFit:
     if not nodes:
         return NoFit(
@@ -224,7 +258,7 @@ def _place_one(
                 f"{request.gpus_per_replica}; use --device cuda with GPU pins instead"
             )
         pins = (index,)
-    return _place_gpu(request, candidates, strategy, pins)
+    return _place_gpu(request, candidates, strategy, pins, memo)
 
 
 def _place_cpu(
@@ -254,6 +288,7 @@ def _place_gpu(
     nodes: Sequence[NodeSnapshot],
     strategy: Strategy,
     pins: tuple[int, ...],
+    memo: Memo,
 ) -> Assignment | NoFit:
     need = request.gpus_per_replica
     with_gpus = [n for n in nodes if n.gpus]
@@ -266,29 +301,34 @@ def _place_gpu(
                 f"pinned GPU(s) {', '.join(map(str, pins))} exist on no node "
                 f"({_gpu_inventory(nodes)})"
             )
-    largest = max(with_gpus, key=lambda n: len(_eligible(n, pins)))
-    if len(_eligible(largest, pins)) < need:
-        return NoFit(
-            f"tensor_parallel_size {need} needs {need} GPUs on one node; the most "
-            f"any node offers is {len(_eligible(largest, pins))} (node {largest.id}); "
-            f"lower tensor_parallel_size or add GPUs"
-        )
+    if need > 1:
+        largest = max(with_gpus, key=lambda n: len(_eligible(n, pins)))
+        offered = len(_eligible(largest, pins))
+        if offered < need:
+            return NoFit(
+                f"tensor_parallel_size {need} needs {need} GPUs on one node; the most any node "
+                f"offers is {offered} (node {largest.id}); lower tensor_parallel_size or add GPUs"
+            )
     fraction = request.gpu_memory_utilization
+
+    shape = (request.deployment, fraction, need, pins, strategy)
 
     def gpu_key(g: GpuSlot) -> tuple[float, ...]:
         return _gpu_key(g, request.deployment, strategy)
 
-    # The hot path (thousands of placements per round): only a cheap fit test per GPU here;
-    # the refusal texts are built only when nothing fits.
-    best: tuple[tuple[float, ...], NodeSnapshot, list[GpuSlot]] | None = None
-    for node in with_gpus:
+    def best_on(node: NodeSnapshot) -> _NodeBest:
+        # The hot path: only a cheap fit test per GPU; refusal texts only when nothing fits.
         fitting = [g for g in node.gpus if (not pins or g.index in pins) and _fits(g, fraction)]
         if len(fitting) < need:
-            continue
+            return None
         chosen = [min(fitting, key=gpu_key)] if need == 1 else sorted(fitting, key=gpu_key)[:need]
-        score = _node_key(node, chosen, request.deployment, strategy)
-        if best is None or score < best[0]:
-            best = (score, node, chosen)
+        return _node_key(node, chosen, request.deployment, strategy), chosen
+
+    best: tuple[tuple[float, ...], NodeSnapshot, list[GpuSlot]] | None = None
+    for node in with_gpus:
+        found = memo.lookup(node, shape, best_on)
+        if found is not None and (best is None or found[0] < best[0]):
+            best = (found[0], node, found[1])
     if best is not None:
         _, node, chosen = best
         gpus = tuple(sorted(g.index for g in chosen))

@@ -10,6 +10,7 @@ import pytest
 from deepinfer_nb.control.scheduler import (
     Assignment,
     GpuSlot,
+    Memo,
     NodeSnapshot,
     NoFit,
     Placement,
@@ -372,3 +373,37 @@ def test_snapshot_from_records_counts_active_engines_and_prefers_samples() -> No
     assert (b0.promised, b0.engines, b0.memory_free) == (0.75, 2, GIB)
     assert (snaps["a"].cpu_capable, snaps["a"].cpu_engines) == (True, 1)
     assert snaps["b"].cpu_capable is False and snaps["g"].cpu_capable is True
+
+
+@pytest.mark.parametrize("strategy", ["spread", "binpack", "idle_first"])
+def test_a_shared_memo_never_changes_a_placement(strategy: Strategy) -> None:
+    import random
+
+    rng = random.Random(7)
+    nodes = [
+        node(f"n{i}", *(gpu(g, free=rng.choice([None, 20, 80])) for g in range(4)))
+        for i in range(6)
+    ]
+    memo = Memo()
+    with_memo, without = list(nodes), list(nodes)
+    refused = 0
+    for i in range(60):
+        r = req(
+            deployment=f"d{i % 5}",
+            gpu_memory_utilization=rng.choice([0.2, 0.3, 0.5]),
+            gpus_per_replica=rng.choice([1, 1, 2]),
+        )
+        a = place(r, with_memo, strategy=strategy, memo=memo)
+        b = place(r, without, strategy=strategy)
+        assert a == b, i
+        if isinstance(a, Placement):
+            (x,) = a.assignments
+            with_memo = [
+                apply(n, x, deployment=r.deployment) if n.id == x.node else n for n in with_memo
+            ]
+            without = [
+                apply(n, x, deployment=r.deployment) if n.id == x.node else n for n in without
+            ]
+        else:
+            refused += 1
+    assert 0 < refused < 60  # both outcomes were compared
