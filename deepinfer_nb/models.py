@@ -63,7 +63,9 @@ class Placement(BaseModel):
     """Where a deployment's engines may go."""
 
     model_config = ConfigDict(extra="forbid")
-    strategy: Strategy = "spread"
+    strategy: Strategy | None = Field(
+        default=None, description="None: the controller's [scheduler] strategy (spread by default)"
+    )
     nodes: list[str] = Field(default_factory=list, description="only these nodes (empty: any)")
     gpus: list[int] = Field(default_factory=list, description="only these GPU indices")
 

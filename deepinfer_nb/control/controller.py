@@ -23,13 +23,15 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import cast
 
 from ..config import SchedulerSettings
-from ..errors import RevisionCompactedError, StoreError, StoreUnavailableError
+from ..errors import ConfigError, RevisionCompactedError, StoreError, StoreUnavailableError
 from ..models import DeploymentSpec, Engine, GpuSamples, Node
 from ..store import Compare, Delete, EventType, KeyValue, Lease, MetaStore, Put, decode_record, keys
 from . import reconcile
 from .reconcile import Action, Backoff, CreateEngine, DeleteEngine
+from .scheduler import STRATEGIES, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,11 @@ class Controller:
     ) -> None:
         self.store = store
         self.settings = settings or SchedulerSettings()
+        if self.settings.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"[scheduler] strategy {self.settings.strategy!r}: use {', '.join(STRATEGIES)}"
+            )
+        self.strategy = cast(Strategy, self.settings.strategy)
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.clock = clock
         self.rounds = 0
@@ -268,6 +275,7 @@ class Controller:
                 backoff=Backoff(
                     self.settings.restart_backoff_s, self.settings.restart_backoff_max_s
                 ),
+                strategy=self.strategy,
             )
         )
         stats = RoundStats(actions=len(decision.actions), wake_at=decision.wake_at)

@@ -98,7 +98,9 @@ def decide(
     samples: Mapping[str, GpuSamples] | None = None,
     backoff: Backoff | None = None,
     new_id: Callable[[str, int], str] = new_engine_id,
+    strategy: Strategy = "spread",
 ) -> Decision:
+    """`strategy` is the default for deployments whose placement names none."""
     backoff = backoff or Backoff()
     all_engines = sorted(engines, key=lambda e: (e.deployment, e.replica, e.id))
     actions: list[Action] = []
@@ -147,7 +149,14 @@ def decide(
                 continue
             for e in engines_in_slot:
                 action, snaps = _advance(
-                    e, spec, snaps, now=now, backoff=backoff, wake=wake, memo=memo
+                    e,
+                    spec,
+                    snaps,
+                    now=now,
+                    backoff=backoff,
+                    wake=wake,
+                    memo=memo,
+                    strategy=strategy,
                 )
                 if action is not None:
                     actions.append(action)
@@ -183,6 +192,7 @@ def _advance(
     backoff: Backoff,
     wake: list[float],
     memo: scheduler.Memo,
+    strategy: Strategy,
 ) -> tuple[Action | None, list[scheduler.NodeSnapshot]]:
     """The next step for a wanted engine, and the snapshot with any new placement booked."""
     if e.state == S.STOPPED:
@@ -198,7 +208,7 @@ def _advance(
     elif e.state not in (S.PENDING, S.LOST):
         return None, snaps
     result = scheduler.place(
-        PlacementRequest.for_spec(spec), snaps, strategy=_strategy(spec), memo=memo
+        PlacementRequest.for_spec(spec), snaps, strategy=_strategy(spec, strategy), memo=memo
     )
     restarts = e.restarts + (1 if e.state in (S.FAILED, S.LOST) else 0)
     if isinstance(result, NoFit):
@@ -242,8 +252,8 @@ def _unplaced(e: Engine, reason: str) -> Engine:
     )
 
 
-def _strategy(spec: DeploymentSpec) -> Strategy:
-    return spec.placement.strategy
+def _strategy(spec: DeploymentSpec, default: Strategy) -> Strategy:
+    return spec.placement.strategy or default
 
 
 def _where(a: Assignment) -> str:

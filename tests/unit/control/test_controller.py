@@ -339,3 +339,10 @@ async def test_a_fenced_out_leader_steps_down_without_writing(store: MetaStore) 
         await one.wait_leading(2)  # the key is free again: it campaigns and wins
         await until(lambda: _all_state(store, S.RUNNING, 1))
     await worker.close()
+
+
+def test_an_unknown_configured_strategy_is_rejected(store: MetaStore) -> None:
+    from deepinfer_nb.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="strategy 'random'"):
+        Controller(store, settings=SchedulerSettings(strategy="random"))

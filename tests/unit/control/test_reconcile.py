@@ -232,3 +232,19 @@ def test_active_engines_hold_their_gpu_against_other_deployments() -> None:
     decision = run([spec(), spec("e")], engines, [gpu_node("b")])
     (action,) = decision.actions
     assert isinstance(action, SetPending) and "already promised" in action.engine.reason
+
+
+@pytest.mark.parametrize(
+    ("placement", "default", "nodes_used"),
+    [
+        ({}, "spread", {"a", "b"}),  # no strategy on the deployment: the controller's default
+        ({}, "binpack", {"a"}),
+        ({"strategy": "spread"}, "binpack", {"a", "b"}),  # the deployment's own choice wins
+    ],
+)
+def test_deployment_strategy_or_the_controller_default(
+    placement: dict[str, str], default: str, nodes_used: set[str]
+) -> None:
+    d = spec(replicas=2, gpu_memory_utilization=0.4, placement=placement)
+    decision = run([d], [eng(0), eng(1)], [gpu_node("a"), gpu_node("b")], strategy=default)
+    assert {a.engine.node for a in decision.actions} == nodes_used
