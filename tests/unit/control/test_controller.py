@@ -346,3 +346,23 @@ def test_an_unknown_configured_strategy_is_rejected(store: MetaStore) -> None:
 
     with pytest.raises(ConfigError, match="strategy 'random'"):
         Controller(store, settings=SchedulerSettings(strategy="random"))
+
+
+async def test_watch_resyncs_after_compaction_and_keeps_waking_the_loop() -> None:
+    store = open_store("memory://?history=2")
+    try:
+        for i in range(5):
+            await store.put(keys.deployment(f"x{i}"), b"{}")
+        controller = Controller(store, settings=FAST)
+        task = asyncio.create_task(controller._watch(start_revision=1))  # long compacted
+        await asyncio.wait_for(controller._wakeup.wait(), 2)  # resync asks for a full round
+        controller._wakeup.clear()
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        await store.put(keys.deployment("late"), b"{}")
+        await asyncio.wait_for(controller._wakeup.wait(), 2)  # and the new watch delivers
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        await store.close()
