@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ..errors import DeepInferError
 
-COMMANDS = ["models", "demo", "etcd", "controller", "gateway", "worker", "up"]
+COMMANDS = ["models", "demo", "etcd", "controller", "gateway", "worker", "up", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@
 It serves whatever the store's deployments run (the controller and workers run elsewhere).
 Binding anything but loopback requires an API key, read from the environment variable that
 `--api-key-env` names (several keys: comma-separated). SIGTERM or Ctrl-C stops it gracefully.
+`add_gateway_flags` / `gateway_settings` are shared with `up` and `serve`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 from typing import Any
 
 from .. import logs
-from ..config import read_api_keys
+from ..config import Settings, read_api_keys
 from ..gateway.security import check_bind
 from ..gateway.server import serve
 from .controller import add_common_flags, settings_from
@@ -31,28 +32,56 @@ def register(sub: Any) -> None:
         "/v1/models, /v1/deployments, /v1/engines, /health and /metrics.",
     )
     add_common_flags(parser)
+    add_gateway_flags(parser)
+    parser.set_defaults(func=_run)
+
+
+def add_gateway_flags(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
+    """--host/--port/--api-key-env (with `prefix`, e.g. --gateway-host, where a command has
+    other hosts and ports)."""
     parser.add_argument(
-        "--host", default=None, help="bind address (default 127.0.0.1; others need an API key)"
+        f"--{prefix}host",
+        dest="gateway_host",
+        metavar="HOST",
+        default=None,
+        help="gateway bind address (default 127.0.0.1; others need an API key)",
     )
-    parser.add_argument("--port", type=int, default=None, help="port (default 8082)")
+    parser.add_argument(
+        f"--{prefix}port",
+        dest="gateway_port",
+        metavar="PORT",
+        type=int,
+        default=None,
+        help="gateway port (default 8082; 0 picks a free one)",
+    )
     parser.add_argument(
         "--api-key-env",
         metavar="VAR",
         default=None,
-        help="environment variable holding the API key(s), comma-separated",
+        help="environment variable holding the gateway API key(s), comma-separated",
     )
-    parser.set_defaults(func=_run)
+
+
+def gateway_settings(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """Apply the gateway flags to `settings`; returns the API keys. Refuses a non-loopback
+    bind without a key before anything starts."""
+    for flag, key in (
+        ("gateway_host", "host"),
+        ("gateway_port", "port"),
+        ("api_key_env", "api_key_env"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            settings.set("server", key, value, source="--" + flag.replace("_", "-"))
+    keys = read_api_keys(settings.server.api_key_env)
+    check_bind(settings.server.host, keys)
+    return keys
 
 
 def _run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    for key in ("host", "port", "api_key_env"):
-        value = getattr(args, key)
-        if value is not None:
-            settings.set("server", key, value, source="--" + key.replace("_", "-"))
+    keys = gateway_settings(args, settings)
     logs.setup(args.log_format)
-    keys = read_api_keys(settings.server.api_key_env)
-    check_bind(settings.server.host, keys)  # refuse before touching the store
     if settings.storage.backend == "memory":
         log.warning(
             "memory:// store: only this process sees it, so no engine will ever run "
