@@ -37,8 +37,9 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         context = " ".join(f"{name}={_field(record, name)}" for name in FIELDS)
-        line = (f"{_timestamp(record)} {record.levelname} {record.name} {context} "
-                f"{record.getMessage()}")
+        line = (
+            f"{_timestamp(record)} {record.levelname} {record.name} {context} {record.getMessage()}"
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

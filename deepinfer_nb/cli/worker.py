@@ -41,19 +41,30 @@ def register(sub: Any) -> None:
 
 
 def add_worker_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-n", "--node", default=None,
-                        help="node name (default: this host's name, lower-cased)")
-    parser.add_argument("--advertise-host", default="127.0.0.1", metavar="H",
-                        help="address clients use to reach this node's engines")
-    parser.add_argument("--engine-python", default=None, metavar="PATH",
-                        help="Python interpreter for engine processes ([agent] engine_python)")
+    parser.add_argument(
+        "-n", "--node", default=None, help="node name (default: this host's name, lower-cased)"
+    )
+    parser.add_argument(
+        "--advertise-host",
+        default="127.0.0.1",
+        metavar="H",
+        help="address clients use to reach this node's engines",
+    )
+    parser.add_argument(
+        "--engine-python",
+        default=None,
+        metavar="PATH",
+        help="Python interpreter for engine processes ([agent] engine_python)",
+    )
 
 
 def node_name(value: str | None) -> str:
     name = value or socket.gethostname().split(".")[0].lower()
     if not re.match(NAME_PATTERN, name):
-        raise ConfigError(f"--node {name!r}: use lower-case letters, digits, '.', '_' or '-' "
-                          "(at most 63, starting and ending with a letter or digit)")
+        raise ConfigError(
+            f"--node {name!r}: use lower-case letters, digits, '.', '_' or '-' "
+            "(at most 63, starting and ending with a letter or digit)"
+        )
     return name
 
 
@@ -69,8 +80,10 @@ def _run(args: argparse.Namespace) -> int:
     node = node_name(args.node)
     logs.setup(args.log_format)
     if settings.storage.backend == "memory":
-        raise ConfigError("a standalone worker needs a shared store: --store etcd://HOST:PORT "
-                          "(or run `deepinfer-nb up` for one machine)")
+        raise ConfigError(
+            "a standalone worker needs a shared store: --store etcd://HOST:PORT "
+            "(or run `deepinfer-nb up` for one machine)"
+        )
     asyncio.run(_serve(settings, node=node, advertise_host=args.advertise_host))
     return 0
 

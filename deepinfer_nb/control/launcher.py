@@ -7,9 +7,10 @@ variable. Output goes straight to `home/logs/{engine_id}.log` (not a pipe: an en
 EPIPE if its worker goes away, and a re-adopted engine keeps logging); `LogTail` keeps the last
 lines of it in memory for `logs`.
 
-On Linux each engine gets a parent-death signal (prctl PR_SET_PDEATHSIG = SIGTERM): when the
-worker dies, even by SIGKILL, its engines drain and exit instead of running on as orphans. The
-signal follows the *thread* that forked, so launch from the thread that runs the worker's loop.
+On Linux each engine gets a parent-death signal (prctl PR_SET_PDEATHSIG = SIGTERM, set by a tiny
+`python -c` guard that then execs the shim): when the worker dies, even by SIGKILL, its engines
+drain and exit instead of running on as orphans. The signal follows the *thread* that forked, so
+launch from the thread that runs the worker's loop.
 
 `stop()` asks politely (Shutdown RPC), then SIGTERMs, then SIGKILLs the whole process group and
 every process of the tree. `home/state/{node}.json` lists the launched engines (pid and process
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import dataclasses
 import json
 import logging
@@ -225,24 +225,24 @@ def _same_process(pid: int, start_time: float) -> bool:
         return False
 
 
-def _prctl() -> Any:
-    """libc's prctl, resolved in the parent so the forked child only calls it."""
+# Run by the engine's Python before the shim: ask the kernel for SIGTERM when the worker dies,
+# then exec the shim (the pid and the death signal survive exec). A wrapper, not a preexec_fn:
+# Python code between fork and exec in a process with gRPC threads can crash the child (seen
+# here as SIGSEGV).
+PDEATH_GUARD = (
+    "import ctypes, os, signal, sys\n"
+    f"ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, int(signal.SIGTERM))\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('deepinfer-nb engine: the worker exited before the engine started')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def guarded(cmd: list[str], *, parent_pid: int) -> list[str]:
+    """`cmd` behind the parent-death guard (Linux; elsewhere `cmd` unchanged)."""
     if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def _parent_death_guard(prctl: Any, parent_pid: int) -> Any:
-    def guard() -> None:
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-        # The parent may have died between fork and prctl: then nothing would ever signal us.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return guard
+        return cmd
+    return [cmd[0], "-c", PDEATH_GUARD, str(parent_pid), *cmd]
 
 
 def group_members(pgid: int) -> list[psutil.Process]:
@@ -278,7 +278,7 @@ class Launcher:
         self.log_dir = self.home / "logs"
         self.state_path = self.home / "state" / f"{node_id}.json"
         self._lock = filelock.FileLock(str(self.home / "state" / f"{node_id}.lock"))
-        self._prctl = _prctl() if die_with_parent else None
+        self.die_with_parent = die_with_parent
         self.processes: dict[str, EngineProcess] = {}
 
     # -- node-level bookkeeping
@@ -345,15 +345,14 @@ class Launcher:
                 f"{self.node_id}: {' '.join(cmd)}\n".encode()
             )
             out.flush()
-            guard = _parent_death_guard(self._prctl, os.getpid()) if self._prctl else None
+            argv = guarded(cmd, parent_pid=os.getpid()) if self.die_with_parent else cmd
             popen = subprocess.Popen(
-                cmd,
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
-                preexec_fn=guard,
                 close_fds=True,
             )
         try:
@@ -414,8 +413,9 @@ class Launcher:
             await _wait_exit(proc, grace_s)
         await self.terminate(proc, tree=tree)
 
-    async def terminate(self, proc: EngineProcess, *,
-                        tree: list[psutil.Process] | None = None) -> None:
+    async def terminate(
+        self, proc: EngineProcess, *, tree: list[psutil.Process] | None = None
+    ) -> None:
         """SIGKILL whatever is left of the engine, wait for it, forget it."""
         self.kill(proc, tree=tree)
         if not await _wait_exit(proc, 5.0):
@@ -424,8 +424,7 @@ class Launcher:
 
     def kill(self, proc: EngineProcess, *, tree: list[psutil.Process] | None = None) -> None:
         """SIGKILL whatever is left of the engine: its process group and its known tree."""
-        members = (tree if tree is not None else _tree(proc)) + leftovers(proc.pid,
-                                                                         proc.start_time)
+        members = (tree if tree is not None else _tree(proc)) + leftovers(proc.pid, proc.start_time)
         if proc.alive():
             kill_group(proc.pid, signal.SIGKILL)
         _kill_all(members)

@@ -52,6 +52,8 @@ S = EngineState
 STORE_RETRY_S = 30.0
 """How long a record write keeps retrying while the store is unreachable."""
 EXIT_POLL_S = 0.5
+READY_POLL_S = 0.25
+"""How often a starting engine is asked whether it is ready (loopback; cheap)."""
 MAX_REASON = 500
 
 
@@ -137,12 +139,16 @@ class Worker:
         self.launcher.acquire()
         try:
             await self._register()
-            revision = await self._resync()
+            # Adopt before deciding anything: a Running record of ours without its process
+            # adopted yet would otherwise be marked Failed.
+            revision = await self._resync(kick=False)
             await self._adopt()
         except BaseException:
             self.launcher.release()
             raise
         self._started = True
+        for eid in {*self._records, *self._local}:
+            self._kick(eid)
         self._loops = [
             asyncio.create_task(self._watch_loop(revision)),
             asyncio.create_task(self._tick_loop()),
@@ -259,7 +265,7 @@ class Worker:
 
     # ---- following the records ----------------------------------------------------------------
 
-    async def _resync(self) -> int:
+    async def _resync(self, *, kick: bool = True) -> int:
         result = await self.store.range(keys.ENGINES)
         records: dict[str, Engine] = {}
         for kv in result.items:
@@ -269,8 +275,9 @@ class Worker:
                     records[record.id] = record
         gone = set(self._records) - set(records)
         self._records = records
-        for eid in {*records, *gone, *self._local}:
-            self._kick(eid)
+        if kick:
+            for eid in {*records, *gone, *self._local}:
+                self._kick(eid)
         return result.revision
 
     async def _watch_loop(self, revision: int) -> None:
@@ -501,7 +508,7 @@ class Worker:
                     f"not ready after {self.agent.start_timeout_s:g}s (start timeout); "
                     f"last output: {proc.tail.cause()}"
                 )
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(READY_POLL_S)
 
     async def _mark_running(self, eid: str, proc: EngineProcess, elog: ContextAdapter) -> bool:
         async with self._lock(eid):
@@ -509,7 +516,7 @@ class Worker:
                 eid,
                 lambda e: (
                     e.transition(S.RUNNING, f"ready on {proc.endpoint}").model_copy(
-                        update={"started_at": time.time(), "error": ""}
+                        update={"started_at": time.time()}
                     )
                     if e.state == S.STARTING and e.node == self.node_id and e.pid == proc.pid
                     else None
@@ -622,8 +629,7 @@ class Worker:
                     proc, token=record.auth_token if record else "", grace_s=self.agent.stop_grace_s
                 )
                 continue
-            local = _Local(proc=proc, token=record.auth_token,
-                           running=record.state == S.RUNNING)
+            local = _Local(proc=proc, token=record.auth_token, running=record.state == S.RUNNING)
             self._local[eid] = local
             local.task = asyncio.create_task(self._supervise(eid, local))
             self.log.info(

@@ -61,16 +61,19 @@ def grandchild_of(launcher: Launcher, engine_id: str) -> int:
 
 
 def test_cpu_command_and_env() -> None:
-    s = spec(max_model_len=2048, enforce_eager=True, dtype="bfloat16",
-             engine_args=["--max-num-seqs", "4"])
-    cmd = build_command(CPU_ENGINE, s, python="/py", port=5000, bind_host="127.0.0.1",
-                        grace_s=3)
+    s = spec(
+        max_model_len=2048,
+        enforce_eager=True,
+        dtype="bfloat16",
+        engine_args=["--max-num-seqs", "4"],
+    )
+    cmd = build_command(CPU_ENGINE, s, python="/py", port=5000, bind_host="127.0.0.1", grace_s=3)
     assert cmd[:3] == ["/py", "-m", "deepinfer_nb.engine"]
     assert cmd[cmd.index("--device") + 1] == "cpu"
     assert cmd[cmd.index("--max-model-len") + 1] == "2048"
     assert cmd[cmd.index("--auth-token-env") + 1] == TOKEN_ENV
     assert "--enforce-eager" in cmd and "--gpu-memory-utilization" not in cmd
-    assert cmd[cmd.index("--") + 1:] == ["--max-num-seqs", "4"]
+    assert cmd[cmd.index("--") + 1 :] == ["--max-num-seqs", "4"]
     env = build_env(CPU_ENGINE, s, token="t0k", base={"PATH": "/bin"})
     assert env[TOKEN_ENV] == "t0k" and env["PATH"] == "/bin"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["CUDA_VISIBLE_DEVICES"] == ""
@@ -111,8 +114,9 @@ async def test_launch_logs_state_and_group_stop(tmp_path: Path, fake_python: str
     launcher = Launcher(node_id="n1", engine_python=fake_python, home=tmp_path)
     launcher.acquire()
     try:
-        proc, token = launcher.launch(CPU_ENGINE, spec(env={"FAKE_ENGINE_MODE": "ignore-term"}),
-                                      advertise_host="127.0.0.1")
+        proc, token = launcher.launch(
+            CPU_ENGINE, spec(env={"FAKE_ENGINE_MODE": "ignore-term"}), advertise_host="127.0.0.1"
+        )
         assert len(token) >= 32 and proc.endpoint == f"127.0.0.1:{proc.port}"
         assert os.getsid(proc.pid) == proc.pid  # its own session and process group
         grandchild = grandchild_of(launcher, CPU_ENGINE.id)
@@ -123,7 +127,8 @@ async def test_launch_logs_state_and_group_stop(tmp_path: Path, fake_python: str
         state = json.loads(launcher.state_path.read_text())
         assert state[CPU_ENGINE.id]["pid"] == proc.pid
         assert state[CPU_ENGINE.id]["start_time"] == pytest.approx(
-            psutil.Process(proc.pid).create_time())
+            psutil.Process(proc.pid).create_time()
+        )
 
         started = time.monotonic()
         await launcher.stop(proc, token="", grace_s=0.5)  # SIGTERM is ignored: SIGKILL follows
@@ -137,8 +142,7 @@ async def test_launch_logs_state_and_group_stop(tmp_path: Path, fake_python: str
 
 
 async def test_restart_readopts_live_and_cleans_dead(tmp_path: Path, fake_python: str) -> None:
-    first = Launcher(node_id="n1", engine_python=fake_python, home=tmp_path,
-                     die_with_parent=False)
+    first = Launcher(node_id="n1", engine_python=fake_python, home=tmp_path, die_with_parent=False)
     live, _ = first.launch(CPU_ENGINE, spec(), advertise_host="127.0.0.1")
     dead_engine = CPU_ENGINE.model_copy(update={"id": "chat-1-def"})
     dead, _ = first.launch(dead_engine, spec(), advertise_host="127.0.0.1")
@@ -173,8 +177,12 @@ def test_recycled_pid_is_neither_adopted_nor_killed(tmp_path: Path) -> None:
     """Same pid, other start time: another program's process (and group) now; hands off."""
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        forged = {"pid": stranger.pid, "port": 1, "endpoint": "127.0.0.1:1",
-                  "start_time": psutil.Process(stranger.pid).create_time() - 50}
+        forged = {
+            "pid": stranger.pid,
+            "port": 1,
+            "endpoint": "127.0.0.1:1",
+            "start_time": psutil.Process(stranger.pid).create_time() - 50,
+        }
         assert Launcher(node_id="n2", home=tmp_path).adopt("x", forged) is None
         time.sleep(0.2)
         assert stranger.poll() is None
@@ -216,8 +224,9 @@ def test_engines_die_with_their_worker(tmp_path: Path, fake_python: str) -> None
 
 async def test_stop_of_an_already_dead_engine_is_quiet(tmp_path: Path, fake_python: str) -> None:
     launcher = Launcher(node_id="n1", engine_python=fake_python, home=tmp_path)
-    proc, _ = launcher.launch(CPU_ENGINE, spec(env={"FAKE_ENGINE_MODE": "fail"}),
-                              advertise_host="127.0.0.1")
+    proc, _ = launcher.launch(
+        CPU_ENGINE, spec(env={"FAKE_ENGINE_MODE": "fail"}), advertise_host="127.0.0.1"
+    )
     assert proc.popen is not None
     await asyncio.to_thread(proc.popen.wait, 10)
     assert proc.exit_description() == "engine process exited with code 1"
