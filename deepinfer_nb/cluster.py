@@ -69,7 +69,7 @@ def connect(
     """
     runtime = rt.get_runtime()
     hosted = rt.HostedServices.current()
-    if hosted is not None and hosted.store_url != store:
+    if hosted is not None and store not in (hosted.store_url, hosted.requested_store):
         raise DeepInferError(
             f"this kernel is connected to {hosted.store_url}; shut it down first "
             "(%deepinfer down / cluster.shutdown())"
@@ -587,8 +587,8 @@ def failure_hint(name: str, engine: Engine, max_restarts: int) -> str:
 
 def nofit_hint(reason: str) -> str:
     low = reason.lower()
-    if "--device" in low:
-        return reason
+    if "--device" in low or "start one" in low:
+        return reason  # the scheduler already names the next step
     if "gpu" in low:
         return f"{reason}; try --device cpu or a smaller model"
     if "no node" in low or "no worker" in low or "nodes" in low:

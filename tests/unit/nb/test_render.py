@@ -68,6 +68,8 @@ def test_nofit_hints() -> None:
         "try --device cpu or a smaller model"
     )
     assert "start a worker" in api.nofit_hint("no nodes registered")
+    said = "no worker node is registered; start one with `deepinfer-nb worker`"
+    assert api.nofit_hint(said) == said
 
 
 def test_gpu_rows_explain_missing_gpus() -> None:
