@@ -36,11 +36,26 @@ RUN = (
 
 
 def start_controller(url: str, identity: str, log: Path) -> subprocess.Popen[bytes]:
-    args = ["controller", "--store", url, "--identity", identity, "--leader-ttl", str(TTL),
-            "--reconcile-interval", "0.5", "--log-format", "json"]
+    args = [
+        "controller",
+        "--store",
+        url,
+        "--identity",
+        identity,
+        "--leader-ttl",
+        str(TTL),
+        "--reconcile-interval",
+        "0.5",
+        "--log-format",
+        "json",
+    ]
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-c", RUN, *args], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ})
+        return subprocess.Popen(
+            [sys.executable, "-c", RUN, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ},
+        )
 
 
 async def until(check: Callable[[], Awaitable[bool]], *, timeout: float) -> float:
@@ -73,9 +88,11 @@ async def node(etcd_store: MetaStore) -> AsyncIterator[str]:
 async def test_two_controllers_one_leader_and_handover_on_sigkill(
     etcd_store: MetaStore, etcd_url: str, node: str, tmp_path: Path
 ) -> None:
-    procs = {name: start_controller(etcd_url, name, tmp_path / f"{name}.log")
-             for name in ("c1", "c2")}
+    procs = {
+        name: start_controller(etcd_url, name, tmp_path / f"{name}.log") for name in ("c1", "c2")
+    }
     try:
+
         async def elected() -> bool:
             return await leader(etcd_store) in procs
 
