@@ -144,6 +144,7 @@ class Cluster:
     def __init__(self, hosted: rt.HostedServices, runtime: rt.Runtime) -> None:
         self._hosted = hosted
         self._runtime = runtime
+        self._closed = False
 
     # ---- plumbing ----
 
@@ -175,12 +176,15 @@ class Cluster:
 
     @property
     def connected(self) -> bool:
-        return self._hosted.started
+        return self._hosted.started and not self._closed
 
     def snapshot(self) -> Snapshot:
         return self.view.snapshot()
 
     def run(self, coro: Any, *, timeout: float | None = CALL_TIMEOUT_S) -> Any:
+        if self._closed:
+            coro.close()
+            raise DeepInferError("this Cluster handle is closed: deepinfer_nb.connect() again")
         if not self._hosted.started:
             coro.close()
             raise DeepInferError("not connected: run %deepinfer up (or deepinfer_nb.connect())")

@@ -55,6 +55,8 @@ def snippet(*, lang: str, api_base: str, model: str, key_env: str = "") -> str:
             "reply = client.chat.completions.create(\n"
             f"    model={model!r},\n"
             '    messages=[{"role": "user", "content": "What is the capital of France?"}],\n'
+            "    max_tokens=64,\n"
+            "    temperature=0,\n"
             ")\n"
             "print(reply.choices[0].message.content)\n"
         )
@@ -63,6 +65,8 @@ def snippet(*, lang: str, api_base: str, model: str, key_env: str = "") -> str:
             {
                 "model": model,
                 "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 64,
+                "temperature": 0,
             }
         )
         auth = f' \\\n  -H "Authorization: Bearer ${key_env}"' if key_env else ""
