@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -40,6 +40,16 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def _tcp_nodelay_capable(sock: socket.socket) -> socket.socket:
+    """The same listening socket, marked as TCP so asyncio sets TCP_NODELAY on every accepted
+    connection. asyncio only does so when `sock.proto == IPPROTO_TCP`; a socket made with proto
+    0 (the default) leaves Nagle on, and a response written as headers then body then waits for
+    the client's delayed ACK: about 40 ms added to every request."""
+    if sock.proto == socket.IPPROTO_TCP or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return sock
+    return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
 
 
 class GatewayServer:
@@ -85,6 +95,7 @@ class GatewayServer:
     async def start(self, *, timeout: float = 30.0) -> None:
         if self._sock is None:
             self._sock = bind_socket(self.host, self.port)
+        self._sock = _tcp_nodelay_capable(self._sock)
         self.port = self._sock.getsockname()[1]
         config = uvicorn.Config(
             self.app,
