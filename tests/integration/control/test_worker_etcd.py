@@ -39,11 +39,13 @@ from deepinfer_nb.errors import AuthenticationError
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState, decode
 from deepinfer_nb.store import EventType, MetaStore, keys, open_store
 
-pytestmark = [pytest.mark.etcd, pytest.mark.engine]
+# An engine start takes ~30-60 s on two idle cores but several minutes when other engines share
+# them: the waits (and the per-test timeout) leave room for that.
+pytestmark = [pytest.mark.etcd, pytest.mark.engine, pytest.mark.timeout(1200)]
 
 S = EngineState
 TTL = 3
-START_S = 300.0  # an engine start on two busy cores, with margin
+START_S = 540.0  # an engine start on two busy cores, with margin
 CLI = str(Path(sys.executable).with_name("deepinfer-nb"))
 WORKER_ENV = {
     "DEEPINFER_AGENT__HEARTBEAT_TTL_S": str(TTL),
