@@ -451,7 +451,7 @@ class HostedServices:
         server = GatewayServer(self.store, settings=self.settings, sock=sock)
         await server.start(timeout=timeout)
         self._gateway_server = server
-        self.gateway_port = sock.getsockname()[1]
+        self.gateway_port = server.port  # the server may wrap the socket we bound
         self.services.push("gateway", self.stop_gateway)
 
     async def stop_gateway(self) -> None:

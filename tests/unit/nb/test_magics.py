@@ -177,3 +177,27 @@ class TestWithCluster:
         report = magic(shell, "doctor")
         names = [c.name for c in report.checks]
         assert "cluster" in names and "gateway" in names
+
+
+def test_user_config_file(shell, tmp_path, monkeypatch) -> None:
+    from deepinfer_nb.nb.magics import DeepInferMagics
+
+    monkeypatch.setenv("DEEPINFER_HOME", str(tmp_path))
+    (tmp_path / "notebook.toml").write_text("[magics]\nchat_max_tokens = 9\nstore = 'etcd'\n")
+    magics = DeepInferMagics(shell=shell)
+    assert (magics.chat_max_tokens, magics.store) == (9, "etcd")
+    (tmp_path / "notebook.toml").write_text("[magics]\nno_such = 1\n")
+    with pytest.raises(UsageError, match="unknown setting 'no_such'"):
+        DeepInferMagics(shell=shell)
+
+
+def test_unload_stops_the_cluster_and_removes_the_magic(shell) -> None:
+    shell.run_line_magic("config", "DeepInferMagics.worker = False")
+    magic(shell, "up --no-gateway")
+    cluster = shell.magics_manager.registry["DeepInferMagics"].cluster
+    shell.run_line_magic("unload_ext", "deepinfer_nb")
+    assert not cluster.connected
+    assert "deepinfer" not in shell.magics_manager.magics["line"]
+    shell.run_line_magic("load_ext", "deepinfer_nb")
+    shell.run_line_magic("config", "DeepInferMagics.worker = True")
+    assert "deepinfer" in shell.magics_manager.magics["line"]
