@@ -27,18 +27,11 @@ sys.path.insert(0, str(ROOT))
 
 from deepinfer_nb._proto import engine_service_pb2 as pb  # noqa: E402
 from deepinfer_nb.engine import local_models  # noqa: E402
+from deepinfer_nb.engine.process import CPU_TEST_FLAGS, start_shim  # noqa: E402
 
 OUTPUT_TOKENS = 128
 PROMPTS = [f"Write a long story about a lighthouse keeper, chapter {i}." for i in range(64)]
-ENGINE_FLAGS = [
-    "--device",
-    "cpu",
-    "--enforce-eager",
-    "--dtype",
-    "bfloat16",
-    "--max-model-len",
-    "2048",
-]
+ENGINE_FLAGS = list(CPU_TEST_FLAGS)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -110,9 +103,7 @@ async def bench_direct(model_path: str, rounds: int) -> dict[str, Any]:
 
 
 async def bench_shim(model: str, rounds: int) -> dict[str, Any]:
-    from tests.fixtures.engine import start_shim
-
-    shim = await start_shim(token="bench")
+    shim = await start_shim(model=model, token="bench", flags=ENGINE_FLAGS)
     try:
         async with shim.client() as client:
 

@@ -6,8 +6,11 @@
         [-- extra vLLM engine args]
 
 The port is bound first and answers HealthCheck with STARTING while the model loads. Exit codes:
-0 after a clean Shutdown/SIGTERM drain, 1 when the engine cannot start, 2 for bad arguments; a
-start-up failure prints its cause on stderr as one line starting with "deepinfer-nb engine:".
+0 after a clean Shutdown/SIGTERM/SIGINT drain (also when the stop comes while the model loads:
+the load is abandoned and the EngineCore ended), 1 when the engine cannot start, 2 for bad
+arguments; a start-up failure prints its cause on stderr as the last line, starting with
+"deepinfer-nb engine:". Failures inside vLLM's EngineCore subprocess are quoted from its stderr
+(see stderr_tail.py).
 vLLM spawns its engine core as a subprocess, so this module keeps the `__main__` guard.
 """
 
@@ -19,10 +22,13 @@ import contextlib
 import io
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .stderr_tail import StderrTail
 
 PREFIX = "deepinfer-nb engine:"
 
@@ -115,17 +121,55 @@ def engine_args(argv: list[str]) -> Any:
 
 
 def resolve_model(name: str) -> str:
+    """What vLLM should load for `name`, or a "model not found" StartupError when it is
+    neither a local alias, nor a model folder, nor a hub id (org/name) that could be fetched."""
     from ..errors import DeepInferError
     from . import local_models
 
-    try:
-        path = local_models.resolve(name)
-    except DeepInferError as exc:
-        raise StartupError(f"model {name!r}: {exc}") from None
-    # "org/model" is a hub id; only explicit paths can be checked before vLLM tries the hub.
-    if name.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+    if local_models.lookup(name) is not None:
+        try:
+            return local_models.resolve(name)
+        except DeepInferError as exc:
+            raise StartupError(f"model {name!r}: {exc}") from None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+            raise StartupError(
+                f"model not found: {name} is a folder without config.json "
+                "(not a Hugging Face model folder)"
+            )
+        return str(path)
+    if path.is_file():
+        return str(path)  # a single-file model (GGUF): vLLM decides
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_like_path:
         raise StartupError(f"model not found: {name} (no such folder)")
-    return path
+    if "/" in name and not _hub_offline():
+        return name  # org/name on the hub: only vLLM's download can tell
+    if _in_hub_cache(name):
+        return name
+    known = ", ".join(sorted(local_models.CATALOG))
+    where = (
+        "not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+        if "/" in name
+        else (f"not a local alias ({known}), not a folder, and hub ids look like org/name")
+    )
+    raise StartupError(f"model not found: {name} ({where})")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def select_device(device: str) -> None:
@@ -139,33 +183,68 @@ def select_device(device: str) -> None:
         raise StartupError(f"bad --device {device!r}: use cuda:N or cpu", code=2)
 
 
-def explain(exc: BaseException) -> str:
-    """One line a user can act on, from the deepest useful cause."""
+def explain(exc: BaseException, *, child_error: str = "") -> str:
+    """One line a user can act on, from the deepest useful cause. `child_error` is the last
+    error line the engine core (a subprocess) wrote on stderr, when it failed there."""
     chain: list[BaseException] = []
     cur: BaseException | None = exc
     while cur is not None and cur not in chain:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
-    text = " <- ".join(f"{type(e).__name__}: {_first_line(e)}" for e in chain[:3])
-    low = " ".join(str(e) for e in chain).lower()
-    if "out of memory" in low or "no available memory" in low or "kv cache" in low:
+    in_core = any("engine core initialization failed" in str(e).lower() for e in chain)
+    if in_core and child_error:
+        # The main process only knows that the core died; the core said why on stderr.
+        text = f"{child_error} (in the engine core)"
+    elif in_core:
+        text = "the engine core process failed while loading (no error line on its stderr)"
+    else:
+        text = " <- ".join(f"{type(e).__name__}: {_first_line(e)}" for e in chain[:3])
+    low = (text + " " + " ".join(str(e) for e in chain)).lower()
+    if (
+        "out of memory" in low
+        or "no available memory" in low
+        or "kv cache" in low
+        or ("memory" in low and "kv" in low)
+    ):
         text += (
             " (out of memory: lower --max-model-len or --gpu-memory-utilization, or "
             "VLLM_CPU_KVCACHE_SPACE on CPU)"
         )
-    elif "engine core initialization failed" in low:
-        text += " (the engine core's error is logged above)"
     return text
 
 
 def _first_line(exc: BaseException) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and type(exc).__name__ == "ValidationError":
+        # pydantic (vLLM's configs): the first line only says "1 validation error for X".
+        try:
+            return "; ".join(str(e.get("msg", "")) for e in errors())
+        except Exception:  # a look-alike without pydantic's errors(): fall back to the text
+            pass
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else ""
+
+
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT before the server's own handlers are in place (imports, arg parsing)."""
+
+
+def _stop_on_signals() -> None:
+    """Until `serve()` takes over, a stop signal ends start-up cleanly (exit 0, no traceback)."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise StopRequested(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ours, extra = split_argv(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(ours)
+    _stop_on_signals()
+    tail = StderrTail()
+    tail.start()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         token = ""
@@ -180,13 +259,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         select_device(args.device)
         model_path = resolve_model(args.model)
         eargs = engine_args(vllm_argv(args, model_path, extra))
-        return run(args, eargs, token=token)
+        code = run(args, eargs, token=token, tail=tail)
+        tail.stop()
+        return code
     except StartupError as exc:
-        print(f"{PREFIX} {exc}", file=sys.stderr, flush=True)
-        return exc.code
+        return _last_word(tail, str(exc), exc.code)
+    except StopRequested as exc:
+        return _last_word(tail, f"stopped by {exc} before the model was loaded", 0)
 
 
-def run(args: argparse.Namespace, eargs: Any, *, token: str) -> int:
+def _last_word(tail: StderrTail, message: str, code: int) -> int:
+    """The one-line outcome, as the very last line on the real stderr."""
+    tail.stop()
+    print(f"{PREFIX} {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def run(args: argparse.Namespace, eargs: Any, *, token: str, tail: StderrTail) -> int:
     from .server import BindError, serve
     from .vllm_backend import VllmBackend
 
@@ -205,7 +294,9 @@ def run(args: argparse.Namespace, eargs: Any, *, token: str) -> int:
     except BindError as exc:
         raise StartupError(f"{exc}: choose another --port") from None
     except Exception as exc:
-        raise StartupError(f"cannot start {args.model}: {explain(exc)}") from None
+        tail.settle()  # the core's last words may still be in the pipe
+        cause = explain(exc, child_error=tail.last_error())
+        raise StartupError(f"cannot start {args.model}: {cause}") from None
 
 
 if __name__ == "__main__":

@@ -79,6 +79,12 @@ class EngineBackend(abc.ABC):
         """Load the model (slow); raises with a user-facing message when it cannot."""
 
     @abc.abstractmethod
+    async def abort_start(self) -> None:
+        """Abandon a `start()` in progress (a stop came while loading): end the engine's
+        processes so the load fails fast; the caller then cancels `start()` and calls
+        `shutdown()`, which must also release an engine that finished loading meanwhile."""
+
+    @abc.abstractmethod
     def facts(self) -> ModelFacts: ...
 
     @abc.abstractmethod

@@ -111,6 +111,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         self._idle.set()
         self.shutdown_requested = asyncio.Event()
         self.shutdown_grace_s = default_grace_s
+        self.shutdown_reason = ""
 
     # ---- lifecycle (driven by serve()) -------------------------------------------------------
 
@@ -118,10 +119,11 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         self._facts = self._backend.facts()
         self.status, self.status_message = pb.SERVING_STATUS_READY, "ready"
 
-    def begin_shutdown(self, grace_s: float | None = None) -> int:
+    def begin_shutdown(self, grace_s: float | None = None, *, reason: str = "Shutdown") -> int:
         """Refuse new requests from now on; returns how many are in flight."""
         if self.status != pb.SERVING_STATUS_DRAINING:
             self.status = pb.SERVING_STATUS_DRAINING
+            self.shutdown_reason = reason
             self.shutdown_grace_s = self._default_grace_s if not grace_s else grace_s
             self.status_message = f"draining {self.inflight} request(s)"
             self.shutdown_requested.set()
@@ -493,31 +495,64 @@ async def serve(
     grace_period_s: float = 30.0,
     on_bound: Callable[[int], None] = lambda _port: None,
 ) -> int:
-    """Bind, answer STARTING while the model loads, serve, drain on shutdown; the exit code."""
+    """Bind, answer STARTING while the model loads, serve, drain on shutdown; the exit code.
+
+    A stop (SIGTERM, SIGINT or Shutdown) while the model loads abandons the load: the backend
+    ends its engine processes and this returns 0.
+    """
     servicer = EngineServicer(backend, model_name=model_name, default_grace_s=grace_period_s)
     server, bound = build_server(servicer, host=host, port=port, token=token)
-    await server.start()
-    on_bound(bound)
+    # Before the load, not after it: a supervisor may stop an engine that is still loading.
+    remove_handlers = _signal_shutdown(servicer)
     try:
-        await backend.start()
-    except BaseException:
-        await server.stop(grace=None)
-        await backend.shutdown()
-        raise
-    servicer.mark_ready()
-    log.info("engine ready: %s on %s:%d", model_name, host, bound)
-    stop = _signal_shutdown(servicer)
-    try:
+        await server.start()
+        on_bound(bound)
+        if not await _load(servicer, backend):
+            await server.stop(grace=None)
+            return 0
+        servicer.mark_ready()
+        log.info("engine ready: %s on %s:%d", model_name, host, bound)
         await servicer.shutdown_requested.wait()
         log.info(
-            "draining %d request(s), grace %.0fs", servicer.inflight, servicer.shutdown_grace_s
+            "%s: draining %d request(s), grace %.0fs",
+            servicer.shutdown_reason,
+            servicer.inflight,
+            servicer.shutdown_grace_s,
         )
         await servicer.drain(servicer.shutdown_grace_s)
         await server.stop(grace=2.0)  # lets the Shutdown reply and last stream events go out
+    except BaseException:
+        await server.stop(grace=None)
+        raise
     finally:
-        stop()
-        await backend.shutdown()
+        try:
+            await backend.shutdown()
+        finally:
+            remove_handlers()  # only now: a signal during the shutdown must not kill us
     return 0
+
+
+async def _load(servicer: EngineServicer, backend: EngineBackend) -> bool:
+    """Load the model; False when a stop came first (the load is then abandoned)."""
+    load = asyncio.ensure_future(backend.start())
+    stop = asyncio.ensure_future(servicer.shutdown_requested.wait())
+    try:
+        await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if load.done():
+        load.result()  # the load's own failure, if any
+        return True
+    log.warning(
+        "%s while the model was loading: abandoning the load and ending the engine processes",
+        servicer.shutdown_reason,
+    )
+    await backend.abort_start()
+    load.cancel()
+    # The load fails once its engine core is gone; that failure is the one we asked for.
+    await asyncio.gather(load, return_exceptions=True)
+    log.warning("stopped before the model was loaded")
+    return False
 
 
 def _signal_shutdown(servicer: EngineServicer) -> Callable[[], None]:
@@ -527,7 +562,7 @@ def _signal_shutdown(servicer: EngineServicer) -> Callable[[], None]:
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
-        loop.add_signal_handler(sig, servicer.begin_shutdown)
+        loop.add_signal_handler(sig, functools.partial(servicer.begin_shutdown, reason=sig.name))
 
     def remove() -> None:
         for sig in signals:

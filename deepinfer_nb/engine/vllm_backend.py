@@ -11,13 +11,22 @@ yields deltas and aborts the request when its consumer is cancelled or closed; a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
+
+import psutil
 
 from ..errors import EngineError, InvalidRequestError
 from .backend import ChoiceDelta, EngineBackend, EngineStats, ModelFacts, TokenLogprob, TopToken
 from .stats import StatsAccumulator
 from .validation import Sampling
+
+ABORT_GRACE_S = 5.0
+"""How long the engine processes get to exit on SIGTERM when a stop comes during the load."""
+ABORT_WAIT_S = 10.0
+"""How long an abandoned load thread gets to notice that its engine core is gone."""
 
 
 class UnsupportedTaskError(EngineError):
@@ -31,6 +40,7 @@ class VllmBackend(EngineBackend):
         self._args.disable_log_stats = False  # the stat logger below needs scheduler stats
         self._stats = StatsAccumulator()
         self._engine: Any = None
+        self._loading: asyncio.Future[Any] | None = None
         self._tasks: tuple[str, ...] = ()
 
     async def start(self) -> None:
@@ -42,10 +52,41 @@ class VllmBackend(EngineBackend):
         def factory(vllm_config: Any, engine_index: int = 0) -> Any:
             return logger_cls(stats)
 
-        self._engine = await asyncio.to_thread(
-            AsyncLLM.from_engine_args, self._args, stat_loggers=[factory]
-        )
+        loop = asyncio.get_running_loop()
+        self._loading = loop.create_future()
+        loading = self._loading
+
+        def load() -> None:
+            try:
+                engine = AsyncLLM.from_engine_args(self._args, stat_loggers=[factory])
+            except BaseException as exc:  # handed to the loop, which re-raises it
+                _settle(loop, loading, None, exc)
+            else:
+                _settle(loop, loading, engine, None)
+
+        # A daemon thread, not the loop's executor: asyncio.run joins the executor's threads at
+        # exit, so a load abandoned after a stop would keep the process alive.
+        threading.Thread(target=load, name="vllm-load", daemon=True).start()
+        self._engine = await asyncio.shield(loading)
         self._tasks = tuple(await self._engine.get_supported_tasks())
+
+    async def abort_start(self) -> None:
+        from .process import end_processes
+
+        def own_tree() -> list[psutil.Process]:
+            return psutil.Process().children(recursive=True)
+
+        # SIGTERM lets the EngineCore and its workers run their own clean-up; the load thread
+        # sees its core die (vLLM polls the core's sentinel) and fails within a second or so.
+        await asyncio.to_thread(end_processes, own_tree(), grace_s=ABORT_GRACE_S)
+        if self._loading is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(self._loading), ABORT_WAIT_S)
+            if self._loading.done() and not self._loading.cancelled():
+                if self._loading.exception() is None:  # it finished just before the stop
+                    self._engine = self._loading.result()
+        # Whatever the load spawned after the first sweep.
+        await asyncio.to_thread(end_processes, own_tree(), grace_s=0.0)
 
     def facts(self) -> ModelFacts:
         import vllm
@@ -132,6 +173,26 @@ class VllmBackend(EngineBackend):
         if handler is not None:
             handler.cancel()
         await asyncio.to_thread(self._engine.shutdown)
+
+
+def _settle(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    result: Any,
+    exc: BaseException | None,
+) -> None:
+    """Hand the load thread's outcome to the loop (if the loop still runs)."""
+
+    def settle() -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
+        loop.call_soon_threadsafe(settle)
 
 
 def _sampling_params(s: Sampling) -> Any:
