@@ -127,10 +127,11 @@ class ShimProcess:
 def end_processes(processes: Sequence[psutil.Process], *, grace_s: float) -> list[psutil.Process]:
     """SIGTERM `processes` (SIGKILL at once when `grace_s` is 0), SIGKILL whoever is left after
     `grace_s`; returns those still alive after that (normally none)."""
-    first = signal.SIGTERM if grace_s > 0 else signal.SIGKILL
     for p in processes:
+        # multiprocessing's resource tracker ignores SIGTERM: waiting for it is time lost.
+        gentle = grace_s > 0 and not _ignores_sigterm(p.pid)
         try:
-            p.send_signal(first)  # psutil checks the create time: never a recycled pid
+            p.send_signal(signal.SIGTERM if gentle else signal.SIGKILL)  # checks create time
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     _, alive = psutil.wait_procs(processes, timeout=grace_s or 5.0)
@@ -140,6 +141,18 @@ def end_processes(processes: Sequence[psutil.Process], *, grace_s: float) -> lis
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return psutil.wait_procs(alive, timeout=5.0)[1] if alive else []
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    """Linux: whether the process has SIGTERM set to SIG_IGN (its SigIgn mask)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def spawn_shim(
