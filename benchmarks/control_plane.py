@@ -9,8 +9,13 @@ Sections (`--section NAME`, repeatable; default: all registered):
   (`reconcile.decide`, no I/O, per strategy), the real controller loop on `memory://`, and the
   real controller loop on a real etcd (started here from the `etcd` binary, or `--etcd-url`).
 
-Another section ("deploy write -> claimed -> Running") is added by registering a coroutine in
-`SECTIONS`: it receives the parsed args and returns its JSON-able result plus table lines.
+- `deploy`: deploy write -> Pending -> Scheduled -> claimed (Starting) -> launched -> Running,
+  with the in-process controller and a real worker starting the real SmolLM2 engine on CPU; the
+  engine's own load time (launch to first READY, polled every 20 ms) is reported
+  separately, and the control plane's share is the rest.
+
+A section is a coroutine in `SECTIONS`: it receives the parsed args and returns its JSON-able
+result plus table lines.
 
     .venv/bin/python benchmarks/control_plane.py [--section placement] [--no-etcd]
 """
@@ -199,7 +204,132 @@ async def placement(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
     return result, lines
 
 
-SECTIONS: dict[str, Section] = {"placement": placement}
+# ---- deploy write -> claimed -> Running (a real worker and a real engine) -----------------------
+
+
+async def _engine_ready_at(endpoint: str, token: str, *, timeout: float) -> float:
+    """Wall time at which the engine first answers READY, polled every 20 ms: the engine's own
+    load time ends here, whatever the worker's polling adds after it."""
+    from deepinfer_nb._proto import engine_service_pb2 as pb
+    from deepinfer_nb.engine.client import EngineClient
+    from deepinfer_nb.errors import EngineError
+
+    deadline = time.monotonic() + timeout
+    async with EngineClient(endpoint, token=token) as client:
+        while time.monotonic() < deadline:
+            try:
+                if (await client.health(timeout=1.0)).status == pb.SERVING_STATUS_READY:
+                    return time.time()
+            except EngineError:
+                pass
+            await asyncio.sleep(0.02)
+    raise TimeoutError(f"engine at {endpoint} not ready after {timeout} s")
+
+
+async def deploy_once(url: str, home: Path) -> dict[str, Any]:
+    """One deployment of the local SmolLM2 on CPU through the in-process controller and worker;
+    times from the deployment write, taken from a watch on the engine record."""
+    from deepinfer_nb.config import Settings
+    from deepinfer_nb.control.worker import Worker
+    from deepinfer_nb.engine import local_models
+
+    store = open_store(url)
+    await store.delete_prefix(keys.ROOT)
+    settings = Settings()
+    settings.scheduler.reconcile_interval_s = 2.0
+    settings.agent.stop_grace_s = 5.0
+    controller = Controller(store, settings=settings.scheduler, identity="bench")
+    task = asyncio.create_task(controller.run())
+    worker = Worker(store, node_id="bench-node", settings=settings, home=home)
+    await worker.start()
+    marks: dict[str, float] = {}
+    ready_task: asyncio.Task[float] | None = None
+    try:
+        await controller.wait_leading(10)
+        spec = DeploymentSpec(
+            name="bench",
+            model=local_models.resolve("smollm2-135m-instruct"),
+            device="cpu",
+            enforce_eager=True,
+            dtype="bfloat16",
+            max_model_len=2048,
+        )
+        start = (await store.range(keys.ROOT)).revision + 1
+        watch = store.watch(keys.ENGINES, start_revision=start)
+        t0 = time.time()
+        await store.put(keys.deployment(spec.name), spec.encode())
+        async for ev in watch:
+            e = Engine.model_validate_json(ev.value)
+            marks.setdefault(e.state.value, time.time())
+            if e.state == EngineState.STARTING and e.pid and ready_task is None:
+                marks["launched"] = time.time()
+                ready_task = asyncio.create_task(
+                    _engine_ready_at(e.endpoint, e.auth_token, timeout=600)
+                )
+            if e.state in (EngineState.RUNNING, EngineState.FAILED):
+                break
+        await watch.aclose()  # type: ignore[attr-defined]
+        if "Running" not in marks or ready_task is None:
+            raise RuntimeError(f"engine did not reach Running: {sorted(marks)}")
+        ready = await ready_task
+        # From the launch as the watch saw it (psutil's process start time is only good to
+        # about a second): the engine's own load, and the control plane's share on either side.
+        load_s = ready - marks["launched"]
+        total = marks["Running"] - t0
+        return {
+            "pending_record_after_s": round(marks["Pending"] - t0, 4),
+            "scheduled_after_s": round(marks["Scheduled"] - t0, 4),
+            "claimed_after_s": round(marks["Starting"] - t0, 4),
+            "launched_after_s": round(marks["launched"] - t0, 4),
+            "running_after_s": round(total, 3),
+            "engine_load_s": round(load_s, 3),
+            "ready_to_running_s": round(marks["Running"] - ready, 4),
+            "control_plane_s": round((marks["launched"] - t0) + (marks["Running"] - ready), 4),
+        }
+    finally:
+        if ready_task is not None:
+            ready_task.cancel()
+        await store.delete(keys.deployment("bench"))
+        await worker.stop()
+        await controller.stop()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.delete_prefix(keys.ROOT)
+        await store.close()
+
+
+async def deploy(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
+    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
+        server = None
+        url = "memory://" if args.no_etcd else args.etcd_url
+        if not url:
+            server = LocalEtcd(Path(tmp) / "data", log_path=Path(tmp) / "etcd.log")
+            server.start()
+            url = server.url
+        try:
+            run = await deploy_once(url, Path(tmp) / "home")
+        finally:
+            if server is not None:
+                server.stop()
+    result = {
+        "store": url.split("://")[0],
+        "model": "smollm2-135m-instruct (CPU, eager, bf16)",
+        **run,
+    }
+    lines = [
+        f"deploy write -> claimed -> Running ({result['store']} store, 1 worker, SmolLM2 CPU)",
+        f"  {'deployment written -> Pending record':40} {run['pending_record_after_s']:8.3f} s",
+        f"  {'-> Scheduled':40} {run['scheduled_after_s']:8.3f} s",
+        f"  {'-> claimed (Starting)':40} {run['claimed_after_s']:8.3f} s",
+        f"  {'-> launched (pid on the record)':40} {run['launched_after_s']:8.3f} s",
+        f"  {'-> Running':40} {run['running_after_s']:8.3f} s",
+        f"  {'engine own load (launch -> READY)':40} {run['engine_load_s']:8.3f} s",
+        f"  {'READY -> Running recorded':40} {run['ready_to_running_s']:8.3f} s",
+        f"  {'control plane share':40} {run['control_plane_s']:8.3f} s",
+    ]
+    return result, lines
+
+
+SECTIONS: dict[str, Section] = {"placement": placement, "deploy": deploy}
 
 
 def main() -> None:
