@@ -231,13 +231,28 @@ class NotebookPage:
     def code_cells(self) -> Locator:
         return self.page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell")
 
-    def run_menu(self, item: str) -> None:
-        """Run > item, through the menu bar as a user would."""
-        self.page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+    def run_menu(self, item: str, *, cells: list[int], attempts: int = 3) -> None:
+        """Run > item, through the menu bar as a user would, until code cells `cells` show that
+        they were queued or ran. On a loaded machine a menu click can land while the menu is
+        still opening and do nothing; the prompt of a queued cell turns to [*] at once in the
+        page (before the kernel sees anything), so a click that did nothing is safe to repeat."""
         label = self.page.locator(
             ".lm-Menu-itemLabel", has_text=re.compile(rf"^{re.escape(item)}$")
         )
-        self.page.locator(".lm-Menu-item").filter(has=label).click()
+        for _ in range(attempts):
+            self.page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+            entry = self.page.locator(".lm-Menu-item:not(.lm-mod-disabled)").filter(has=label)
+            entry.wait_for()
+            entry.click()
+            deadline = time.monotonic() + 15.0
+            while time.monotonic() < deadline:
+                prompts = self.prompts()
+                if all(prompts[i] != "[ ]:" for i in cells):
+                    return
+                time.sleep(0.5)
+            print(f"Run > {item} started nothing; trying again", file=sys.stderr)
+            self.page.keyboard.press("Escape")  # close the menu if it is still open
+        raise AssertionError(f"Run > {item} did not start cells {cells}: {self.prompts()}")
 
     def select_cell(self, index: int) -> None:
         """Select cell `index` (negative from the end) by clicking its input prompt."""

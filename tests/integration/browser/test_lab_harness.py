@@ -46,7 +46,7 @@ def test_lab_runs_notebook_and_renders_widget(tmp_path: Path) -> None:
             page = browser.new_page()
             nb = NotebookPage(page)
             nb.open(lab.notebook_url("harness.ipynb"))
-            nb.run_menu("Run All Cells")
+            nb.run_menu("Run All Cells", cells=[0, 1, 2])
             nb.wait_executed([0, 1, 2], timeout_s=60)
 
             assert f"kernel python: {sys.executable}" in nb.output_text(0)

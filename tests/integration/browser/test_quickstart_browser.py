@@ -94,7 +94,7 @@ def test_quickstart_in_jupyterlab(tmp_path: Path, deepinfer_home: Path) -> None:
                 assert [k.cmdline()[0] for k in kernels] == [sys.executable]
 
                 nb.select_cell(-1)
-                nb.run_menu("Run All Above Selected Cell")
+                nb.run_menu("Run All Above Selected Cell", cells=[0])
                 nb.wait_executed(list(range(n_code - 1)), timeout_s=RUN_TIMEOUT_S)
 
                 assert "Paris" in nb.output_text(chat_at)
@@ -113,7 +113,7 @@ def test_quickstart_in_jupyterlab(tmp_path: Path, deepinfer_home: Path) -> None:
 
                 assert engine_processes(deepinfer_home), "no engine process while Running"
                 nb.select_cell(-1)
-                nb.run_menu("Run Selected Cell")
+                nb.run_menu("Run Selected Cell", cells=[n_code - 1])
                 nb.wait_executed([n_code - 1], timeout_s=120)
                 assert "stopped" in nb.output_text(n_code - 1)
                 assert not wait_gone(deepinfer_home, 15), "an engine outlived `down`"
