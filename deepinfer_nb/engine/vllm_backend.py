@@ -23,8 +23,9 @@ from .backend import ChoiceDelta, EngineBackend, EngineStats, ModelFacts, TokenL
 from .stats import StatsAccumulator
 from .validation import Sampling
 
-ABORT_GRACE_S = 5.0
-"""How long the engine processes get to exit on SIGTERM when a stop comes during the load."""
+ABORT_GRACE_S = 2.0
+"""How long the engine processes get to exit on SIGTERM when a stop comes during the load (an
+abandoned load needs no tidy exit; then SIGKILL)."""
 ABORT_WAIT_S = 10.0
 """How long an abandoned load thread gets to notice that its engine core is gone."""
 

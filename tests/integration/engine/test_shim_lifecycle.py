@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from deepinfer_nb._proto import engine_service_pb2 as pb
+from deepinfer_nb.control.launcher import group_members
 from deepinfer_nb.engine import local_models
 from deepinfer_nb.engine.process import (
     CPU_TEST_FLAGS,
@@ -32,17 +33,6 @@ from tests.fixtures.engine import MODEL
 pytestmark = pytest.mark.engine
 
 STOP_DEADLINE_S = 15.0
-
-
-def group_members(pgid: int) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return out
 
 
 async def wait_loading_with_core(shim: ShimProcess, *, timeout: float = 240.0) -> list[int]:
