@@ -123,8 +123,12 @@ class EngineState(str, enum.Enum):
     @property
     def active(self) -> bool:
         """Holds (or is about to hold) resources on a node."""
-        return self in (EngineState.SCHEDULED, EngineState.STARTING, EngineState.RUNNING,
-                        EngineState.STOPPING)
+        return self in (
+            EngineState.SCHEDULED,
+            EngineState.STARTING,
+            EngineState.RUNNING,
+            EngineState.STOPPING,
+        )
 
 
 class Transition(BaseModel):
@@ -142,10 +146,10 @@ class Engine(Record):
     state: EngineState = EngineState.PENDING
     reason: str = ""
     node: str = ""
-    device: str = "cpu"              # cpu | cuda
+    device: str = "cpu"  # cpu | cuda
     gpus: list[int] = Field(default_factory=list)
-    gpu_fraction: float = 0.0        # memory fraction promised on each of `gpus`
-    endpoint: str = ""               # host:port of the gRPC shim
+    gpu_fraction: float = 0.0  # memory fraction promised on each of `gpus`
+    endpoint: str = ""  # host:port of the gRPC shim
     auth_token: str = ""
     pid: int = 0
     pid_start_time: float = 0.0
@@ -156,13 +160,13 @@ class Engine(Record):
     updated_at: float = Field(default_factory=now)
     history: list[Transition] = Field(default_factory=list)
 
-
     def transition(self, state: EngineState, reason: str = "") -> Engine:
         """A copy in `state`, with the reason recorded and the history bounded."""
         t = Transition(state=state, reason=reason)
         history = [*self.history, t][-MAX_HISTORY:]
-        return self.model_copy(update={"state": state, "reason": reason, "updated_at": t.at,
-                                       "history": history})
+        return self.model_copy(
+            update={"state": state, "reason": reason, "updated_at": t.at, "history": history}
+        )
 
 
 MAX_HISTORY = 20
@@ -173,7 +177,7 @@ MAX_HISTORY = 20
 
 class GpuProcess(BaseModel):
     pid: int
-    used_memory: int | None = None   # bytes
+    used_memory: int | None = None  # bytes
 
 
 class GpuInfo(BaseModel):
@@ -182,12 +186,12 @@ class GpuInfo(BaseModel):
     index: int
     uuid: str = ""
     name: str = ""
-    memory_total: int = 0            # bytes
+    memory_total: int = 0  # bytes
     memory_used: int | None = None
     memory_free: int | None = None
     utilization: float | None = None  # percent
     temperature: float | None = None  # Celsius
-    power_draw: float | None = None   # watts
+    power_draw: float | None = None  # watts
     power_limit: float | None = None
     processes: list[GpuProcess] = Field(default_factory=list)
 
@@ -201,7 +205,7 @@ class Node(Record):
     cpu_count: int = 0
     memory_total: int = 0
     gpus: list[GpuInfo] = Field(default_factory=list)
-    gpu_error: str = ""              # why there are no GPUs ("no NVIDIA driver"), if none
+    gpu_error: str = ""  # why there are no GPUs ("no NVIDIA driver"), if none
     labels: dict[str, str] = Field(default_factory=dict)
     started_at: float = Field(default_factory=now)
     version: str = ""

