@@ -12,7 +12,7 @@ worker and gateway in one process) and a deployment created with POST /v1/deploy
 latency is then measured on the same engine: one-token chat requests, alternating between the
 gateway (HTTP + JSON) and the shim directly (gRPC, `EngineClient`), p50 difference.
 
-    .venv/bin/python benchmarks/serve.py [--model M] [--scale 1.0]
+    .venv/bin/python benchmarks/serve.py [--model M] [--scale 1.0] [--concurrency 1 16 64]
 
 Prints a table and writes benchmarks/results/serve.json.
 """
@@ -137,15 +137,16 @@ async def run_level(
     }
 
 
-async def run_levels(url: str, *, scale: float, headers: dict[str, str]) -> list[dict[str, Any]]:
+async def run_levels(
+    url: str, *, plan: dict[int, int], headers: dict[str, str]
+) -> list[dict[str, Any]]:
     # warm-up: the first requests pay one-off costs (allocations, tokenizer caches)
     async with httpx.AsyncClient(timeout=600) as http:
         for i in range(2):
             await one_request(http, url, PROMPTS[i], headers)
     out = []
-    for concurrency, requests in LEVELS.items():
-        n = max(concurrency, round(requests * scale))
-        level = await run_level(url, concurrency=concurrency, requests=n, headers=headers)
+    for concurrency, requests in plan.items():
+        level = await run_level(url, concurrency=concurrency, requests=requests, headers=headers)
         print(f"  c={concurrency}: {level}", flush=True)
         out.append(level)
     return out
@@ -193,7 +194,7 @@ async def wait_http(
             await asyncio.sleep(1)
 
 
-async def bench_vllm(folder: str, *, scale: float, work: Path) -> list[dict[str, Any]]:
+async def bench_vllm(folder: str, *, plan: dict[int, int], work: Path) -> list[dict[str, Any]]:
     port = free_port()
     log = work / "vllm_server.log"
     cmd = [
@@ -219,13 +220,13 @@ async def bench_vllm(folder: str, *, scale: float, work: Path) -> list[dict[str,
         url = f"http://127.0.0.1:{port}"
         await wait_http(url + "/health", proc, log)
         print("vLLM OpenAI server ready", flush=True)
-        return await run_levels(url, scale=scale, headers={})
+        return await run_levels(url, plan=plan, headers={})
     finally:
         stop(proc)
 
 
 async def bench_gateway(
-    model: str, *, scale: float, work: Path
+    model: str, *, plan: dict[int, int], work: Path
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     etcd = LocalEtcd(work / "etcd", log_path=work / "etcd.log")
     etcd.start()
@@ -272,7 +273,7 @@ async def bench_gateway(
             ok=lambda r: any(m["id"] == SERVED for m in r.json()["data"]),
         )
         print("gateway + shim + vLLM ready", flush=True)
-        levels = await run_levels(url, scale=scale, headers={})
+        levels = await run_levels(url, plan=plan, headers={})
         added = await added_latency(url, etcd.url)
         return levels, added
     finally:
@@ -364,12 +365,21 @@ async def main() -> None:
         default=1.0,
         help="multiply the requests per level (default 1: 6, 32, 128)",
     )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=list(LEVELS),
+        help="levels to run (default: 1 16 64)",
+    )
     args = parser.parse_args()
     folder = str(local_models.resolve(args.model))
     work = Path(tempfile.mkdtemp(prefix="deepinfer-bench-serve-"))
     print(f"model {folder}; logs in {work}", flush=True)
-    vllm = await bench_vllm(folder, scale=args.scale, work=work)
-    gw, added = await bench_gateway(args.model, scale=args.scale, work=work)
+    plan = {c: max(1, round(n * args.scale)) for c, n in LEVELS.items() if c in args.concurrency}
+    print(f"plan (concurrency: requests): {plan}", flush=True)
+    vllm = await bench_vllm(folder, plan=plan, work=work)
+    gw, added = await bench_gateway(args.model, plan=plan, work=work)
     report = table(vllm, gw)
     print(report)
     print(f"gateway added latency (1-token chat, p50): {added}")
@@ -379,6 +389,7 @@ async def main() -> None:
         "engine_flags": "--enforce-eager --dtype bfloat16 --max-model-len 2048, "
         "VLLM_CPU_KVCACHE_SPACE=1",
         "output_tokens": OUTPUT_TOKENS,
+        "plan": {str(c): n for c, n in plan.items()},
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
