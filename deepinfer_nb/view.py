@@ -15,10 +15,10 @@ import logging
 import threading
 from collections.abc import Callable
 
-from .errors import RevisionCompactedError, StoreError
 from .models import DeploymentSpec, Engine, GpuSamples, Node, RecordError, decode
 from .store import keys
-from .store.base import EventType, MetaStore
+from .store.base import EventType, MetaStore, RangeResult, WatchEvent
+from .store.follow import follow
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,18 @@ class ClusterView:
 
     async def start(self) -> None:
         self._changed = asyncio.Condition()
-        await self._resync()
-        self._task = asyncio.create_task(self._follow(), name="deepinfer-view")
+        await self._load(await self._store.range(keys.ROOT))
+        self._task = asyncio.create_task(
+            follow(
+                self._store,
+                keys.ROOT,
+                on_snapshot=self._load,
+                on_event=self._on_event,
+                start_revision=self._revision,
+                name="cluster view",
+            ),
+            name="deepinfer-view",
+        )
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -67,8 +77,7 @@ class ClusterView:
                 await self._task
             self._task = None
 
-    async def _resync(self) -> None:
-        result = await self._store.range(keys.ROOT)
+    async def _load(self, result: RangeResult) -> None:
         with self._lock:
             self._deployments.clear()
             self._engines.clear()
@@ -79,25 +88,14 @@ class ClusterView:
             self._revision = result.revision
         await self._notify()
 
-    async def _follow(self) -> None:
-        while True:
-            try:
-                async for event in self._store.watch(keys.ROOT, start_revision=self._revision + 1):
-                    with self._lock:
-                        if event.type is EventType.PUT:
-                            self._apply_put(event.key, event.value)
-                        else:
-                            self._apply_delete(event.key)
-                        self._revision = event.revision
-                    await self._notify()
-                return  # the store was closed
-            except RevisionCompactedError:
-                await self._resync()
-            except StoreError as exc:
-                log.warning("cluster view lost its watch (%s); re-reading", exc)
-                await asyncio.sleep(1.0)
-                with contextlib.suppress(StoreError):
-                    await self._resync()
+    async def _on_event(self, event: WatchEvent) -> None:
+        with self._lock:
+            if event.type is EventType.PUT:
+                self._apply_put(event.key, event.value)
+            else:
+                self._apply_delete(event.key)
+            self._revision = event.revision
+        await self._notify()
 
     def _apply_put(self, key: str, value: bytes) -> None:
         try:

@@ -26,9 +26,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import cast
 
 from ..config import SchedulerSettings
-from ..errors import ConfigError, RevisionCompactedError, StoreError, StoreUnavailableError
+from ..errors import ConfigError, StoreError, StoreUnavailableError
 from ..models import DeploymentSpec, Engine, GpuSamples, Node
 from ..store import Compare, Delete, EventType, KeyValue, Lease, MetaStore, Put, decode_record, keys
+from ..store.base import WatchEvent
+from ..store.follow import follow
 from . import reconcile
 from .reconcile import Action, Backoff, CreateEngine, DeleteEngine
 from .scheduler import STRATEGIES, Strategy
@@ -236,27 +238,22 @@ class Controller:
             await asyncio.gather(watcher, return_exceptions=True)
 
     async def _watch(self, start_revision: int) -> None:
-        """Wake the loop on every relevant change; resync from now if history was compacted."""
-        revision = start_revision
-        while not self._stopping:
-            watch = self.store.watch(keys.ROOT, start_revision=revision)
-            try:
-                async for event in watch:
-                    revision = event.revision + 1
-                    if event.key.startswith(keys.LEADER) or keys.is_node_gpus(event.key):
-                        continue
-                    self._wakeup.set()
-                return  # the store was closed
-            except RevisionCompactedError:
-                log.warning("watch history compacted; resyncing")
-                revision = (await self.store.range(LEADER_KEY)).revision + 1
+        """Wake the loop on every relevant change from `start_revision`, and after a resync
+        (compacted history). Rounds still run on the timer while the store is unreachable."""
+
+        def on_event(event: WatchEvent) -> None:
+            if not (event.key.startswith(keys.LEADER) or keys.is_node_gpus(event.key)):
                 self._wakeup.set()
-            except StoreUnavailableError as exc:
-                # Rounds still run on the timer meanwhile; resume where the watch stopped.
-                log.warning("watch failed (%s); retrying in %.0f s", exc, RETRY_S)
-                await asyncio.sleep(RETRY_S)
-            finally:
-                await _close(watch)
+
+        await follow(
+            self.store,
+            keys.ROOT,
+            on_snapshot=lambda _snapshot: self._wakeup.set(),
+            on_event=on_event,
+            start_revision=start_revision - 1,
+            retry_delay_s=RETRY_S,
+            name="controller",
+        )
 
     async def reconcile_once(self) -> RoundStats:
         """One round: read, decide, apply. Raises NotLeaderError when fenced out."""

@@ -17,11 +17,11 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
-from .. import errors as E
 from ..engine.client import EngineClient
 from ..models import DeploymentSpec, Engine, EngineState
 from ..store import decode_record, keys
-from ..store.base import EventType, KeyValue, MetaStore, WatchEvent
+from ..store.base import EventType, KeyValue, MetaStore, RangeResult, WatchEvent
+from ..store.follow import follow
 from .errors import model_not_found, no_replica
 
 log = logging.getLogger(__name__)
@@ -181,19 +181,18 @@ class RoutingTable:
         load: Callable[[list[KeyValue]], None],
         apply: Callable[[WatchEvent], None],
     ) -> None:
-        while True:
-            try:
-                snapshot = await self._store.range(prefix)
-                load(snapshot.items)
-                self._synced[prefix].set()
-                async for event in self._store.watch(prefix, start_revision=snapshot.revision + 1):
-                    apply(event)
-                return  # the store was closed
-            except E.RevisionCompactedError:
-                log.info("routing table: %s history compacted; re-reading", prefix)
-            except E.StoreError as exc:
-                log.warning("routing table: following %s failed (%s); retrying", prefix, exc)
-                await asyncio.sleep(self._retry_delay_s)
+        def on_snapshot(result: RangeResult) -> None:
+            load(result.items)
+            self._synced[prefix].set()
+
+        await follow(
+            self._store,
+            prefix,
+            on_snapshot=on_snapshot,
+            on_event=apply,
+            retry_delay_s=self._retry_delay_s,
+            name="routing table",
+        )
 
     # ---- applying store state (also driven directly by unit tests) -----------------------------
 
