@@ -38,7 +38,7 @@ proto: $(STAMP)
 	$(BIN)/python protos/generate.py
 
 quickstart: setup
-	$(BIN)/deepinfer-nb demo
+	$(BIN)/python notebooks/run.py notebooks/quickstart.ipynb
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -48,4 +48,4 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: setup lint typecheck
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=20
