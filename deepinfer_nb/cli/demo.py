@@ -12,7 +12,6 @@ import asyncio
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from .._proto import engine_service_pb2 as pb
 from ..engine import local_models
 from ..engine.client import EngineClient
 from ..errors import DeepInferError, EngineUnavailableError
+from ..netutil import free_port
 
 QUESTION = "What is the capital of France?"
 MODEL = "smollm2-135m-instruct"
@@ -44,16 +44,10 @@ def _say(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _demo(args: argparse.Namespace) -> int:
     path = local_models.build(local_models.CATALOG[MODEL], progress=_say)
     _say(f"model ready in {path}")
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     log_path = Path(tempfile.mkdtemp(prefix="deepinfer-demo-")) / "engine.log"
     cmd = [
         sys.executable,

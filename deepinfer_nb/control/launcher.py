@@ -28,7 +28,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ import psutil
 from .. import config
 from ..errors import ConfigError, EngineError
 from ..models import DeploymentSpec, Engine
+from ..netutil import free_port
 
 __all__ = ["TOKEN_ENV", "EngineProcess", "Launcher", "LogTail", "build_command", "build_env"]
 
@@ -115,14 +115,6 @@ def build_env(
     env[TOKEN_ENV] = token
     env["PYTHONUNBUFFERED"] = "1"  # the log file and `logs` see lines as they are written
     return env
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on now (the shim binds it moments later; a loss there is a
-    start failure the restart policy handles)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host if host not in ("localhost", "") else "127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- output ------------------------------------------------------------------------------------

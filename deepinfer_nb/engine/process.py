@@ -16,7 +16,6 @@ import asyncio
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import psutil
 
 from .._proto import engine_service_pb2 as pb
 from ..errors import EngineError, EngineTimeoutError, EngineUnavailableError
+from ..netutil import free_port
 from .client import EngineClient
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "EngineStartError",
     "ShimProcess",
     "end_processes",
-    "free_port",
     "shim_command",
     "spawn_shim",
     "start_shim",
@@ -59,13 +58,6 @@ READY_POLL_S = 0.5
 
 class EngineStartError(EngineError):
     """A shim exited or did not become READY in time; the message carries its log's tail."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on now (the shim binds it moments later)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def shim_command(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from ..errors import StoreError, StoreUnavailableError
+from ..netutil import free_port
 
 INSTALL_HINT = "install it with `apt-get install etcd-server` (Debian/Ubuntu) or from etcd.io"
 
@@ -30,12 +31,6 @@ def find_etcd_binary() -> str:
     if path is None:
         raise StoreError(f"the etcd server binary was not found on PATH: {INSTALL_HINT}")
     return path
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class LocalEtcd:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from deepinfer_nb.netutil import free_port
 from deepinfer_nb.store import open_store
-from deepinfer_nb.store.local_etcd import free_port
 
 # Only the etcd subcommand is registered, so this test does not depend on the other commands.
 RUN = (

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from deepinfer_nb.netutil import free_port
 
 
 def test_gateway_command_serves_with_api_key() -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GW_TEST_KEY": "k1,k2"}
     cmd = [
         sys.executable,

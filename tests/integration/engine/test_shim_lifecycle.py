@@ -23,11 +23,11 @@ from deepinfer_nb.engine import local_models
 from deepinfer_nb.engine.process import (
     CPU_TEST_FLAGS,
     ShimProcess,
-    free_port,
     shim_command,
     spawn_shim,
 )
 from deepinfer_nb.errors import EngineTimeoutError, EngineUnavailableError
+from deepinfer_nb.netutil import free_port
 from tests.fixtures.engine import MODEL
 
 pytestmark = pytest.mark.engine

@@ -15,6 +15,7 @@ import pytest
 
 from deepinfer_nb.errors import LeaseLostError, RevisionCompactedError, StoreUnavailableError
 from deepinfer_nb.models import DeploymentSpec
+from deepinfer_nb.netutil import free_port
 from deepinfer_nb.store import (
     Compare,
     Delete,
@@ -26,7 +27,7 @@ from deepinfer_nb.store import (
     open_store,
 )
 from deepinfer_nb.store.etcd import EtcdStore
-from deepinfer_nb.store.local_etcd import LocalEtcd, free_port
+from deepinfer_nb.store.local_etcd import LocalEtcd
 
 
 async def take(
