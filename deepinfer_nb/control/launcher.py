@@ -16,6 +16,10 @@ launch from the thread that runs the worker's loop.
 every process of the tree. `home/state/{node}.json` lists the launched engines (pid and process
 start time, which together survive pid reuse) so a restarted worker re-adopts live ones and
 cleans up after dead ones; `home/state/{node}.lock` keeps two workers of one node apart.
+
+The shim's command line, environment defaults, session start and tree kills come from
+`engine/process.py`; this module adds what a node needs on top (devices, state file, guard,
+start-time checks before signalling anything).
 """
 
 from __future__ import annotations
@@ -39,6 +43,15 @@ import filelock
 import psutil
 
 from .. import config
+from ..engine.process import (
+    TOKEN_ENV,
+    kill_group,
+    kill_processes,
+    popen_shim,
+    process_tree,
+    shim_command,
+    shim_env,
+)
 from ..errors import ConfigError, EngineError
 from ..models import DeploymentSpec, Engine
 from ..netutil import free_port
@@ -47,7 +60,6 @@ __all__ = ["TOKEN_ENV", "EngineProcess", "Launcher", "LogTail", "build_command",
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "DEEPINFER_ENGINE_TOKEN"
 ENGINE_PREFIX = "deepinfer-nb engine:"
 """How the shim starts its one-line start-up failure message."""
 START_TIME_TOLERANCE_S = 0.5
@@ -64,57 +76,46 @@ def build_command(
     engine: Engine, spec: DeploymentSpec, *, python: str, port: int, bind_host: str, grace_s: float
 ) -> list[str]:
     """The shim's argv for one engine placed by the scheduler."""
-    cmd = [
-        python,
-        "-m",
-        "deepinfer_nb.engine",
-        "--model",
-        spec.model,
-        "--port",
-        str(port),
-        "--host",
-        bind_host,
+    flags = [
         "--served-model-name",
         spec.model_name,
         "--dtype",
         spec.dtype,
         "--tensor-parallel-size",
         str(spec.tensor_parallel_size),
-        "--auth-token-env",
-        TOKEN_ENV,
         "--grace-period",
         f"{grace_s:g}",
     ]
     if spec.max_model_len:
-        cmd += ["--max-model-len", str(spec.max_model_len)]
+        flags += ["--max-model-len", str(spec.max_model_len)]
     if engine.device == "cuda":
         # CUDA_VISIBLE_DEVICES carries the assigned GPUs; `cuda:N` would override it.
         fraction = engine.gpu_fraction or spec.gpu_memory_utilization
-        cmd += ["--device", "cuda", "--gpu-memory-utilization", f"{fraction:g}"]
+        flags += ["--device", "cuda", "--gpu-memory-utilization", f"{fraction:g}"]
     else:
-        cmd += ["--device", "cpu"]
+        flags += ["--device", "cpu"]
     if spec.enforce_eager:
-        cmd.append("--enforce-eager")
-    if spec.engine_args:
-        cmd += ["--", *spec.engine_args]
-    return cmd
+        flags.append("--enforce-eager")
+    return shim_command(
+        model=spec.model,
+        port=port,
+        host=bind_host,
+        token_env=TOKEN_ENV,
+        flags=flags,
+        extra=spec.engine_args,
+        python=python,
+    )
 
 
 def build_env(
     engine: Engine, spec: DeploymentSpec, *, token: str, base: Mapping[str, str]
 ) -> dict[str, str]:
     """The engine's environment: ours, the deployment's `env`, devices, token."""
-    env = {**base, **spec.env}
-    if engine.device == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in engine.gpus)
-    else:
-        # vLLM on CPU reserves VLLM_CPU_KVCACHE_SPACE GiB for the KV cache (default 4): keep it
-        # small unless the deployment says otherwise.
-        env["CUDA_VISIBLE_DEVICES"] = ""
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", spec.env.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    env[TOKEN_ENV] = token
-    env["PYTHONUNBUFFERED"] = "1"  # the log file and `logs` see lines as they are written
-    return env
+    cuda = engine.device == "cuda"
+    devices = ",".join(str(g) for g in engine.gpus) if cuda else ""
+    return shim_env(
+        {**base, **spec.env, "CUDA_VISIBLE_DEVICES": devices}, token=token, cpu=not cuda
+    )
 
 
 # ---- output ------------------------------------------------------------------------------------
@@ -338,15 +339,7 @@ class Launcher:
             )
             out.flush()
             argv = guarded(cmd, parent_pid=os.getpid()) if self.die_with_parent else cmd
-            popen = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
+            popen = popen_shim(argv, env=env, out=out)
         try:
             start_time = psutil.Process(popen.pid).create_time()
         except psutil.NoSuchProcess:  # exited at once; the monitor reports how
@@ -375,7 +368,7 @@ class Launcher:
             return None
         path = Path(str(entry.get("log_path") or self.log_path(engine_id)))
         if not _same_process(pid, start_time):
-            _kill_all(leftovers(pid, start_time))  # a dead shim may have left its EngineCore
+            kill_processes(leftovers(pid, start_time))  # a dead shim may have left its EngineCore
             return None
         size = path.stat().st_size if path.exists() else 0
         proc = EngineProcess(
@@ -419,17 +412,7 @@ class Launcher:
         members = (tree if tree is not None else _tree(proc)) + leftovers(proc.pid, proc.start_time)
         if proc.alive():
             kill_group(proc.pid, signal.SIGKILL)
-        _kill_all(members)
-
-
-def kill_group(pgid: int, sig: signal.Signals) -> None:
-    """Signal a group whose leader this module verified alive (pid + start time) just now."""
-    if pgid <= 1:
-        raise ValueError(f"refusing to signal process group {pgid}")
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        kill_processes(members)
 
 
 def leftovers(pid: int, start_time: float) -> list[psutil.Process]:
@@ -451,25 +434,9 @@ def leftovers(pid: int, start_time: float) -> list[psutil.Process]:
     return group_members(pid)
 
 
-def _kill_all(processes: list[psutil.Process]) -> None:
-    for p in processes:
-        try:
-            p.kill()  # psutil re-checks the create time: never a recycled pid
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.AccessDenied as exc:
-            log.warning("cannot kill engine process %d: %s", p.pid, exc)
-
-
 def _tree(proc: EngineProcess) -> list[psutil.Process]:
-    """The engine's process and descendants, captured while the parent still links them."""
-    if not proc.alive():
-        return []
-    try:
-        root = psutil.Process(proc.pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
+    """The engine's process and descendants while it is (verifiably) the engine."""
+    return process_tree(proc.pid) if proc.alive() else []
 
 
 async def _request_shutdown(proc: EngineProcess, *, token: str, grace_s: float) -> None:
