@@ -37,6 +37,7 @@ from .. import gpu
 from .._proto import engine_service_pb2 as pb
 from ..config import Settings
 from ..engine.client import EngineClient
+from ..engine.process import poll_ready
 from ..errors import EngineError, RevisionCompactedError, StoreError
 from ..logs import ContextAdapter, bind
 from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node
@@ -493,22 +494,20 @@ class Worker:
 
     async def _wait_ready(self, proc: EngineProcess, client: EngineClient) -> str | None:
         """None once HealthCheck says READY; else why it never will."""
-        deadline = time.monotonic() + self.agent.start_timeout_s
-        while True:
-            if not proc.alive():
-                return self._exit_cause(proc)
-            try:
-                reply = await client.health(timeout=2.0)
-                if reply.status == pb.SERVING_STATUS_READY:
-                    return None
-            except EngineError:
-                pass  # not listening yet
-            if time.monotonic() >= deadline:
-                return (
-                    f"not ready after {self.agent.start_timeout_s:g}s (start timeout); "
-                    f"last output: {proc.tail.cause()}"
-                )
-            await asyncio.sleep(READY_POLL_S)
+        timeout = self.agent.start_timeout_s
+        # Any engine error means "not listening yet": the exit and the timeout say the rest.
+        outcome = await poll_ready(
+            client,
+            alive=proc.alive,
+            timeout=timeout,
+            interval=READY_POLL_S,
+            retry_on=(EngineError,),
+        )
+        if outcome == "exited":
+            return self._exit_cause(proc)
+        if outcome == "timeout":
+            return f"not ready after {timeout:g}s (start timeout); last output: {proc.tail.cause()}"
+        return None
 
     async def _mark_running(self, eid: str, proc: EngineProcess, elog: ContextAdapter) -> bool:
         async with self._lock(eid):
