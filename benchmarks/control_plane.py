@@ -210,20 +210,23 @@ async def placement(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]
 async def _engine_ready_at(endpoint: str, token: str, *, timeout: float) -> float:
     """Wall time at which the engine first answers READY, polled every 20 ms: the engine's own
     load time ends here, whatever the worker's polling adds after it."""
-    from deepinfer_nb._proto import engine_service_pb2 as pb
     from deepinfer_nb.engine.client import EngineClient
+    from deepinfer_nb.engine.process import poll_ready
     from deepinfer_nb.errors import EngineError
 
-    deadline = time.monotonic() + timeout
     async with EngineClient(endpoint, token=token) as client:
-        while time.monotonic() < deadline:
-            try:
-                if (await client.health(timeout=1.0)).status == pb.SERVING_STATUS_READY:
-                    return time.time()
-            except EngineError:
-                pass
-            await asyncio.sleep(0.02)
-    raise TimeoutError(f"engine at {endpoint} not ready after {timeout} s")
+        # The worker watches the process; here only the answer counts.
+        outcome = await poll_ready(
+            client,
+            alive=lambda: True,
+            timeout=timeout,
+            interval=0.02,
+            health_timeout=1.0,
+            retry_on=(EngineError,),
+        )
+    if outcome != "ready":
+        raise TimeoutError(f"engine at {endpoint} not ready after {timeout} s")
+    return time.time()
 
 
 async def deploy_once(url: str, home: Path) -> dict[str, Any]:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,14 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .._proto import engine_service_pb2 as pb
-from ..engine import local_models
-from ..engine.client import EngineClient
-from ..errors import DeepInferError, EngineUnavailableError
-from ..netutil import free_port
+from ..engine import local_models, process
+from ..errors import DeepInferError
 
 QUESTION = "What is the capital of France?"
 MODEL = "smollm2-135m-instruct"
-TOKEN_ENV = "DEEPINFER_DEMO_ENGINE_TOKEN"
 
 
 def register(sub: Any) -> None:
@@ -47,50 +41,19 @@ def _say(message: str) -> None:
 def _demo(args: argparse.Namespace) -> int:
     path = local_models.build(local_models.CATALOG[MODEL], progress=_say)
     _say(f"model ready in {path}")
-    port, token = free_port(), secrets.token_hex(16)
     log_path = Path(tempfile.mkdtemp(prefix="deepinfer-demo-")) / "engine.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepinfer_nb.engine",
-        "--model",
-        MODEL,
-        "--port",
-        str(port),
-        "--device",
-        "cpu",
-        "--enforce-eager",
-        "--dtype",
-        "bfloat16",
-        "--max-model-len",
-        "2048",
-        "--auth-token-env",
-        TOKEN_ENV,
-    ]
-    env = {**os.environ, TOKEN_ENV: token}
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    _say(f"starting the engine shim on 127.0.0.1:{port} (log: {log_path})")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+    shim = process.spawn_shim(model=MODEL, token=secrets.token_hex(16), log_path=log_path)
+    _say(f"starting the engine shim on {shim.endpoint} (log: {log_path})")
     try:
-        return asyncio.run(_session(args, proc, f"127.0.0.1:{port}", token, log_path))
+        return asyncio.run(_session(args, shim))
     finally:
-        if proc.poll() is None:  # only after a failure: a clean run has already exited
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if shim.process.poll() is None:  # only after a failure: a clean run has already exited
+            shim.kill()
 
 
-async def _session(
-    args: argparse.Namespace,
-    proc: subprocess.Popen[bytes],
-    endpoint: str,
-    token: str,
-    log_path: Path,
-) -> int:
-    async with EngineClient(endpoint, token=token) as client:
-        await _wait_ready(client, proc, log_path, timeout=args.start_timeout)
+async def _session(args: argparse.Namespace, shim: process.ShimProcess) -> int:
+    await _wait_ready(shim, timeout=args.start_timeout)
+    async with shim.client() as client:
         # The first forward pass initialises CPU kernels (seconds); keep it out of the numbers.
         await client.chat(_request("Hi", 1))
         _say(f"asking: {args.question}")
@@ -114,46 +77,28 @@ async def _session(
         )
         _say("shutting the engine down")
         await client.shutdown(grace_period_s=30)
-    code = await asyncio.to_thread(proc.wait, 120)
+    code = await asyncio.to_thread(shim.process.wait, 120)
     if code != 0:
-        raise DeepInferError(f"the engine exited with {code}; see {log_path}")
+        raise DeepInferError(f"the engine exited with {code}; see {shim.log_path}")
     _say("engine stopped cleanly")
     return 0
 
 
-async def _wait_ready(
-    client: EngineClient, proc: subprocess.Popen[bytes], log_path: Path, *, timeout: float
-) -> None:
+async def _wait_ready(shim: process.ShimProcess, *, timeout: float) -> None:
+    """`process.wait_ready` with a progress line every 5 s of the wait."""
     start = time.monotonic()
     last_note = 0.0
-    while True:
+
+    def note(reply: pb.HealthCheckResponse | None) -> None:
+        nonlocal last_note
         waited = time.monotonic() - start
-        if proc.poll() is not None:
-            tail = _last_lines(log_path, 1)
-            raise DeepInferError(
-                f"the engine exited with {proc.returncode}: "
-                f"{tail[0] if tail else ''} (log: {log_path})"
-            )
-        if waited > timeout:
-            raise DeepInferError(
-                f"the engine did not load within {timeout:.0f} s (log: {log_path})"
-            )
-        try:
-            health = await client.health(timeout=2.0)
-            if health.status == pb.SERVING_STATUS_READY:
-                _say(f"engine ready after {waited:.0f} s")
-                return
-            note = health.message
-        except EngineUnavailableError:
-            note = "process starting"
         if waited - last_note >= 5:
-            _say(f"waiting for the engine ({waited:.0f} s): {note}")
+            what = reply.message if reply is not None else "process starting"
+            _say(f"waiting for the engine ({waited:.0f} s): {what}")
             last_note = waited
-        await asyncio.sleep(0.5)
 
-
-def _last_lines(path: Path, count: int) -> list[str]:
-    return path.read_text(errors="replace").strip().splitlines()[-count:]
+    await process.wait_ready(shim, timeout=timeout, progress=note)
+    _say(f"engine ready after {time.monotonic() - start:.0f} s")
 
 
 def _request(question: str, max_tokens: int) -> pb.ChatRequest:
