@@ -1,15 +1,21 @@
-"""Small helpers shared by the store backends: prefix ranges and lease-lost callbacks."""
+"""Small helpers shared by the store backends: prefix ranges, lease-lost callbacks and the
+queue-fed watch iterator."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from .base import WatchEvent
 
 log = logging.getLogger(__name__)
 
 LostCallback = Callable[[], Awaitable[None] | None]
+
+END = object()
+"""The item that ends a `QueueWatch` cleanly."""
 
 
 def prefix_range_end(prefix: bytes) -> bytes:
@@ -41,3 +47,30 @@ def fire_lost_callbacks(callbacks: list[LostCallback], tasks: set[asyncio.Task[N
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("lease-lost callback failed", exc_info=task.exception())
+
+
+class QueueWatch(AsyncIterator[WatchEvent]):
+    """A watch whose events arrive through a queue; the first item that is not an event ends it:
+    an exception is raised to the reader, anything else (`END`) stops the iteration."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[WatchEvent | BaseException | object] = asyncio.Queue()
+        self._done = False
+
+    def __aiter__(self) -> QueueWatch:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, WatchEvent):
+            return item
+        self._done = True
+        self._ended()
+        if isinstance(item, BaseException):
+            raise item
+        raise StopAsyncIteration
+
+    def _ended(self) -> None:
+        """Called once, when the reader takes the item that ends the watch."""

@@ -35,7 +35,7 @@ from ..errors import (
     StoreError,
     StoreUnavailableError,
 )
-from ._util import LostCallback, fire_lost_callbacks, prefix_range_end
+from ._util import END, LostCallback, QueueWatch, fire_lost_callbacks, prefix_range_end
 from .base import (
     Compare,
     Delete,
@@ -61,7 +61,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
 ]
-_END = object()
 
 
 def parse_endpoints(url: str) -> list[str]:
@@ -372,30 +371,15 @@ class EtcdStore(MetaStore):
             raise StoreError(f"{self.url}: store is closed")
 
 
-class EtcdWatch(AsyncIterator[WatchEvent]):
+class EtcdWatch(QueueWatch):
     """A watch pumped by a task into a queue; it reconnects and resumes at last revision + 1."""
 
     def __init__(self, store: EtcdStore, prefix: str, start_revision: int) -> None:
+        super().__init__()
         self._store = store
         self.prefix = prefix
-        self._queue: asyncio.Queue[WatchEvent | BaseException | object] = asyncio.Queue()
-        self._done = False
         self._task = asyncio.get_running_loop().create_task(self._pump(start_revision))
         store._watches.add(self)
-
-    def __aiter__(self) -> EtcdWatch:
-        return self
-
-    async def __anext__(self) -> WatchEvent:
-        if self._done:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, WatchEvent):
-            return item
-        self._done = True
-        if isinstance(item, BaseException):
-            raise item
-        raise StopAsyncIteration
 
     async def aclose(self) -> None:
         self._store._watches.discard(self)
@@ -407,7 +391,7 @@ class EtcdWatch(AsyncIterator[WatchEvent]):
         try:
             await self._follow(start_revision)
         except asyncio.CancelledError:
-            self._queue.put_nowait(_END)
+            self._queue.put_nowait(END)
             raise
         except Exception as exc:
             self._queue.put_nowait(exc)

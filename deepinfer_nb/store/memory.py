@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 from ..errors import LeaseLostError, RevisionCompactedError, StoreError
-from ._util import LostCallback, fire_lost_callbacks
+from ._util import END, LostCallback, QueueWatch, fire_lost_callbacks
 from .base import (
     Compare,
     Delete,
@@ -33,35 +33,20 @@ from .base import (
 DEFAULT_HISTORY = 10_000
 """Events kept for watches from a past revision (etcd keeps all until compacted)."""
 
-_END = object()
 
-
-class MemoryWatch(AsyncIterator[WatchEvent]):
+class MemoryWatch(QueueWatch):
     """One watch: events are queued synchronously as the store changes, so none is missed."""
 
     def __init__(self, store: MemoryStore, prefix: str) -> None:
+        super().__init__()
         self._store = store
         self.prefix = prefix
-        self._queue: asyncio.Queue[WatchEvent | BaseException | object] = asyncio.Queue()
-        self._done = False
 
     def push(self, item: WatchEvent | BaseException | object) -> None:
         self._queue.put_nowait(item)
 
-    def __aiter__(self) -> MemoryWatch:
-        return self
-
-    async def __anext__(self) -> WatchEvent:
-        if self._done:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, WatchEvent):
-            return item
-        self._done = True
+    def _ended(self) -> None:
         self._store._watches.discard(self)
-        if isinstance(item, BaseException):
-            raise item
-        raise StopAsyncIteration
 
     async def aclose(self) -> None:
         self._done = True
@@ -304,7 +289,7 @@ class MemoryStore(MetaStore):
         for lease in list(self._leases.values()):
             lease._end()
         for watch in list(self._watches):
-            watch.push(_END)
+            watch.push(END)
         self._watches.clear()
         for task in list(self._background):
             task.cancel()
