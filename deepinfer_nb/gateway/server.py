@@ -3,7 +3,9 @@
 `GatewayServer` runs `uvicorn.Server` as a task of the *current* loop (the notebook runtime's
 background thread, or the CLI's `asyncio.run`), never a loop of its own, and binds the listening
 socket itself so port 0 works and the real port is known before the first request. It refuses a
-non-loopback address unless the app requires an API key. `serve` is the standalone entry point.
+non-loopback address unless the app requires an API key. It never touches process signals: in a
+kernel SIGINT belongs to the kernel (uvicorn's own capture would swallow a notebook interrupt and
+re-raise it later, anywhere). `serve` is the standalone entry point and handles its own signals.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from types import TracebackType
 
 import uvicorn
@@ -52,6 +55,14 @@ def _tcp_nodelay_capable(sock: socket.socket) -> socket.socket:
     return socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, fileno=sock.detach())
 
 
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its signal capture: whoever embeds the gateway owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
 class GatewayServer:
     """One running gateway. `await start()`, then `url`; `await stop()` to end it.
 
@@ -83,7 +94,7 @@ class GatewayServer:
         self.port = settings.server.port if port is None else port
         check_bind(self.host, ["set"] if self.app.state.auth_enabled else [])
         self._log_level = log_level
-        self._server: uvicorn.Server | None = None
+        self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._sock = sock
 
@@ -105,7 +116,7 @@ class GatewayServer:
             timeout_graceful_shutdown=5,
             timeout_keep_alive=30,
         )
-        self._server = uvicorn.Server(config)
+        self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -119,11 +130,6 @@ class GatewayServer:
                 await self.stop()
                 raise ConfigError(f"the gateway did not start within {timeout:.0f} s")
             await asyncio.sleep(0.01)
-
-    async def wait(self) -> None:
-        """Until the server exits (stop(), or a signal when running in the main thread)."""
-        if self._task is not None:
-            await asyncio.shield(self._task)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -175,7 +181,11 @@ async def serve(
             file=sys.stderr,
             flush=True,
         )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         try:
-            await server.wait()
+            await stop.wait()
         finally:
             await server.stop()

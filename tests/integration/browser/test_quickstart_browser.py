@@ -66,10 +66,10 @@ def deepinfer_home(tmp_path: Path) -> Iterator[Path]:
             proc.kill()
 
 
-def code_index(nb: nbformat.NotebookNode, startswith: str) -> int:
-    """Position among code cells of the first code cell whose source starts with `startswith`."""
+def code_index(nb: nbformat.NotebookNode, text: str) -> int:
+    """Position among code cells of the first code cell whose source contains `text`."""
     code = [c for c in nb.cells if c.cell_type == "code"]
-    return next(i for i, c in enumerate(code) if c.source.startswith(startswith))
+    return next(i for i, c in enumerate(code) if text in c.source)
 
 
 def test_quickstart_in_jupyterlab(tmp_path: Path, deepinfer_home: Path) -> None:
@@ -78,7 +78,7 @@ def test_quickstart_in_jupyterlab(tmp_path: Path, deepinfer_home: Path) -> None:
     assert nb_source.cells[-1].source.strip() == "%deepinfer down", "quickstart must end in down"
     monitor_at = code_index(nb_source, "%deepinfer monitor")
     chat_at = code_index(nb_source, "%%deepinfer chat")
-    openai_at = code_index(nb_source, "import deepinfer_nb")
+    openai_at = code_index(nb_source, "deepinfer_nb.connect()")
 
     lab = LabServer(tmp_path / "lab", env={"DEEPINFER_HOME": str(deepinfer_home)})
     shutil.copy(QUICKSTART, lab.root / "quickstart.ipynb")

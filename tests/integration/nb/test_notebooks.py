@@ -72,14 +72,15 @@ def execute(name: str, tmp_path: Path) -> tuple[list[str], list[str]]:
     return [c.source for c in nb.cells], [outputs_text(c) for c in nb.cells]
 
 
-def cell_output(sources: list[str], outputs: list[str], startswith: str) -> str:
-    return next(o for s, o in zip(sources, outputs, strict=True) if s.startswith(startswith))
+def cell_output(sources: list[str], outputs: list[str], text: str) -> str:
+    """The output of the first cell whose source contains `text`."""
+    return next(o for s, o in zip(sources, outputs, strict=True) if text in s)
 
 
 def test_quickstart_notebook(deepinfer_home: Path, tmp_path: Path) -> None:
     sources, outputs = execute("quickstart.ipynb", tmp_path)
     assert "Paris" in cell_output(sources, outputs, "%%deepinfer chat")
-    openai_out = cell_output(sources, outputs, "import deepinfer_nb")
+    openai_out = cell_output(sources, outputs, "deepinfer_nb.connect()")
     assert "openai:" in openai_out and "Paris" in openai_out
     assert "Running" in cell_output(sources, outputs, "%deepinfer ls")
     assert "Running" in cell_output(sources, outputs, "%deepinfer monitor")
@@ -89,7 +90,7 @@ def test_quickstart_notebook(deepinfer_home: Path, tmp_path: Path) -> None:
 
 def test_cluster_notebook(deepinfer_home: Path, tmp_path: Path) -> None:
     sources, outputs = execute("cluster.ipynb", tmp_path)
-    assert "worker-2" in cell_output(sources, outputs, "import os")
+    assert "worker-2" in cell_output(sources, outputs, 'deepinfer_nb.connect("etcd")')
     table = cell_output(sources, outputs, "%deepinfer ls")
     assert table.count("Running") >= 2 and "worker-2" in table
     assert "Paris" in cell_output(sources, outputs, "%%deepinfer chat")
