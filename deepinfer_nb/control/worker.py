@@ -9,7 +9,7 @@
 bound to the worker's lease, refreshed by the store's keepalive: if the worker dies, both vanish
 within `heartbeat_ttl_s` and the controller re-places its engines.
 
-Engine records are followed with a watch (re-read on `RevisionCompactedError`). For each record a
+Engine records are followed with `store.follow` (a watch, re-read when compacted). For each record a
 pure `decide_local()` says what this node must do with it; one supervisor task per launched engine
 then claims it (CAS Scheduled -> Starting, so no engine starts twice), launches the shim, waits
 for HealthCheck READY (Starting -> Running), and watches exit and health until it fails
@@ -20,7 +20,6 @@ on conflict. A per-engine lock keeps the supervisor's writes and the reconciler'
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import importlib.metadata
@@ -38,10 +37,11 @@ from .._proto import engine_service_pb2 as pb
 from ..config import Settings
 from ..engine.client import EngineClient
 from ..engine.process import poll_ready
-from ..errors import EngineError, RevisionCompactedError, StoreError
+from ..errors import EngineError, StoreError
 from ..logs import ContextAdapter, bind
 from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node
-from ..store import Lease, MetaStore, decode_record, keys
+from ..store import Lease, MetaStore, RangeResult, WatchEvent, decode_record, keys
+from ..store.follow import follow
 from .launcher import EngineProcess, Launcher, LogTail
 from .reconcile import Backoff
 
@@ -142,7 +142,7 @@ class Worker:
             await self._register()
             # Adopt before deciding anything: a Running record of ours without its process
             # adopted yet would otherwise be marked Failed.
-            revision = await self._resync(kick=False)
+            revision = await self._read_engines()
             await self._adopt()
         except BaseException:
             self.launcher.release()
@@ -151,7 +151,16 @@ class Worker:
         for eid in {*self._records, *self._local}:
             self._kick(eid)
         self._loops = [
-            asyncio.create_task(self._watch_loop(revision)),
+            asyncio.create_task(
+                follow(
+                    self.store,
+                    keys.ENGINES,
+                    on_snapshot=self._apply_snapshot,
+                    on_event=self._apply_event,
+                    start_revision=revision,
+                    name=f"worker {self.node_id}",
+                )
+            ),
             asyncio.create_task(self._tick_loop()),
             asyncio.create_task(self._sample_loop()),
         ]
@@ -266,8 +275,13 @@ class Worker:
 
     # ---- following the records ----------------------------------------------------------------
 
-    async def _resync(self, *, kick: bool = True) -> int:
+    async def _read_engines(self) -> int:
+        """The first snapshot, before adoption: records only, nothing re-decided yet."""
         result = await self.store.range(keys.ENGINES)
+        self._apply_snapshot(result, kick=False)
+        return result.revision
+
+    def _apply_snapshot(self, result: RangeResult, *, kick: bool = True) -> None:
         records: dict[str, Engine] = {}
         for kv in result.items:
             if keys.name_of(kv.key, keys.ENGINES):
@@ -279,42 +293,17 @@ class Worker:
         if kick:
             for eid in {*records, *gone, *self._local}:
                 self._kick(eid)
-        return result.revision
 
-    async def _watch_loop(self, revision: int) -> None:
-        while not self._stopping:
-            watch = self.store.watch(keys.ENGINES, start_revision=revision + 1)
-            try:
-                async for event in watch:
-                    revision = event.revision
-                    eid = keys.name_of(event.key, keys.ENGINES)
-                    if not eid:
-                        continue
-                    record = decode_record(Engine, event.key, event.value) if event.value else None
-                    if record is None:
-                        self._records.pop(eid, None)
-                    else:
-                        self._records[eid] = record
-                    self._kick(eid)
-                return  # the store was closed
-            except RevisionCompactedError:
-                self.log.warning("engine watch compacted; re-reading the engines")
-                revision = await self._retry_resync()
-            except StoreError as exc:
-                self.log.warning("engine watch failed (%s); re-reading the engines", exc)
-                await asyncio.sleep(1.0)
-                revision = await self._retry_resync()
-            finally:
-                with contextlib.suppress(StoreError, RuntimeError):
-                    await watch.aclose()  # type: ignore[attr-defined]
-
-    async def _retry_resync(self) -> int:
-        while True:
-            try:
-                return await self._resync()
-            except StoreError as exc:
-                self.log.warning("re-reading engines failed (retrying): %s", exc)
-                await asyncio.sleep(1.0)
+    def _apply_event(self, event: WatchEvent) -> None:
+        eid = keys.name_of(event.key, keys.ENGINES)
+        if not eid:
+            return
+        record = decode_record(Engine, event.key, event.value) if event.value else None
+        if record is None:
+            self._records.pop(eid, None)
+        else:
+            self._records[eid] = record
+        self._kick(eid)
 
     async def _tick_loop(self) -> None:
         """Level-triggered safety net: re-decide everything every reconcile interval."""
