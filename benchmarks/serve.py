@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from deepinfer_nb._proto import engine_service_pb2 as pb  # noqa: E402
 from deepinfer_nb.engine import local_models  # noqa: E402
 from deepinfer_nb.engine.client import EngineClient  # noqa: E402
 from deepinfer_nb.models import Engine, EngineState  # noqa: E402
+from deepinfer_nb.netutil import free_port  # noqa: E402
 from deepinfer_nb.store import decode_record, keys, open_store  # noqa: E402
 from deepinfer_nb.store.local_etcd import LocalEtcd  # noqa: E402
 
@@ -62,12 +62,6 @@ def percentile(values: list[float], q: float) -> float:
 
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ---- the client workload (identical for both servers) ------------------------------------------
