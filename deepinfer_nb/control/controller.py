@@ -115,6 +115,10 @@ class Controller:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._leading = asyncio.Event()
+        # stop() (a signal handler's task) and run()'s own exit both resign: the second waits for
+        # the first's revoke, so run() never returns (and its caller never closes the store)
+        # while the leader key is still being deleted.
+        self._resigning = asyncio.Lock()
 
     @property
     def is_leader(self) -> bool:
@@ -195,13 +199,14 @@ class Controller:
         self._wakeup.set()
 
     async def _resign(self) -> None:
-        lease, self._lease, self._fence = self._lease, None, None
-        self._leading.clear()
-        if lease is not None and not lease.lost:
-            try:
-                await lease.revoke()  # deletes the leader key: a standby takes over at once
-            except StoreError as exc:
-                log.warning("could not revoke the leader lease: %s", exc)
+        async with self._resigning:
+            lease, self._lease, self._fence = self._lease, None, None
+            self._leading.clear()
+            if lease is not None and not lease.lost:
+                try:
+                    await lease.revoke()  # deletes the leader key: a standby takes over at once
+                except StoreError as exc:
+                    log.warning("could not revoke the leader lease: %s", exc)
 
     # ---- leading -------------------------------------------------------------------------------
 
