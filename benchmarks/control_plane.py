@@ -254,7 +254,6 @@ async def deploy_once(url: str, home: Path) -> dict[str, Any]:
             model=local_models.resolve("smollm2-135m-instruct"),
             device="cpu",
             enforce_eager=True,
-            dtype="bfloat16",
             max_model_len=2048,
         )
         start = (await store.range(keys.ROOT)).revision + 1

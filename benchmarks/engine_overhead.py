@@ -27,11 +27,13 @@ sys.path.insert(0, str(ROOT))
 
 from deepinfer_nb._proto import engine_service_pb2 as pb  # noqa: E402
 from deepinfer_nb.engine import local_models  # noqa: E402
+from deepinfer_nb.engine.cpu_dtype import best_cpu_dtype  # noqa: E402
 from deepinfer_nb.engine.process import CPU_TEST_FLAGS, start_shim  # noqa: E402
 
 OUTPUT_TOKENS = 128
 PROMPTS = [f"Write a long story about a lighthouse keeper, chapter {i}." for i in range(64)]
-ENGINE_FLAGS = list(CPU_TEST_FLAGS)
+DTYPE = best_cpu_dtype()  # what the shim picks for --dtype auto on CPU
+ENGINE_FLAGS = [*CPU_TEST_FLAGS, "--dtype", DTYPE]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -69,7 +71,7 @@ async def bench_direct(model_path: str, rounds: int) -> dict[str, Any]:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     engine = AsyncLLM.from_engine_args(
-        AsyncEngineArgs(model=model_path, dtype="bfloat16", max_model_len=2048, enforce_eager=True)
+        AsyncEngineArgs(model=model_path, dtype=DTYPE, max_model_len=2048, enforce_eager=True)
     )
     tokenizer = engine.get_tokenizer()
 

@@ -1,7 +1,8 @@
 """The gateway (+ shim + vLLM) against vLLM's own OpenAI server, and the gateway's added latency.
 
 Both sides serve the same model folder (the local SmolLM2 unless --model) with the same engine
-flags (--enforce-eager --dtype bfloat16 --max-model-len 2048, VLLM_CPU_KVCACHE_SPACE=1), and
+flags (--enforce-eager --dtype D --max-model-len 2048, VLLM_CPU_KVCACHE_SPACE=1; D is what
+the shim picks for CPU: bfloat16 with native CPU support, else float32), and
 the same client (httpx, streaming chat completions, the same prompts, 128 output tokens with
 ignore_eos, greedy) at concurrency 1, 16 and 64. Per level: output tokens/s, requests/s, TTFT
 p50/p99 and inter-token latency p50, all measured at the client. They never share CPUs: vLLM's
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from deepinfer_nb._proto import engine_service_pb2 as pb  # noqa: E402
 from deepinfer_nb.engine import local_models  # noqa: E402
 from deepinfer_nb.engine.client import EngineClient  # noqa: E402
+from deepinfer_nb.engine.cpu_dtype import best_cpu_dtype  # noqa: E402
 from deepinfer_nb.models import Engine, EngineState  # noqa: E402
 from deepinfer_nb.netutil import free_port  # noqa: E402
 from deepinfer_nb.store import decode_record, keys, open_store  # noqa: E402
@@ -51,6 +53,7 @@ OUTPUT_TOKENS = 128
 LEVELS = {1: 6, 16: 32, 64: 128}  # concurrency -> requests (scaled by --scale)
 PROMPTS = [f"Write a long story about a lighthouse keeper, chapter {i}." for i in range(256)]
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+DTYPE = best_cpu_dtype()
 START_TIMEOUT_S = 900.0
 LATENCY_SAMPLES = 40
 
@@ -205,7 +208,7 @@ async def bench_vllm(folder: str, *, plan: dict[int, int], work: Path) -> list[d
         str(port),
         "--enforce-eager",
         "--dtype",
-        "bfloat16",
+        DTYPE,
         "--max-model-len",
         "2048",
     ]
@@ -246,7 +249,7 @@ async def bench_gateway(
             "model": model,
             "name": SERVED,
             "device": "cpu",
-            "dtype": "bfloat16",
+            "dtype": DTYPE,
             "enforce_eager": True,
             "max_model_len": 2048,
             "env": ENV,
@@ -380,7 +383,7 @@ async def main() -> None:
     out = {
         "benchmark": "serve",
         "model": args.model,
-        "engine_flags": "--enforce-eager --dtype bfloat16 --max-model-len 2048, "
+        "engine_flags": f"--enforce-eager --dtype {DTYPE} --max-model-len 2048, "
         "VLLM_CPU_KVCACHE_SPACE=1",
         "output_tokens": OUTPUT_TOKENS,
         "plan": {str(c): n for c, n in plan.items()},

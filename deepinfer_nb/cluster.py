@@ -43,7 +43,7 @@ SPEC_FIELDS = {
     "env",
     "max_restarts",
 }
-CPU_DEFAULTS: dict[str, Any] = {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 2048}
+CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "max_model_len": 2048}
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 

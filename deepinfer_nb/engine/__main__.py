@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .cpu_dtype import best_cpu_dtype
 from .stderr_tail import StderrTail
 
 PREFIX = "deepinfer-nb engine:"
@@ -53,7 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, required=True, help="gRPC port (0 = any free port)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--served-model-name", default="", help="name reported to clients")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto: the model's own dtype; with --device cpu, bfloat16 only on CPUs that compute "
+        "it natively (AVX512-BF16/AMX), else float32",
+    )
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--gpu-memory-utilization", type=float)
@@ -83,11 +89,14 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def vllm_argv(args: argparse.Namespace, model_path: str, extra: list[str]) -> list[str]:
+    dtype = args.dtype
+    if dtype == "auto" and args.device == "cpu":
+        dtype = best_cpu_dtype()
     out = [
         "--model",
         model_path,
         "--dtype",
-        args.dtype,
+        dtype,
         "--tensor-parallel-size",
         str(args.tensor_parallel_size),
     ]

@@ -59,8 +59,6 @@ CPU_TEST_FLAGS = (
     "--device",
     "cpu",
     "--enforce-eager",
-    "--dtype",
-    "bfloat16",
     "--max-model-len",
     "2048",
 )

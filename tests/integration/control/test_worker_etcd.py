@@ -206,7 +206,6 @@ def chat_spec(model: str, *, replicas: int = 1) -> DeploymentSpec:
         device="cpu",
         replicas=replicas,
         enforce_eager=True,
-        dtype="bfloat16",
         max_model_len=2048,
         max_restarts=3,
     )

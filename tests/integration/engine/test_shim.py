@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from deepinfer_nb._proto import engine_service_pb2 as pb
+from deepinfer_nb.engine.cpu_dtype import best_cpu_dtype
 from deepinfer_nb.errors import (
     AuthenticationError,
     EngineError,
@@ -296,7 +297,7 @@ async def test_model_info_and_kv_cache_come_from_the_engine(engine: ShimProcess)
         info = await client.model_info()
         kv = await client.kv_cache_status()
         metrics = await client.metrics()
-    assert info.max_model_len == 2048 and info.dtype == "bfloat16"
+    assert info.max_model_len == 2048 and info.dtype == best_cpu_dtype()  # --dtype auto
     assert info.architecture == "LlamaForCausalLM" and info.task == "generate"
     assert info.device == "cpu" and info.vocab_size == 49152
     assert kv.num_gpu_blocks > 0 and kv.capacity_tokens == kv.num_gpu_blocks * kv.block_size

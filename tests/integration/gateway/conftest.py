@@ -1,4 +1,5 @@
-"""One real cluster for every gateway integration test (session-scoped, started once):
+"""One real cluster for every gateway integration test (module-scoped: started once, and its
+engines gone before the next module starts its own):
 the embedded memory store, the in-process controller and worker, a deployment "smol" of the
 locally built SmolLM2-135M-Instruct with 2 replicas on CPU (two real shim + vLLM processes), and
 the gateway on a real uvicorn on 127.0.0.1 with an API key.
@@ -66,7 +67,7 @@ async def _wait_running(store: MetaStore, worker: Worker, n: int) -> None:
         await asyncio.sleep(0.5)
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def gateway_cluster() -> AsyncIterator[GatewayCluster]:
     local_models.build(local_models.CATALOG[MODEL])  # idempotent
     settings = Settings()
@@ -83,7 +84,6 @@ async def gateway_cluster() -> AsyncIterator[GatewayCluster]:
         served_model_name="smollm2",
         replicas=2,
         device="cpu",
-        dtype="bfloat16",
         enforce_eager=True,
         max_model_len=2048,
         env={"VLLM_CPU_KVCACHE_SPACE": "1"},

@@ -223,7 +223,9 @@ async def test_restarted_worker_readopts_live_engines_and_fails_dead_ones(
     doomed = await until(store, "d-1-y", lambda e: e.state == S.STARTING and e.pid > 0)
     await first.stop(stop_engines=False)  # e.g. the worker is restarted
     assert alive(live.pid) and alive(doomed.pid)
-    psutil.Process(doomed.pid).kill()  # and one engine dies while no worker watches
+    dying = psutil.Process(doomed.pid)
+    dying.kill()  # and one engine dies while no worker watches
+    dying.wait(timeout=5)  # SIGKILL is not instant
 
     second = Worker(
         store, node_id="n1", settings=settings(), home=tmp_path, engine_python=fake_python

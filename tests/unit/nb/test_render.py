@@ -32,7 +32,7 @@ def test_build_spec_cpu_defaults_and_extra_args() -> None:
         engine_args={"max_num_seqs": 4, "trust_remote_code": True},
     )
     assert spec.name == "smollm2-135m-instruct"
-    assert (spec.dtype, spec.enforce_eager, spec.max_model_len) == ("bfloat16", True, 2048)
+    assert (spec.dtype, spec.enforce_eager, spec.max_model_len) == ("auto", True, 2048)
     assert spec.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert spec.engine_args == ["--max-num-seqs", "4", "--trust-remote-code"]
     gpu = api.build_spec("m", name="x", gpus=2, replicas=1, device="auto", engine_args={})
