@@ -21,7 +21,7 @@ from deepinfer_nb.errors import (
     EngineUnavailableError,
     InvalidRequestError,
 )
-from tests.fixtures.engine import ShimProcess, start_shim
+from tests.fixtures.engine import ShimProcess
 
 pytestmark = pytest.mark.engine
 
@@ -305,8 +305,9 @@ async def test_model_info_and_kv_cache_come_from_the_engine(engine: ShimProcess)
     assert metrics.generation_tokens_total > 0 and metrics.requests_finished_total > 0
 
 
-async def test_shutdown_drains_in_flight_stream_and_leaves_no_process() -> None:
-    shim = await start_shim(token="shutdown-token")
+async def test_shutdown_drains_in_flight_stream_and_leaves_no_process(engine: ShimProcess) -> None:
+    """Last in this module on purpose: it shuts the module's engine down (no extra start)."""
+    shim = engine
     try:
         children = psutil.Process(shim.process.pid).children(recursive=True)
         assert children  # vLLM's EngineCore (and its worker)
