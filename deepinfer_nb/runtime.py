@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from . import aio
 from .errors import DeepInferError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Runtime:
             if self.running:
                 return
             ready = threading.Event()
-            loop = asyncio.new_event_loop()
+            loop = aio.new_event_loop()
 
             def main() -> None:
                 asyncio.set_event_loop(loop)

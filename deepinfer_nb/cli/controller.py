@@ -13,7 +13,7 @@ import logging
 import signal
 from typing import Any
 
-from .. import logs
+from .. import aio, logs
 from ..config import Settings
 from ..control.controller import Controller
 from ..store import open_store
@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
             "memory:// store: only this process sees it; workers cannot join "
             "(use etcd://HOST:PORT, or `deepinfer-nb up` for one machine)"
         )
-    asyncio.run(_serve(settings, identity=args.identity))
+    aio.run(_serve(settings, identity=args.identity))
     return 0
 
 

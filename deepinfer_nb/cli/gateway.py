@@ -11,11 +11,10 @@ Binding anything but loopback requires an API key, read from the environment var
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from typing import Any
 
-from .. import logs
+from .. import aio, logs
 from ..config import Settings, read_api_keys
 from ..gateway.security import check_bind
 from ..gateway.server import serve
@@ -87,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
             "memory:// store: only this process sees it, so no engine will ever run "
             "behind this gateway (use etcd://HOST:PORT, or `deepinfer-nb up`)"
         )
-    asyncio.run(
+    aio.run(
         serve(
             settings.storage.url,
             host=settings.server.host,

@@ -15,7 +15,7 @@ import logging
 import signal
 from typing import Any
 
-from .. import logs
+from .. import aio, logs
 from ..config import Settings
 from ..control.controller import Controller
 from ..gateway.server import GatewayServer
@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
             "memory:// store: no worker can join this process (use etcd://HOST:PORT, "
             "or `deepinfer-nb up` for one machine)"
         )
-    asyncio.run(_serve(settings, api_keys=api_keys))
+    aio.run(_serve(settings, api_keys=api_keys))
     return 0
 
 

@@ -19,7 +19,7 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .. import logs
+from .. import aio, logs
 from ..config import Settings
 from ..control.controller import Controller
 from ..control.worker import Worker
@@ -49,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     api_keys = gateway_settings(args, settings)
     node = node_name(args.node)
     logs.setup(args.log_format)
-    asyncio.run(_serve(settings, node=node, advertise_host=args.advertise_host, api_keys=api_keys))
+    aio.run(_serve(settings, node=node, advertise_host=args.advertise_host, api_keys=api_keys))
     return 0
 
 

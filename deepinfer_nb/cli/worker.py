@@ -18,7 +18,7 @@ import signal
 import socket
 from typing import Any
 
-from .. import logs
+from .. import aio, logs
 from ..config import Settings
 from ..control.worker import Worker
 from ..errors import ConfigError
@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
             "a standalone worker needs a shared store: --store etcd://HOST:PORT "
             "(or run `deepinfer-nb up` for one machine)"
         )
-    asyncio.run(_serve(settings, node=node, advertise_host=args.advertise_host))
+    aio.run(_serve(settings, node=node, advertise_host=args.advertise_host))
     return 0
 
 

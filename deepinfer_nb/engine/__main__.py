@@ -17,7 +17,6 @@ vLLM spawns its engine core as a subprocess, so this module keeps the `__main__`
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import io
 import logging
@@ -28,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import aio
 from .cpu_dtype import best_cpu_dtype
 from .stderr_tail import StderrTail
 
@@ -290,7 +290,7 @@ def run(args: argparse.Namespace, eargs: Any, *, token: str, tail: StderrTail) -
 
     name = args.served_model_name or args.model
     try:
-        return asyncio.run(
+        return aio.run(
             serve(
                 VllmBackend(eargs),
                 host=args.host,

@@ -47,19 +47,14 @@ class VllmBackend(EngineBackend):
     async def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        stats = self._stats
-        logger_cls = _stat_logger_class()
-
-        def factory(vllm_config: Any, engine_index: int = 0) -> Any:
-            return logger_cls(stats)
-
+        logger_cls = _stat_logger_class(self._stats)
         loop = asyncio.get_running_loop()
         self._loading = loop.create_future()
         loading = self._loading
 
         def load() -> None:
             try:
-                engine = AsyncLLM.from_engine_args(self._args, stat_loggers=[factory])
+                engine = AsyncLLM.from_engine_args(self._args, stat_loggers=[logger_cls])
             except BaseException as exc:  # handed to the loop, which re-raises it
                 _settle(loop, loading, None, exc)
             else:
@@ -252,14 +247,20 @@ def _logprobs(co: Any, top_n: int) -> list[TokenLogprob]:
     return out
 
 
-def _stat_logger_class() -> type:
-    from vllm.v1.metrics.loggers import StatLoggerBase
+def _stat_logger_class(stats: StatsAccumulator) -> type:
+    """The shim's stat logger class, bound to `stats`.
 
-    class _ShimStatLogger(StatLoggerBase):
+    It subclasses vLLM's `PrometheusStatLogger` without building its metrics: AsyncLLM adds that
+    logger unless one like it is given, and its per-step updates cost CPU on every token, while the
+    shim serves no Prometheus endpoint (its numbers go out through GetMetrics).
+    """
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    class _ShimStatLogger(PrometheusStatLogger):
         """Forwards vLLM's per-step stats into the shim's accumulator."""
 
-        def __init__(self, stats: StatsAccumulator) -> None:  # vLLM calls the factory, not us
-            self._stats = stats
+        def __init__(self, vllm_config: Any, engine_indexes: Any = None) -> None:
+            self._stats = stats  # no super().__init__: that registers vLLM's metrics
 
         def record(
             self,
@@ -284,6 +285,12 @@ def _stat_logger_class() -> type:
                     generation_tokens=iteration_stats.num_generation_tokens,
                     finished=len(iteration_stats.finished_requests),
                 )
+
+        def record_admission_rejection(self, reason: str) -> None:
+            pass
+
+        def record_sleep_state(self, sleep: int = 0, level: int = 0) -> None:
+            pass
 
         def log_engine_initialized(self) -> None:
             pass
