@@ -5,15 +5,23 @@ flags (--enforce-eager --dtype D --max-model-len 2048, VLLM_CPU_KVCACHE_SPACE=1;
 the shim picks for CPU: bfloat16 with native CPU support, else float32), and
 the same client (httpx, streaming chat completions, the same prompts, 128 output tokens with
 ignore_eos, greedy) at concurrency 1, 16 and 64. Per level: output tokens/s, requests/s, TTFT
-p50/p99 and inter-token latency p50, all measured at the client. They never share CPUs: vLLM's
-server runs first and is stopped before the cluster starts.
+p50/p99 and inter-token latency p50, all measured at the client.
+
+Both servers are started, then each level runs in interleaved rounds (--rounds, default 4) in
+ABBA order: vLLM then gateway, gateway then vLLM, ... Only one side has requests at a time (the
+other sits idle: its engine neither spins nor steps), and a shared machine whose speed drifts
+over minutes (these 2-core VMs drift by 10% and more) slows both sides alike instead of whichever
+ran second. A side's figures are over all its rounds; per-round ratios are in the JSON, and so is
+the CPU the idle side used while the other ran.
 
 The gateway side is the product as a user runs it: a local etcd, `deepinfer-nb up` (controller,
 worker and gateway in one process) and a deployment created with POST /v1/deployments. Its added
-latency is then measured on the same engine: one-token chat requests, alternating between the
-gateway (HTTP + JSON) and the shim directly (gRPC, `EngineClient`), p50 difference.
+latency is measured on the same engine: one-token chat requests in pairs, one through the gateway
+(HTTP + JSON) and one to the shim directly (gRPC, `EngineClient`), in alternating order; the
+figure is the median of the per-pair differences.
 
-    .venv/bin/python benchmarks/serve.py [--model M] [--scale 1.0] [--concurrency 1 16 64]
+    .venv/bin/python benchmarks/serve.py [--model M] [--scale 1.0] [--rounds 4]
+        [--concurrency 1 16 64]
 
 Prints a table and writes benchmarks/results/serve.json.
 """
@@ -22,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -31,10 +41,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,12 +62,12 @@ from deepinfer_nb.store.local_etcd import LocalEtcd  # noqa: E402
 
 SERVED = "smollm2"
 OUTPUT_TOKENS = 128
-LEVELS = {1: 6, 16: 32, 64: 128}  # concurrency -> requests (scaled by --scale)
+LEVELS = {1: 2, 16: 16, 64: 64}  # concurrency -> requests per side and round (times --scale)
 PROMPTS = [f"Write a long story about a lighthouse keeper, chapter {i}." for i in range(256)]
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 DTYPE = best_cpu_dtype()
 START_TIMEOUT_S = 900.0
-LATENCY_SAMPLES = 40
+LATENCY_SAMPLES = 100
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,22 +114,27 @@ async def one_request(
     return {"ttft": times[0] - start, "itl": itl, "tokens": tokens}
 
 
-async def run_level(
-    url: str, *, concurrency: int, requests: int, headers: dict[str, str]
-) -> dict[str, Any]:
+async def run_round(
+    url: str, *, concurrency: int, requests: int, first: int, headers: dict[str, str]
+) -> tuple[list[dict[str, Any]], float]:
+    """`requests` requests (prompts `first`, `first`+1, ...) by `concurrency` users; the
+    results and the wall time."""
     limits = httpx.Limits(max_connections=concurrency + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-        queue = list(range(requests))
+        queue = list(range(first, first + requests))
         results: list[dict[str, Any]] = []
 
         async def user() -> None:
             while queue:
-                i = queue.pop()
+                i = queue.pop(0)
                 results.append(await one_request(http, url, PROMPTS[i % len(PROMPTS)], headers))
 
         start = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+        return results, time.perf_counter() - start
+
+
+def summarize(concurrency: int, results: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     tokens = sum(r["tokens"] for r in results)
     ttfts = [r["ttft"] for r in results]
     itls = [x for r in results for x in r["itl"]]
@@ -134,19 +151,79 @@ async def run_level(
     }
 
 
+@dataclasses.dataclass
+class Side:
+    """One server under test: its name in the report, its URL and the roots of its process
+    trees (whose CPU is counted while it sits idle)."""
+
+    name: str
+    url: str
+    roots: list[int]
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for pid in self.roots:
+            try:
+                root = psutil.Process(pid)
+                for p in [root, *root.children(recursive=True)]:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            except psutil.Error:
+                continue
+        return total
+
+
 async def run_levels(
-    url: str, *, plan: dict[int, int], headers: dict[str, str]
-) -> list[dict[str, Any]]:
-    # warm-up: the first requests pay one-off costs (allocations, tokenizer caches)
-    async with httpx.AsyncClient(timeout=600) as http:
-        for i in range(2):
-            await one_request(http, url, PROMPTS[i], headers)
-    out = []
+    vllm: Side, gateway: Side, *, plan: dict[int, int], rounds: int
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Every level in `rounds` interleaved rounds (ABBA) of `plan[concurrency]` requests a
+    side; per side the levels' summaries, and per level the rounds' throughputs and the idle
+    side's CPU."""
+    sides = (vllm, gateway)
+    for side in sides:  # warm-up: the first requests pay one-off costs
+        await run_round(side.url, concurrency=1, requests=2, first=0, headers={})
+    summaries: dict[str, list[dict[str, Any]]] = {side.name: [] for side in sides}
+    details = []
     for concurrency, requests in plan.items():
-        level = await run_level(url, concurrency=concurrency, requests=requests, headers=headers)
-        print(f"  c={concurrency}: {level}", flush=True)
-        out.append(level)
-    return out
+        results: dict[str, list[dict[str, Any]]] = {side.name: [] for side in sides}
+        walls = dict.fromkeys(results, 0.0)
+        idle_cpu = dict.fromkeys(results, 0.0)
+        round_rows = []
+        for r in range(rounds):
+            row: dict[str, Any] = {"round": r + 1}
+            for side in sides if r % 2 == 0 else sides[::-1]:
+                idle = gateway if side is vllm else vllm
+                cpu0 = idle.cpu_s()
+                out, wall = await run_round(
+                    side.url,
+                    concurrency=concurrency,
+                    requests=requests,
+                    first=r * requests,
+                    headers={},
+                )
+                idle_cpu[idle.name] += idle.cpu_s() - cpu0
+                results[side.name] += out
+                walls[side.name] += wall
+                row[side.name] = round(sum(x["tokens"] for x in out) / wall, 1)
+            row["ratio"] = round(row[gateway.name] / row[vllm.name], 3)
+            print(f"  c={concurrency} round {r + 1}: {row}", flush=True)
+            round_rows.append(row)
+        for side in sides:
+            summaries[side.name].append(
+                summarize(concurrency, results[side.name], walls[side.name])
+            )
+        details.append(
+            {
+                "concurrency": concurrency,
+                "rounds": round_rows,
+                # CPU a side used while it was idle and the other ran, in % of one core
+                "idle_cpu_pct": {
+                    side.name: round(100 * idle_cpu[side.name] / walls[other.name], 1)
+                    for side, other in ((vllm, gateway), (gateway, vllm))
+                },
+            }
+        )
+    return summaries, details
 
 
 # ---- the two servers ---------------------------------------------------------------------------
@@ -191,7 +268,8 @@ async def wait_http(
             await asyncio.sleep(1)
 
 
-async def bench_vllm(folder: str, *, plan: dict[int, int], work: Path) -> list[dict[str, Any]]:
+@contextlib.asynccontextmanager
+async def vllm_server(folder: str, *, work: Path) -> AsyncIterator[Side]:
     port = free_port()
     log = work / "vllm_server.log"
     cmd = [
@@ -217,14 +295,14 @@ async def bench_vllm(folder: str, *, plan: dict[int, int], work: Path) -> list[d
         url = f"http://127.0.0.1:{port}"
         await wait_http(url + "/health", proc, log)
         print("vLLM OpenAI server ready", flush=True)
-        return await run_levels(url, plan=plan, headers={})
+        yield Side("vLLM server", url, [proc.pid])
     finally:
         stop(proc)
 
 
-async def bench_gateway(
-    model: str, *, plan: dict[int, int], work: Path
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+@contextlib.asynccontextmanager
+async def gateway_cluster(model: str, *, work: Path) -> AsyncIterator[tuple[Side, str]]:
+    """A local etcd and `deepinfer-nb up` serving `model`; the side and the store's URL."""
     etcd = LocalEtcd(work / "etcd", log_path=work / "etcd.log")
     etcd.start()
     port = free_port()
@@ -270,16 +348,16 @@ async def bench_gateway(
             ok=lambda r: any(m["id"] == SERVED for m in r.json()["data"]),
         )
         print("gateway + shim + vLLM ready", flush=True)
-        levels = await run_levels(url, plan=plan, headers={})
-        added = await added_latency(url, etcd.url)
-        return levels, added
+        assert etcd.process is not None
+        yield Side("gateway", url, [proc.pid, etcd.process.pid]), etcd.url
     finally:
         stop(proc)
         etcd.stop()
 
 
 async def added_latency(url: str, store_url: str) -> dict[str, Any]:
-    """One-token chat requests, alternating gateway and shim-direct, on the same engine."""
+    """One-token chat requests in pairs (gateway, shim direct; the order alternates) on the
+    same engine; the median of the per-pair differences."""
     async with open_store(store_url) as store:
         result = await store.range(keys.ENGINES)
     engine = next(
@@ -305,22 +383,36 @@ async def added_latency(url: str, store_url: str) -> dict[str, Any]:
         httpx.AsyncClient(timeout=60) as http,
         EngineClient(engine.endpoint, token=engine.auth_token) as client,
     ):
-        for i in range(LATENCY_SAMPLES + 4):
+
+        async def gateway_call() -> float:
             t0 = time.perf_counter()
             r = await http.post(url + "/v1/chat/completions", json=body)
             r.raise_for_status()
-            t1 = time.perf_counter()
+            return time.perf_counter() - t0
+
+        async def direct_call() -> float:
+            t0 = time.perf_counter()
             await client.chat(req)
-            t2 = time.perf_counter()
+            return time.perf_counter() - t0
+
+        for i in range(LATENCY_SAMPLES + 4):
+            if i % 2 == 0:
+                g = await gateway_call()
+                d = await direct_call()
+            else:
+                d = await direct_call()
+                g = await gateway_call()
             if i >= 4:  # the first few warm connections and caches
-                via_gateway.append(t1 - t0)
-                direct.append(t2 - t1)
+                via_gateway.append(g)
+                direct.append(d)
     p50_g, p50_d = percentile(via_gateway, 50), percentile(direct, 50)
+    diffs = [g - d for g, d in zip(via_gateway, direct, strict=True)]
     return {
         "samples": len(direct),
+        "added_p50_ms": round(percentile(diffs, 50) * 1e3, 2),
         "gateway_p50_ms": round(p50_g * 1e3, 2),
         "shim_direct_p50_ms": round(p50_d * 1e3, 2),
-        "added_p50_ms": round((p50_g - p50_d) * 1e3, 2),
+        "difference_of_p50s_ms": round((p50_g - p50_d) * 1e3, 2),
         "gateway_p90_ms": round(percentile(via_gateway, 90) * 1e3, 2),
         "shim_direct_p90_ms": round(percentile(direct, 90) * 1e3, 2),
     }
@@ -360,7 +452,10 @@ async def main() -> None:
         "--scale",
         type=float,
         default=1.0,
-        help="multiply the requests per level (default 1: 6, 32, 128)",
+        help="multiply the requests per round (default 1: 2, 16 and 64 at c=1, 16 and 64)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="interleaved rounds per level (default 4)"
     )
     parser.add_argument(
         "--concurrency",
@@ -373,20 +468,30 @@ async def main() -> None:
     folder = str(local_models.resolve(args.model))
     work = Path(tempfile.mkdtemp(prefix="deepinfer-bench-serve-"))
     print(f"model {folder}; logs in {work}", flush=True)
-    plan = {c: max(1, round(n * args.scale)) for c, n in LEVELS.items() if c in args.concurrency}
-    print(f"plan (concurrency: requests): {plan}", flush=True)
-    vllm = await bench_vllm(folder, plan=plan, work=work)
-    gw, added = await bench_gateway(args.model, plan=plan, work=work)
+    plan = {c: max(c, round(n * args.scale)) for c, n in LEVELS.items() if c in args.concurrency}
+    print(
+        f"plan (concurrency: requests per round and side): {plan}, {args.rounds} rounds", flush=True
+    )
+    async with (
+        vllm_server(folder, work=work) as vllm_side,
+        gateway_cluster(args.model, work=work) as (gateway_side, store_url),
+    ):
+        summaries, details = await run_levels(
+            vllm_side, gateway_side, plan=plan, rounds=args.rounds
+        )
+        added = await added_latency(gateway_side.url, store_url)
+    vllm, gw = summaries[vllm_side.name], summaries[gateway_side.name]
     report = table(vllm, gw)
     print(report)
-    print(f"gateway added latency (1-token chat, p50): {added}")
+    print(f"gateway added latency (1-token chat, median of pair differences): {added}")
     out = {
         "benchmark": "serve",
         "model": args.model,
         "engine_flags": f"--enforce-eager --dtype {DTYPE} --max-model-len 2048, "
         "VLLM_CPU_KVCACHE_SPACE=1",
         "output_tokens": OUTPUT_TOKENS,
-        "plan": {str(c): n for c, n in plan.items()},
+        "requests_per_round": {str(c): n for c, n in plan.items()},
+        "rounds": args.rounds,
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -403,6 +508,7 @@ async def main() -> None:
             }
             for v, g in zip(vllm, gw, strict=True)
         ],
+        "levels": details,
         "added_latency": added,
         "table_markdown": report,
     }
