@@ -1,8 +1,9 @@
 """The event loop of the project's own processes: uvloop where it is installed, else asyncio's.
 
-uvloop (a vLLM dependency, so present wherever an engine runs) does the per-token work of the
-shim and the gateway (socket reads and writes, callbacks, gRPC completions) with less CPU than
-asyncio's pure-Python loop; on a small machine that CPU is taken from the engine.
+uvloop is what vLLM's own OpenAI server runs on, and the gateway extra installs it (vLLM depends
+on it too). It does the per-token socket, callback and gRPC-completion work of the shim and the
+gateway in C instead of asyncio's Python loop; on a small machine that CPU is taken from the
+engine.
 """
 
 from __future__ import annotations

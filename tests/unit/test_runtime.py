@@ -8,7 +8,9 @@ import socket
 import threading
 
 import pytest
+import uvloop  # the gateway extra installs it (and vLLM depends on it)
 
+from deepinfer_nb import aio
 from deepinfer_nb import runtime as rt
 from deepinfer_nb.errors import DeepInferError
 
@@ -27,6 +29,14 @@ def test_run_returns_result_on_its_own_thread(runtime: rt.Runtime) -> None:
         return threading.current_thread().name
 
     assert runtime.run(where(), timeout=5) == "test-runtime"
+
+
+def test_loops_are_uvloop_where_installed(runtime: rt.Runtime) -> None:
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    assert runtime.run(loop_type(), timeout=5) is uvloop.Loop
+    assert aio.run(loop_type()) is uvloop.Loop  # the CLI processes and the shim
 
 
 def test_start_is_idempotent(runtime: rt.Runtime) -> None:
