@@ -82,9 +82,7 @@ def _tail(log: Path) -> str:
 # ---- the client workload (identical for both servers) ------------------------------------------
 
 
-async def one_request(
-    http: httpx.AsyncClient, url: str, prompt: str, headers: dict[str, str]
-) -> dict[str, Any]:
+async def one_request(http: httpx.AsyncClient, url: str, prompt: str) -> dict[str, Any]:
     body = {
         "model": SERVED,
         "messages": [{"role": "user", "content": prompt}],
@@ -97,7 +95,7 @@ async def one_request(
     start = time.perf_counter()
     times: list[float] = []
     tokens = 0
-    async with http.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
+    async with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -115,7 +113,7 @@ async def one_request(
 
 
 async def run_round(
-    url: str, *, concurrency: int, requests: int, first: int, headers: dict[str, str]
+    url: str, *, concurrency: int, requests: int, first: int
 ) -> tuple[list[dict[str, Any]], float]:
     """`requests` requests (prompts `first`, `first`+1, ...) by `concurrency` users; the
     results and the wall time."""
@@ -127,7 +125,7 @@ async def run_round(
         async def user() -> None:
             while queue:
                 i = queue.pop(0)
-                results.append(await one_request(http, url, PROMPTS[i % len(PROMPTS)], headers))
+                results.append(await one_request(http, url, PROMPTS[i % len(PROMPTS)]))
 
         start = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(concurrency)))
@@ -181,7 +179,7 @@ async def run_levels(
     side's CPU."""
     sides = (vllm, gateway)
     for side in sides:  # warm-up: the first requests pay one-off costs
-        await run_round(side.url, concurrency=1, requests=2, first=0, headers={})
+        await run_round(side.url, concurrency=1, requests=2, first=0)
     summaries: dict[str, list[dict[str, Any]]] = {side.name: [] for side in sides}
     details = []
     for concurrency, requests in plan.items():
@@ -199,7 +197,6 @@ async def run_levels(
                     concurrency=concurrency,
                     requests=requests,
                     first=r * requests,
-                    headers={},
                 )
                 idle_cpu[idle.name] += idle.cpu_s() - cpu0
                 results[side.name] += out
