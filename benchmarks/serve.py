@@ -7,12 +7,12 @@ the shim picks for CPU: bfloat16 with native CPU support, else float32), and the
 128 output tokens with ignore_eos, greedy) at concurrency 1, 16 and 64. Per level: output
 tokens/s, requests/s, TTFT p50/p99 and inter-token latency p50, all measured at the client.
 
-Both servers are started, then each level runs in interleaved rounds (--rounds, default 4) in
-ABBA order: vLLM then gateway, gateway then vLLM, ... Only one side has requests at a time (the
-other sits idle: its engine neither spins nor steps), and a shared machine whose speed drifts
-over minutes (these 2-core VMs drift by 10% and more) slows both sides alike instead of whichever
-ran second. A side's figures are over all its rounds; per-round ratios are in the JSON, and so is
-the CPU the idle side used while the other ran.
+Both servers are started, then each level runs, after one unmeasured warm-up wave per side, in
+interleaved rounds (--rounds, default 4) in ABBA order: vLLM then gateway, gateway then vLLM, ...
+Only one side has requests at a time (the other sits idle: its engine neither spins nor steps),
+and a shared machine whose speed drifts over minutes (these 2-core VMs drift by 10% and more)
+slows both sides alike instead of whichever ran second. A side's figures are over all its
+rounds; per-round ratios are in the JSON, and so is the CPU the idle side used while the other ran.
 
 The gateway side is the product as a user runs it: a local etcd, `deepinfer-nb up` (controller,
 worker and gateway in one process) and a deployment created with POST /v1/deployments. Its added
@@ -192,11 +192,13 @@ async def run_levels(
     side; per side the levels' summaries, and per level the rounds' throughputs and the idle
     side's CPU."""
     sides = (vllm, gateway)
-    for side in sides:  # warm-up: the first requests pay one-off costs
-        await run_round(side.url, concurrency=1, requests=2, first=0)
     summaries: dict[str, list[dict[str, Any]]] = {side.name: [] for side in sides}
     details = []
     for concurrency, requests in plan.items():
+        # warm-up, unmeasured: on both sides a level's first wave ran 5-15% slower than the
+        # next ones (one-off costs of a new batch size), and in round 1 only one side pays it
+        for side in sides:
+            await run_round(side.url, concurrency=concurrency, requests=concurrency, first=0)
         results: dict[str, list[dict[str, Any]]] = {side.name: [] for side in sides}
         walls = dict.fromkeys(results, 0.0)
         idle_cpu = dict.fromkeys(results, 0.0)

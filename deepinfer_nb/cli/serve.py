@@ -19,6 +19,7 @@ from .. import aio, logs
 from ..config import Settings
 from ..control.controller import Controller
 from ..gateway.server import GatewayServer
+from ..gcheap import freeze_heap
 from ..store import open_store
 from .controller import add_common_flags, settings_from
 from .gateway import add_gateway_flags, gateway_settings
@@ -67,6 +68,7 @@ async def _serve(settings: Settings, *, api_keys: list[str]) -> None:
             gateway.url,
             store.url,
         )
+        freeze_heap()
         try:
             await stop.wait()
         finally:

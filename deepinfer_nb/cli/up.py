@@ -24,6 +24,7 @@ from ..config import Settings
 from ..control.controller import Controller
 from ..control.worker import Worker
 from ..gateway.server import GatewayServer
+from ..gcheap import freeze_heap
 from ..store import MetaStore, open_store
 from .controller import add_common_flags
 from .gateway import add_gateway_flags, gateway_settings
@@ -96,6 +97,7 @@ async def _serve(
                 node,
                 extra={"node": node},
             )
+            freeze_heap()
             await stop.wait()
     finally:
         await store.close()

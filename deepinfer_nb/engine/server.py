@@ -25,6 +25,7 @@ import grpc
 from .._proto import engine_service_pb2 as pb
 from .._proto import engine_service_pb2_grpc as pb_grpc
 from ..errors import EngineError, EngineUnavailableError, InvalidRequestError
+from ..gcheap import freeze_heap
 from . import validation
 from .backend import ChoiceDelta, EngineBackend, ModelFacts
 from .validation import Sampling
@@ -510,8 +511,16 @@ async def serve(
         if not await _load(servicer, backend):
             await server.stop(grace=None)
             return 0
+        # before READY: the collection takes a moment, and no request should wait on it
+        frozen = freeze_heap()
         servicer.mark_ready()
-        log.info("engine ready: %s on %s:%d", model_name, host, bound)
+        log.info(
+            "engine ready: %s on %s:%d (%d start-up objects frozen)",
+            model_name,
+            host,
+            bound,
+            frozen,
+        )
         await servicer.shutdown_requested.wait()
         log.info(
             "%s: draining %d request(s), grace %.0fs",

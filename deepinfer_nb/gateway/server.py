@@ -24,6 +24,7 @@ from fastapi import FastAPI
 
 from ..config import Settings, read_api_keys
 from ..errors import ConfigError
+from ..gcheap import freeze_heap
 from ..store import MetaStore, open_store
 from .app import build_app
 from .security import check_bind
@@ -185,6 +186,7 @@ async def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        freeze_heap()
         try:
             await stop.wait()
         finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import psutil
@@ -303,6 +304,12 @@ async def test_model_info_and_kv_cache_come_from_the_engine(engine: ShimProcess)
     assert kv.num_gpu_blocks > 0 and kv.capacity_tokens == kv.num_gpu_blocks * kv.block_size
     assert 0.0 <= kv.usage <= 1.0
     assert metrics.generation_tokens_total > 0 and metrics.requests_finished_total > 0
+
+
+def test_start_up_heap_frozen_before_ready(engine: ShimProcess) -> None:
+    # torch, transformers, vLLM and the tokenizer: full collections would walk all of it
+    found = re.search(r"engine ready: .* \((\d+) start-up objects frozen\)", engine.log_tail(400))
+    assert found and int(found.group(1)) > 100_000, engine.log_tail()
 
 
 async def test_shutdown_drains_in_flight_stream_and_leaves_no_process(engine: ShimProcess) -> None:
