@@ -2,11 +2,11 @@
 collector's sight.
 
 The engine shim imports torch, transformers and vLLM and loads a tokenizer: over 600,000 objects
-that live as long as the process. Each of Python's full collections walks all of them (about
-0.4 s on a small CPU host), and every stream the process serves stalls meanwhile; the first one
-tends to come during the first busy minute, when start-up's survivors tip the threshold.
-vLLM's EngineCore freezes its heap after start-up for this reason. So do our serving processes,
-once started: the shim before it reports ready, and the processes that run the gateway.
+that live as long as the process. Each of Python's full collections walks all of them (0.4 s
+measured on a 2-core CPU host), and every stream the process serves stalls meanwhile. vLLM's
+EngineCore freezes its heap after start-up for this reason. So do our serving processes, once
+started: the shim before it reports ready, and the processes that run the gateway (a tenth of
+the shim's heap).
 """
 
 from __future__ import annotations
