@@ -196,7 +196,7 @@ async def run_levels(
     details = []
     for concurrency, requests in plan.items():
         # warm-up, unmeasured: on both sides a level's first wave ran 5-15% slower than the
-        # next ones (one-off costs of a new batch size), and in round 1 only one side pays it
+        # next ones (a one-off cost, cause not pinned down), and in round 1 only one side paid it
         for side in sides:
             await run_round(side.url, concurrency=concurrency, requests=concurrency, first=0)
         results: dict[str, list[dict[str, Any]]] = {side.name: [] for side in sides}
