@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -48,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -412,33 +413,40 @@ async def added_latency(url: str, store_url: str) -> dict[str, Any]:
     ):
         for kind, (path, fields, direct) in kinds.items():
             body = {"model": SERVED, "max_tokens": 1, "temperature": 0, **fields}
-
-            async def gateway_call(path: str = path, body: dict[str, Any] = body) -> float:
-                t0 = time.perf_counter()
-                async with http.post(url + path, json=body) as r:
-                    r.raise_for_status()
-                    await r.read()
-                return time.perf_counter() - t0
-
-            async def direct_call(direct: Any = direct) -> float:
-                t0 = time.perf_counter()
-                await direct(client)
-                return time.perf_counter() - t0
-
-            out[kind] = await _paired(gateway_call, direct_call, LATENCY_PAIRS[kind])
+            out[kind] = await _paired(
+                functools.partial(_post, http, url + path, body),
+                functools.partial(direct, client),
+                LATENCY_PAIRS[kind],
+            )
     return out
 
 
-async def _paired(gateway_call: Any, direct_call: Any, pairs: int) -> dict[str, Any]:
+async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> None:
+    async with http.post(url, json=body) as r:
+        r.raise_for_status()
+        await r.read()
+
+
+async def _timed(call: Callable[[], Awaitable[Any]]) -> float:
+    t0 = time.perf_counter()
+    await call()
+    return time.perf_counter() - t0
+
+
+async def _paired(
+    gateway_call: Callable[[], Awaitable[Any]],
+    direct_call: Callable[[], Awaitable[Any]],
+    pairs: int,
+) -> dict[str, Any]:
     via_gateway: list[float] = []
     direct: list[float] = []
     for i in range(pairs + 4):
         if i % 2 == 0:
-            g = await gateway_call()
-            d = await direct_call()
+            g = await _timed(gateway_call)
+            d = await _timed(direct_call)
         else:
-            d = await direct_call()
-            g = await gateway_call()
+            d = await _timed(direct_call)
+            g = await _timed(gateway_call)
         if i >= 4:  # the first few warm connections and caches
             via_gateway.append(g)
             direct.append(d)
