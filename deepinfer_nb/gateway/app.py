@@ -52,6 +52,7 @@ def build_app(
     app.state.serving = OpenAIServing(table, metrics)
     app.state.auth_enabled = bool(keys)
     install_handlers(app)
+    app.router.routes[:0] = openai_routes.GENERATION_ROUTES  # first: they are matched most
     for module in (openai_routes, deployments, cluster_routes):
         app.include_router(module.router)
     app.add_middleware(

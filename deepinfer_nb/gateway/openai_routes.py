@@ -1,14 +1,23 @@
 """The OpenAI routes: parse the body, hand it to the serving layer, return what it returns.
 
 Errors are not formatted here: they propagate to the handlers in `errors.py`.
+
+The two generation routes are plain Starlette routes (`GENERATION_ROUTES`), which the app puts
+ahead of FastAPI's: they validate the raw body in one pydantic pass and skip FastAPI's
+per-request dependency solving and body handling, about a sixth of the gateway's own CPU for a
+short request. FastAPI's OpenAPI page does not list them; OpenAI's API reference documents them.
 """
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+from starlette.routing import Route
 
-from .errors import model_not_found
+from .errors import model_not_found, validation_error
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -32,14 +41,30 @@ def _table(request: Request) -> RoutingTable:
     return table
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+B = TypeVar("B", bound=BaseModel)
+
+
+async def _body(request: Request, model: type[B]) -> B:
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise validation_error(exc, status=400) from None
+
+
+async def chat_completions(request: Request) -> Response:
+    body = await _body(request, ChatCompletionRequest)
     return await _serving(request).chat(body, request)
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request) -> Response:
+async def completions(request: Request) -> Response:
+    body = await _body(request, CompletionRequest)
     return await _serving(request).completions(body, request)
+
+
+GENERATION_ROUTES = (
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+)
 
 
 @router.post("/v1/embeddings")

@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from .. import errors as E
@@ -117,7 +118,7 @@ class OpenAIServing:
         track.tokens(resp.usage)
         track.done()
         out = translate.chat_response(resp, id=rid, model=body.model, logprobs=body.logprobs)
-        return JSONResponse(out.model_dump())
+        return _json(out)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         spec = self.table.resolve(body.model)
@@ -145,7 +146,7 @@ class OpenAIServing:
         out = translate.completion_response(
             replies, id=rid, model=body.model, n=body.n, logprobs=logprobs
         )
-        return JSONResponse(out.model_dump())
+        return _json(out)
 
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> Response:
         spec = self.table.resolve(body.model)
@@ -157,7 +158,7 @@ class OpenAIServing:
         out = translate.embedding_response(
             resp, model=body.model, base64_out=body.encoding_format == "base64"
         )
-        return JSONResponse(out.model_dump())
+        return _json(out)
 
     # ---- calling replicas -----------------------------------------------------------------------
 
@@ -268,11 +269,18 @@ class OpenAIServing:
             raise
 
 
+def _json(body: BaseModel) -> Response:
+    """A JSON response serialised by pydantic-core straight to bytes (no dict in between)."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
 def _generate(preq: pb.GenerateRequest) -> Callable[[EngineClient], Awaitable[pb.GenerateResponse]]:
     return lambda client: client.generate(preq)
 
 
 async def _gather(calls: Sequence[Awaitable[T]]) -> list[T]:
+    if len(calls) == 1:  # the usual case: no task to create
+        return [await calls[0]]
     return list(await asyncio.gather(*calls))
 
 
