@@ -20,8 +20,9 @@ latency is measured on the same engine: one-token requests in pairs, one through
 (HTTP + JSON) and one to the shim directly (gRPC, `EngineClient`), in alternating order; the
 figure is the median of the per-pair differences, with a bootstrap 95% interval. The engine's
 own jitter is milliseconds (pair differences spread over -8 to +12 ms, deciles), so the median
-needs hundreds of pairs to be good to about half a millisecond. Two kinds: a chat question, and the smallest request there is (a
-completion of a one-word prompt), whose engine time and jitter are a third of the chat's.
+needs hundreds of pairs to be good to about half a millisecond. Two kinds: a chat question, and
+the smallest request there is (a completion of a one-word prompt), whose engine time and jitter
+are a third of the chat's.
 
 Why aiohttp: the client shares this machine's two cores with both servers, and a heavy client
 takes from the server under test. httpx costs about 1.5 ms CPU per small request here and aiohttp
