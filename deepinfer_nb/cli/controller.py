@@ -89,11 +89,18 @@ def _run(args: argparse.Namespace) -> int:
 async def _serve(settings: Settings, *, identity: str) -> None:
     store = open_store(settings.storage.url, **settings.storage.store_options())
     controller = Controller(store, settings=settings.scheduler, identity=identity)
+    stopping: list[asyncio.Task[None]] = []
+
+    def stop() -> None:
+        store.fail_fast()  # etcd may be what went away: stop in seconds, not minutes
+        stopping.append(asyncio.create_task(controller.stop()))
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(controller.stop()))
+        loop.add_signal_handler(sig, stop)
     log.info("controller %s on %s", controller.identity, store.url)
     try:
         await controller.run()
     finally:
+        await asyncio.gather(*stopping, return_exceptions=True)  # the resignation
         await store.close()

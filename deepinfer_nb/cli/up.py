@@ -99,5 +99,6 @@ async def _serve(
             )
             freeze_heap()
             await stop.wait()
+            store.fail_fast()  # etcd may be what went away: stop in seconds, not minutes
     finally:
         await store.close()

@@ -99,6 +99,7 @@ async def _serve(settings: Settings, *, node: str, advertise_host: str) -> None:
         await worker.start()
         await stop.wait()
         log.info("draining", extra={"node": node})
+        store.fail_fast()  # etcd may be what went away: stop in seconds, not minutes
     finally:
         await worker.stop()
         await store.close()

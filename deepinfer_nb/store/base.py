@@ -162,6 +162,12 @@ class MetaStore(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    @abc.abstractmethod
+    def fail_fast(self) -> None:
+        """From now on, give up on an unreachable store after a brief retry. For a shutdown:
+        a store that is down cannot record the drain anyway (leases expire by themselves),
+        and a stop must not wait a full retry deadline for every write."""
+
     async def __aenter__(self) -> MetaStore:
         return self
 

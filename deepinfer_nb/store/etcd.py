@@ -53,6 +53,9 @@ T = TypeVar("T")
 DEFAULT_PORT = 2379
 _BACKOFF_START_S = 0.05
 _BACKOFF_MAX_S = 1.0
+# after fail_fast(): enough to ride out a leader election, not an outage
+_FAIL_FAST_RETRY_S = 2.0
+_FAIL_FAST_CALL_S = 2.0
 # Short reconnect backoff: gRPC's default grows to 2 minutes, far past our retry deadline.
 _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -351,6 +354,11 @@ class EtcdStore(MetaStore):
 
         with contextlib.suppress(LeaseLostError):  # already expired: its keys are gone too
             await self._call(f"revoke lease {lease_id:x}", op, idempotent=True)
+
+    def fail_fast(self) -> None:
+        # read afresh on every retry, so calls already retrying give up early too
+        self.retry_deadline_s = min(self.retry_deadline_s, _FAIL_FAST_RETRY_S)
+        self.call_timeout_s = min(self.call_timeout_s, _FAIL_FAST_CALL_S)
 
     async def close(self) -> None:
         if self._closed:

@@ -282,6 +282,9 @@ class MemoryStore(MetaStore):
             self._history.popleft()
         self._compact_revision = revision
 
+    def fail_fast(self) -> None:
+        """Never unreachable: nothing to change."""
+
     async def close(self) -> None:
         if self._closed:
             return

@@ -368,6 +368,23 @@ async def test_calls_fail_naming_the_endpoint_after_the_retry_deadline() -> None
     await store.close()
 
 
+async def test_fail_fast_keeps_a_reachable_store_working(store: MetaStore) -> None:
+    store.fail_fast()
+    await store.put("/ff/k", b"v")
+    kv = await store.get("/ff/k")
+    assert kv is not None and kv.value == b"v"
+
+
+@pytest.mark.etcd
+async def test_fail_fast_gives_up_on_an_unreachable_store_in_seconds() -> None:
+    port = free_port()
+    store = open_store(f"etcd://127.0.0.1:{port}")  # retries 10 s by default
+    store.fail_fast()
+    with pytest.raises(StoreUnavailableError, match=r"kept failing for (0|1|2)\.\d s"):
+        await store.put("/k", b"v")
+    await store.close()
+
+
 @pytest.mark.etcd
 async def test_lease_lost_when_no_refresh_succeeds_for_a_ttl(
     etcd_restarted: LocalEtcd, etcd_store: MetaStore
