@@ -4,8 +4,9 @@ Errors are not formatted here: they propagate to the handlers in `errors.py`.
 
 The two generation routes are plain Starlette routes (`GENERATION_ROUTES`), which the app puts
 ahead of FastAPI's: they validate the raw body in one pydantic pass and skip FastAPI's
-per-request dependency solving and body handling, about a sixth of the gateway's own CPU for a
-short request. FastAPI's OpenAPI page does not list them; OpenAI's API reference documents them.
+per-request dependency solving and body handling, about a sixth of the app's own CPU for a
+short completion (measured in-process against a fake engine). FastAPI's OpenAPI page does not
+list them; OpenAI's API reference documents them.
 """
 
 from __future__ import annotations
