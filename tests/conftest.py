@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.etcd",
     "tests.fixtures.engine",
+    "tests.fixtures.fake_python",
 ]

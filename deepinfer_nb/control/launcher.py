@@ -390,8 +390,7 @@ class Launcher:
     async def stop(self, proc: EngineProcess, *, token: str, grace_s: float) -> None:
         """Shutdown RPC, then SIGTERM, then SIGKILL to the group and tree; forgets `proc`."""
         tree = _tree(proc)
-        if proc.alive() and token:
-            await _request_shutdown(proc, token=token, grace_s=grace_s)
+        if proc.alive() and token and await _request_shutdown(proc, token=token, grace_s=grace_s):
             await _wait_exit(proc, grace_s + 2.0)
         if proc.alive():
             kill_group(proc.pid, signal.SIGTERM)
@@ -439,7 +438,10 @@ def _tree(proc: EngineProcess) -> list[psutil.Process]:
     return process_tree(proc.pid) if proc.alive() else []
 
 
-async def _request_shutdown(proc: EngineProcess, *, token: str, grace_s: float) -> None:
+async def _request_shutdown(proc: EngineProcess, *, token: str, grace_s: float) -> bool:
+    """Ask the shim to drain and exit; False if it did not take the request (not listening
+    yet, or wedged): then nothing is draining, and waiting out the grace would only delay the
+    signal."""
     from ..engine.client import EngineClient
 
     try:
@@ -447,6 +449,8 @@ async def _request_shutdown(proc: EngineProcess, *, token: str, grace_s: float) 
             await asyncio.wait_for(client.shutdown(grace_period_s=grace_s), timeout=5.0)
     except (EngineError, TimeoutError) as exc:
         log.info("engine %s: Shutdown RPC failed (%s); signalling instead", proc.engine_id, exc)
+        return False
+    return True
 
 
 async def _wait_exit(proc: EngineProcess, timeout: float) -> bool:

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 S = EngineState
 
 STORE_RETRY_S = 30.0
-"""How long a record write keeps retrying while the store is unreachable."""
+"""How long a record write keeps retrying while the store is unreachable (not once stopping)."""
 EXIT_POLL_S = 0.5
 READY_POLL_S = 0.25
 """How often a starting engine is asked whether it is ready (loopback; cheap)."""
@@ -391,14 +391,20 @@ class Worker:
         async with self._lock(eid):
             await self._release(eid)
             # A deletion in progress still completes: Stopping -> Stopped.
-            await self._update(
-                eid,
-                lambda e: (
-                    e.transition(S.STOPPED, "worker drained")
-                    if e.state == S.STOPPING and e.node == self.node_id
-                    else None
-                ),
-            )
+            try:
+                await self._update(
+                    eid,
+                    lambda e: (
+                        e.transition(S.STOPPED, "worker drained")
+                        if e.state == S.STOPPING and e.node == self.node_id
+                        else None
+                    ),
+                )
+            except StoreError as exc:
+                # the process is stopped; the node lease, expiring, tells the controller
+                self.log.warning(
+                    "engine %s stopped; could not record it: %s", eid, exc, extra={"engine": eid}
+                )
 
     # ---- one engine ---------------------------------------------------------------------------
 
@@ -568,9 +574,10 @@ class Worker:
 
     async def _update(self, eid: str, change: Callable[[Engine], Engine | None]) -> Engine | None:
         """Read-modify-CAS `engines/{eid}` until it sticks; None if `change` declines (or the
-        record is gone). Retries while the store is briefly unreachable."""
+        record is gone). Retries while the store is briefly unreachable, except once stopping:
+        then the store's own retry is all a write waits (a drain must not take minutes)."""
         key = keys.engine(eid)
-        deadline = time.monotonic() + STORE_RETRY_S
+        deadline = time.monotonic() + (0.0 if self._stopping else STORE_RETRY_S)
         while True:
             try:
                 kv = await self.store.get(key)

@@ -1,6 +1,6 @@
-"""The launcher on real child processes (a fake engine, see fake_engine.py): command line and
-environment, own session, log file and tail, state file and re-adoption, stop escalation to the
-whole process group, and the parent-death signal when the worker is SIGKILLed."""
+"""The launcher on real child processes (a fake engine, see tests/fixtures/fake_engine.py):
+command line and environment, own session, log file and tail, state file and re-adoption, stop
+escalation to the whole process group, and the parent-death signal when the worker is SIGKILLed."""
 
 from __future__ import annotations
 
@@ -233,3 +233,19 @@ async def test_stop_of_an_already_dead_engine_is_quiet(tmp_path: Path, fake_pyth
     assert proc.tail.cause() == "cannot start fake: boom"
     await launcher.stop(proc, token="ignored", grace_s=1.0)
     assert CPU_ENGINE.id not in launcher.processes
+
+
+async def test_stop_signals_at_once_when_the_shim_does_not_take_shutdown(
+    tmp_path: Path, fake_python: str
+) -> None:
+    # A shim not listening yet (still loading) or wedged refuses the Shutdown RPC: nothing is
+    # draining then, so the stop signals at once instead of first waiting out the grace.
+    launcher = Launcher(node_id="n1", engine_python=fake_python, home=tmp_path)
+    proc, token = launcher.launch(CPU_ENGINE, spec(), advertise_host="127.0.0.1")
+    try:
+        started = time.monotonic()
+        await launcher.stop(proc, token=token, grace_s=60.0)
+        assert time.monotonic() - started < 30.0  # the grace alone is 60 s
+        assert not proc.alive()
+    finally:
+        launcher.kill(proc)
