@@ -12,7 +12,9 @@ interleaved rounds (--rounds, default 4) in ABBA order: vLLM then gateway, gatew
 Only one side has requests at a time (the other sits idle: its engine neither spins nor steps),
 and a shared machine whose speed drifts over minutes (these 2-core VMs drift by 10% and more)
 slows both sides alike instead of whichever ran second. A side's figures are over all its
-rounds; per-round ratios are in the JSON, and so is the CPU the idle side used while the other ran.
+rounds; per-round ratios are in the JSON, and so are the CPU the idle side used while the other ran
+and, per side, the CPU per output token of its front end (vLLM's API server process; the shim and
+`deepinfer-nb up`), of its engine (EngineCore and Worker) and of etcd, while it ran.
 
 The gateway side is the product as a user runs it: a local etcd, `deepinfer-nb up` (controller,
 worker and gateway in one process) and a deployment created with POST /v1/deployments. Its added
@@ -169,23 +171,37 @@ def summarize(concurrency: int, results: list[dict[str, Any]], wall: float) -> d
 @dataclasses.dataclass
 class Side:
     """One server under test: its name in the report, its URL and the roots of its process
-    trees (whose CPU is counted while it sits idle)."""
+    trees (whose CPU is counted, by role, while it runs and while it sits idle)."""
 
     name: str
     url: str
     roots: list[int]
 
-    def cpu_s(self) -> float:
-        total = 0.0
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far by role: "engine" (vLLM's EngineCore and Worker processes, which
+        name themselves VLLM::...), "etcd", and "front end" (everything else: vLLM's API
+        server, or the shim and `deepinfer-nb up`)."""
+        total = dict.fromkeys(ROLES, 0.0)
         for pid in self.roots:
             try:
                 root = psutil.Process(pid)
                 for p in [root, *root.children(recursive=True)]:
                     t = p.cpu_times()
-                    total += t.user + t.system
+                    total[_role(p.name())] += t.user + t.system
             except psutil.Error:
                 continue
         return total
+
+
+ROLES = ("front end", "engine", "etcd")
+
+
+def _role(name: str) -> str:
+    return "engine" if name.startswith("VLLM::") else "etcd" if name == "etcd" else "front end"
+
+
+def _spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {role: after[role] - before[role] for role in ROLES}
 
 
 async def run_levels(
@@ -205,19 +221,22 @@ async def run_levels(
         results: dict[str, list[dict[str, Any]]] = {side.name: [] for side in sides}
         walls = dict.fromkeys(results, 0.0)
         idle_cpu = dict.fromkeys(results, 0.0)
+        busy_cpu = {name: dict.fromkeys(ROLES, 0.0) for name in results}
         round_rows = []
         for r in range(rounds):
             row: dict[str, Any] = {"round": r + 1}
             for side in sides if r % 2 == 0 else sides[::-1]:
                 idle = gateway if side is vllm else vllm
-                cpu0 = idle.cpu_s()
+                idle0, busy0 = idle.cpu_s(), side.cpu_s()
                 out, wall = await run_round(
                     side.url,
                     concurrency=concurrency,
                     requests=requests,
                     first=r * requests,
                 )
-                idle_cpu[idle.name] += idle.cpu_s() - cpu0
+                idle_cpu[idle.name] += sum(_spent(idle0, idle.cpu_s()).values())
+                for role, spent in _spent(busy0, side.cpu_s()).items():
+                    busy_cpu[side.name][role] += spent
                 results[side.name] += out
                 walls[side.name] += wall
                 row[side.name] = round(sum(x["tokens"] for x in out) / wall, 1)
@@ -228,6 +247,19 @@ async def run_levels(
             summaries[side.name].append(
                 summarize(concurrency, results[side.name], walls[side.name])
             )
+        # CPU per output token of each side's processes while that side ran, by role: the
+        # front end's is what the gateway's extra process hop costs, and on a machine the
+        # engine keeps busy it is taken from the engine
+        cpu_us = {
+            name: {
+                role: round(1e6 * spent / sum(x["tokens"] for x in results[name]), 1)
+                for role, spent in busy_cpu[name].items()
+                if spent > 0
+            }
+            for name in results
+        }
+        for name in results:
+            summaries[name][-1]["cpu_us_per_output_token"] = cpu_us[name]
         details.append(
             {
                 "concurrency": concurrency,
@@ -471,8 +503,9 @@ async def _paired(
 
 def table(vllm: list[dict[str, Any]], gw: list[dict[str, Any]]) -> str:
     head = (
-        "| c | server | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms |\n"
-        "|---|---|---|---|---|---|---|"
+        "| c | server | out tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms "
+        "| front-end CPU us/tok |\n"
+        "|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for v, g in zip(vllm, gw, strict=True):
@@ -480,7 +513,7 @@ def table(vllm: list[dict[str, Any]], gw: list[dict[str, Any]]) -> str:
             rows.append(
                 f"| {x['concurrency']} | {name} | {x['output_tokens_per_s']} | "
                 f"{x['requests_per_s']} | {x['ttft_p50_ms']} | {x['ttft_p99_ms']} | "
-                f"{x['itl_p50_ms']} |"
+                f"{x['itl_p50_ms']} | {_front_end_cpu(x)} |"
             )
         rows.append(
             f"| {v['concurrency']} | gateway / vLLM | "
@@ -488,9 +521,14 @@ def table(vllm: list[dict[str, Any]], gw: list[dict[str, Any]]) -> str:
             f"{g['requests_per_s'] / v['requests_per_s']:.2f}x | "
             f"{g['ttft_p50_ms'] / v['ttft_p50_ms']:.2f}x | "
             f"{g['ttft_p99_ms'] / v['ttft_p99_ms']:.2f}x | "
-            f"{g['itl_p50_ms'] / v['itl_p50_ms']:.2f}x |"
+            f"{g['itl_p50_ms'] / v['itl_p50_ms']:.2f}x | "
+            f"{_front_end_cpu(g) / _front_end_cpu(v):.2f}x |"
         )
     return "\n".join(rows)
+
+
+def _front_end_cpu(summary: dict[str, Any]) -> float:
+    return float(summary["cpu_us_per_output_token"]["front end"])
 
 
 async def main() -> None:
