@@ -513,14 +513,28 @@ class HostedServices:
     # ---- stop ----
 
     async def shutdown(self, *, grace_s: float = 60.0) -> None:
-        """Delete the deployments this kernel created, wait for their engines, stop everything."""
+        """Delete the deployments this kernel created, wait for their engines, stop everything.
+
+        With the store unreachable nothing can be deleted, nor seen to stop: the deployments
+        are left for the user to delete once it is back (the log says which), and the rest of
+        the stop gives up on the store quickly. This kernel's own engines are stopped anyway,
+        by its worker's drain."""
+        from .errors import StoreError
         from .store import keys
 
+        names: set[str] = set()
         for name in sorted(self.created):
-            with contextlib.suppress(Exception):
+            try:
                 await self.store.delete(keys.deployment(name))
-        if self.created and self.view is not None:
-            names = set(self.created)
+                names.add(name)
+            except StoreError as exc:
+                self.store.fail_fast()  # down now: each further call gives up in seconds
+                log.warning(
+                    "could not delete deployment %s (%s); delete it once the store is back",
+                    name,
+                    exc,
+                )
+        if names and self.view is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(
                     self.view.wait_for(
