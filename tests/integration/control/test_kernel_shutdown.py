@@ -16,8 +16,10 @@ import psutil
 import pytest
 
 import deepinfer_nb
+from deepinfer_nb.cluster import Cluster
 from deepinfer_nb.config import Settings
-from deepinfer_nb.store import keys, open_store
+from deepinfer_nb.models import Engine
+from deepinfer_nb.store import open_store
 from deepinfer_nb.store.local_etcd import LocalEtcd
 
 pytestmark = pytest.mark.etcd
@@ -26,6 +28,7 @@ pytestmark = pytest.mark.etcd
 def test_shutdown_with_etcd_gone_stops_the_engines_and_names_what_is_left(
     etcd_restarted: LocalEtcd, fake_python: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    asyncio.run(_clear(etcd_restarted.url))  # earlier tests' deployments would be placed here
     settings = Settings()
     settings.agent.engine_python = fake_python
     cluster = deepinfer_nb.connect(
@@ -34,10 +37,10 @@ def test_shutdown_with_etcd_gone_stops_the_engines_and_names_what_is_left(
     try:
         cluster.deploy("m", name="kshut", device="cpu")  # the fake engine: it stays Starting
         deadline = time.monotonic() + 30
-        while not [e for e in cluster.snapshot().engines.values() if e.pid > 0]:
+        while not (launched := _launched(cluster, "kshut")):
             assert time.monotonic() < deadline, "the engine was never launched"
             time.sleep(0.2)
-        (engine,) = cluster.snapshot().engines.values()
+        (engine,) = launched
         etcd_restarted.kill()
         started = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="deepinfer_nb"):
@@ -53,10 +56,14 @@ def test_shutdown_with_etcd_gone_stops_the_engines_and_names_what_is_left(
     assert "could not delete deployment kshut" in caplog.text
     assert "delete it once the store is back" in caplog.text
     etcd_restarted.restart()
-    asyncio.run(_forget("kshut", etcd_restarted.url))  # leave nothing to the next test
+    asyncio.run(_clear(etcd_restarted.url))  # leave nothing to the next test
 
 
-async def _forget(name: str, url: str) -> None:
+def _launched(cluster: Cluster, deployment: str) -> list[Engine]:
+    engines = cluster.snapshot().engines.values()
+    return [e for e in engines if e.deployment == deployment and e.pid > 0]
+
+
+async def _clear(url: str) -> None:
     async with open_store(url) as store:
-        await store.delete(keys.deployment(name))
-        await store.delete_prefix(keys.engine(f"{name}-"))
+        await store.delete_prefix("")
