@@ -250,16 +250,13 @@ async def run_levels(
         # CPU per output token of each side's processes while that side ran, by role: the
         # front end's is what the gateway's extra process hop costs, and on a machine the
         # engine keeps busy it is taken from the engine
-        cpu_us = {
-            name: {
-                role: round(1e6 * spent / sum(x["tokens"] for x in results[name]), 1)
+        for name, out in results.items():
+            tokens = sum(x["tokens"] for x in out)
+            summaries[name][-1]["cpu_us_per_output_token"] = {
+                role: round(1e6 * spent / tokens, 1)
                 for role, spent in busy_cpu[name].items()
                 if spent > 0
             }
-            for name in results
-        }
-        for name in results:
-            summaries[name][-1]["cpu_us_per_output_token"] = cpu_us[name]
         details.append(
             {
                 "concurrency": concurrency,
