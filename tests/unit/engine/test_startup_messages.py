@@ -143,3 +143,19 @@ def test_stderr_tail_sees_what_a_child_writes() -> None:
     )
     assert "QUOTED:ValueError: boom in the child" in done.stdout, done.stderr
     assert "ValueError: boom in the child" in done.stderr  # still written through
+
+
+def test_a_python_without_vllm_is_named_with_what_to_install() -> None:
+    # The shim as a worker starts it, in an interpreter where vLLM cannot be imported.
+    block = (
+        "import runpy, sys; sys.modules['vllm'] = None; "
+        "runpy.run_module('deepinfer_nb.engine', run_name='__main__')"
+    )
+    argv = ["--model", "smollm2-135m-instruct", "--port", "0", "--device", "cuda:0"]
+    proc = subprocess.run(
+        [sys.executable, "-c", block, *argv], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("deepinfer-nb engine: vLLM is not installed for " + sys.executable)
+    assert "pip install 'deepinfer-nb[gpu]'" in last and "--engine-python" in last
