@@ -49,6 +49,9 @@ class SchedulerSettings:
     reconcile_interval_s: float = 2.0
     restart_backoff_s: float = 2.0
     restart_backoff_max_s: float = 60.0
+    restart_reset_s: float = 600.0
+    """An engine that fails after running this long starts its restart count (backoff and
+    max_restarts budget) afresh: a crash loop is Failed for good, a crash a day is not."""
     leader_ttl_s: int = 5
 
 

@@ -552,18 +552,25 @@ class Worker:
         )
 
     async def _fail(self, eid: str, *, pid: int | None, cause: str) -> None:
-        """Starting/Running here -> Failed with `cause` and the backoff's next restart time."""
+        """Starting/Running here -> Failed with `cause` and the backoff's next restart time. An
+        engine that had been Running for `restart_reset_s` starts its restart count afresh."""
         cause = cause[:MAX_REASON]
+        reset_after = self.settings.scheduler.restart_reset_s
 
         def change(e: Engine) -> Engine | None:
             if e.node != self.node_id or e.state not in (S.STARTING, S.RUNNING):
                 return None
             if pid is not None and e.pid not in (0, pid):
                 return None  # a newer launch of the same engine: not this failure's record
+            now = time.time()
+            restarts = e.restarts
+            if e.state == S.RUNNING and e.started_at and now - e.started_at >= reset_after:
+                restarts = 0  # a failure after a long healthy run is not a crash loop
             return e.transition(S.FAILED, cause).model_copy(
                 update={
                     "error": cause,
-                    "next_restart_at": time.time() + self.backoff.delay(e.restarts),
+                    "restarts": restarts,
+                    "next_restart_at": now + self.backoff.delay(restarts),
                 }
             )
 

@@ -242,3 +242,28 @@ async def test_restarted_worker_readopts_live_engines_and_fails_dead_ones(
     finally:
         await second.stop()
     assert not alive(live.pid)
+
+
+async def test_a_failure_after_a_long_run_starts_the_restart_count_afresh(
+    store: MetaStore, tmp_path: Path
+) -> None:
+    # Two Running engines whose processes are gone when the worker starts: one had run for an
+    # hour (a rare crash: count back to 0), one for seconds (a crash loop: the count stands).
+    spec = DeploymentSpec(name="d", model="m", device="cpu", max_restarts=5)
+    await store.put(keys.deployment("d"), spec.encode())
+    now = time.time()
+    for eid, ran_s in (("d-0-long", 3600.0), ("d-1-short", 5.0)):
+        e = Engine(id=eid, deployment="d", node="n1", device="cpu", restarts=4, pid=1 << 22)
+        running = e.transition(S.RUNNING, "ready").model_copy(update={"started_at": now - ran_s})
+        await store.put(keys.engine(eid), running.encode())
+    worker = Worker(store, node_id="n1", settings=settings(), home=tmp_path)
+    await worker.start()
+    try:
+        long_run = await until(store, "d-0-long", lambda e: e.state == S.FAILED)
+        short_run = await until(store, "d-1-short", lambda e: e.state == S.FAILED)
+    finally:
+        await worker.stop()
+    assert long_run.restarts == 0
+    assert long_run.next_restart_at == pytest.approx(now + 4, abs=2)  # backoff 4 * 2**0
+    assert short_run.restarts == 4
+    assert short_run.next_restart_at == pytest.approx(now + 60, abs=2)  # capped at 60 s
