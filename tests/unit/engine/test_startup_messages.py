@@ -145,10 +145,14 @@ def test_stderr_tail_sees_what_a_child_writes() -> None:
     assert "ValueError: boom in the child" in done.stderr  # still written through
 
 
-def test_a_python_without_vllm_is_named_with_what_to_install() -> None:
-    # The shim as a worker starts it, in an interpreter where vLLM cannot be imported.
+@pytest.mark.parametrize(
+    ("blocked", "says"), [("vllm", "is not installed"), ("vllm.engine", "cannot be imported")]
+)
+def test_a_python_without_vllm_is_named_with_what_to_install(blocked: str, says: str) -> None:
+    # The shim as a worker starts it, in an interpreter where vLLM (or a part of it, as in a
+    # broken install) cannot be imported.
     block = (
-        "import runpy, sys; sys.modules['vllm'] = None; "
+        f"import runpy, sys; sys.modules[{blocked!r}] = None; "
         "runpy.run_module('deepinfer_nb.engine', run_name='__main__')"
     )
     argv = ["--model", "smollm2-135m-instruct", "--port", "0", "--device", "cuda:0"]
@@ -157,5 +161,5 @@ def test_a_python_without_vllm_is_named_with_what_to_install() -> None:
     )
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("deepinfer-nb engine: vLLM is not installed for " + sys.executable)
+    assert last.startswith(f"deepinfer-nb engine: vLLM {says} for {sys.executable}")
     assert "pip install 'deepinfer-nb[gpu]'" in last and "--engine-python" in last
