@@ -111,13 +111,15 @@ def main() -> None:
         out["under_load"] = row(busy) | {"probe_ms": round(ms, 1), "load_pid_listed": listed}
         print("under load:", out["under_load"], flush=True)
 
+        held_min = args.load_gib * GIB * 0.9
+
         def sampled() -> GpuInfo | None:
             samples = cluster.snapshot().gpus.get("gpu-host")
             if samples is None or not samples.gpus:
                 return None
             g = samples.gpus[0]
             held = (g.memory_used or 0) - (idle.memory_used or 0)
-            return g if held >= args.load_gib * GIB * 0.9 and (g.utilization or 0) > 0 else None
+            return g if held >= held_min and (g.utilization or 0) > 0 else None
 
         seen = wait_for("the load in the worker's samples", sampled, 15)
         out["worker_sample"] = row(seen)
@@ -126,6 +128,8 @@ def main() -> None:
             body = http.get("/v1/gpus").raise_for_status().json()
         out["gateway_v1_gpus"] = body
         print("GET /v1/gpus:", json.dumps(body)[:600], flush=True)
+        if body["data"][0]["gpus"][0]["memory_used"] < (idle.memory_used or 0) + held_min:
+            raise SystemExit("FAILED: GET /v1/gpus does not show the load's memory")
         load.wait(timeout=args.load_s + 30)
 
         dep = cluster.deploy("smollm2-135m-instruct", name="gpu-check", gpus=1)
