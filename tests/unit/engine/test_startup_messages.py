@@ -162,4 +162,4 @@ def test_a_python_without_vllm_is_named_with_what_to_install(blocked: str, says:
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"deepinfer-nb engine: vLLM {says} for {sys.executable}")
-    assert "pip install 'deepinfer-nb[gpu]'" in last and "--engine-python" in last
+    assert "pip install 'deepinfer-nb[gpu]' on a CUDA host" in last and "--engine-python" in last
