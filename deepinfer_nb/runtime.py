@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from . import aio
-from .errors import DeepInferError
+from .errors import DeepInferError, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -519,7 +519,6 @@ class HostedServices:
         are left for the user to delete once it is back (the log says which), and the rest of
         the stop gives up on the store quickly. This kernel's own engines are stopped anyway,
         by its worker's drain."""
-        from .errors import StoreError
         from .store import keys
 
         names: set[str] = set()
