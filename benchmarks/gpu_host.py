@@ -30,8 +30,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deepinfer_nb import cluster as api  # noqa: E402
 from deepinfer_nb import gpu  # noqa: E402
+from deepinfer_nb.client import cluster as api  # noqa: E402
 from deepinfer_nb.models import EngineState, GpuInfo  # noqa: E402
 
 GIB = 1024**3

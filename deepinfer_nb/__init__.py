@@ -18,12 +18,12 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "connect", "load_ipython_extension", "unload_ipython_extension"]
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
+    from .client.cluster import Cluster
 
 
 def connect(store: str = "memory://", **kwargs: Any) -> Cluster:
-    """Connect to a cluster (see `deepinfer_nb.cluster.connect`)."""
-    from .cluster import connect as _connect
+    """Connect to a cluster (see `deepinfer_nb.client.cluster.connect`)."""
+    from .client.cluster import connect as _connect
 
     return _connect(store, **kwargs)
 

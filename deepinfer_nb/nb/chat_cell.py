@@ -13,8 +13,8 @@ from typing import Any
 
 from IPython.display import Markdown, display
 
-from ..chat import ChatResult
-from ..cluster import Deployment
+from ..client.chat import ChatResult
+from ..client.cluster import Deployment
 
 UPDATES_PER_S = 10.0
 

@@ -16,8 +16,8 @@ from IPython.display import display
 from traitlets import Bool, Float, Int, Unicode
 from traitlets.config import Configurable
 
-from .. import cluster as api
-from .. import render
+from ..client import cluster as api
+from ..client import render
 from ..errors import DeepInferError
 from . import parsing
 

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
-from .. import render
+from ..client import render
 from ..models import EngineState
 
 if TYPE_CHECKING:
-    from ..cluster import Cluster
-    from ..view import Snapshot
+    from ..client.cluster import Cluster
+    from ..client.view import Snapshot
 
 SPARK = "▁▂▃▄▅▆▇█"
 METRIC_COLUMNS = ["in-flight", "tok/s", "TTFT ms", "KV %"]

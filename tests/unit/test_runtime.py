@@ -11,7 +11,7 @@ import pytest
 import uvloop  # the gateway extra installs it (and vLLM depends on it)
 
 from deepinfer_nb import aio
-from deepinfer_nb import runtime as rt
+from deepinfer_nb.client import runtime as rt
 from deepinfer_nb.errors import DeepInferError
 
 

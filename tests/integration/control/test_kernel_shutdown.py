@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import deepinfer_nb
-from deepinfer_nb.cluster import Cluster
+from deepinfer_nb.client.cluster import Cluster
 from deepinfer_nb.config import Settings
 from deepinfer_nb.models import Engine
 from deepinfer_nb.store import open_store

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import deepinfer_nb
-from deepinfer_nb import cluster as api
+from deepinfer_nb.client import cluster as api
 from deepinfer_nb.errors import DeepInferError, EngineUnavailableError
 
 

@@ -7,7 +7,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from deepinfer_nb import cluster as api
+from deepinfer_nb.client import cluster as api
 from deepinfer_nb.nb import parsing
 
 

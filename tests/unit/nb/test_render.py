@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from deepinfer_nb import cluster as api
-from deepinfer_nb import render
+from deepinfer_nb.client import cluster as api
+from deepinfer_nb.client import render
+from deepinfer_nb.client.view import Snapshot
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState, GpuInfo, GpuSamples, Node
 from deepinfer_nb.nb.links import browser_url, snippet
 from deepinfer_nb.nb.widgets import sparkline
-from deepinfer_nb.view import Snapshot
 
 
 def snap(engines: list[Engine], *, replicas: int = 1, nodes=None, gpus=None) -> Snapshot:

@@ -10,7 +10,7 @@ import html
 import time
 from typing import TYPE_CHECKING, Any
 
-from .models import Engine, EngineState
+from ..models import Engine, EngineState
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -25,8 +25,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from . import aio
-from .errors import DeepInferError, StoreError
+from .. import aio
+from ..errors import DeepInferError, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -320,7 +320,7 @@ class HostedServices:
         gateway_port: int | None = None,
         gateway_host: str = "127.0.0.1",
     ) -> None:
-        from .config import Settings
+        from ..config import Settings
 
         self.requested_store = store_url
         self.store_url = store_url
@@ -386,13 +386,13 @@ class HostedServices:
             await self.start_gateway(gateway_port)
 
     async def _start_store(self) -> None:
-        from .store import open_store
+        from ..store import open_store
         from .view import ClusterView
 
         url = self.requested_store
         if url in ("etcd", "etcd://", "etcd://local"):
-            from .config import home_dir
-            from .store.local_etcd import LocalEtcd
+            from ..config import home_dir
+            from ..store.local_etcd import LocalEtcd
 
             etcd = LocalEtcd(
                 home_dir() / "etcd" / "data", log_path=home_dir() / "etcd" / "etcd.log"
@@ -412,7 +412,7 @@ class HostedServices:
         self.services.push("view", self.view.stop)
 
     async def _start_controller(self) -> None:
-        from .control.controller import Controller
+        from ..control.controller import Controller
 
         controller = Controller(self.store, settings=self.settings.scheduler)
         task = asyncio.create_task(controller.run(), name="deepinfer-controller")
@@ -428,7 +428,7 @@ class HostedServices:
     async def start_worker(self) -> None:
         import sys
 
-        from .control.worker import Worker
+        from ..control.worker import Worker
 
         self.worker = Worker(
             self.store,
@@ -446,7 +446,7 @@ class HostedServices:
             await worker.stop()
 
     async def start_gateway(self, port: int, *, timeout: float = 30.0) -> None:
-        from .gateway.server import GatewayServer
+        from ..gateway.server import GatewayServer
 
         sock = bind_socket(self.gateway_host, port)
         server = GatewayServer(self.store, settings=self.settings, sock=sock)
@@ -465,7 +465,7 @@ class HostedServices:
     # ---- engines ----
 
     def client(self, engine: Any) -> Any:
-        from .engine.client import EngineClient
+        from ..engine.client import EngineClient
 
         key = f"{engine.endpoint}|{engine.auth_token}"
         if key not in self._clients:
@@ -519,7 +519,7 @@ class HostedServices:
         are left for the user to delete once it is back (the log says which), and the rest of
         the stop gives up on the store quickly. This kernel's own engines are stopped anyway,
         by its worker's drain."""
-        from .store import keys
+        from ..store import keys
 
         names: set[str] = set()
         for name in sorted(self.created):

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._proto import engine_service_pb2 as pb
+    from .._proto import engine_service_pb2 as pb
     from .runtime import Runtime
 
 
@@ -76,7 +76,7 @@ def build_request(
     temperature: float | None,
     request_id: str = "",
 ) -> pb.ChatRequest:
-    from ._proto import engine_service_pb2 as pb
+    from .._proto import engine_service_pb2 as pb
 
     sampling = pb.SamplingParams()
     if max_tokens is not None:

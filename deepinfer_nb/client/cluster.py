@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..errors import DeepInferError, EngineUnavailableError
+from ..models import NAME_PATTERN, DeploymentSpec, Engine, EngineState, Placement, decode
+from ..store import keys
 from . import runtime as rt
-from .errors import DeepInferError, EngineUnavailableError
-from .models import NAME_PATTERN, DeploymentSpec, Engine, EngineState, Placement, decode
-from .store import keys
 from .view import ClusterView, Snapshot
 
 if TYPE_CHECKING:

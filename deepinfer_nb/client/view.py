@@ -15,10 +15,10 @@ import logging
 import threading
 from collections.abc import Callable
 
-from .models import DeploymentSpec, Engine, GpuSamples, Node, RecordError, decode
-from .store import keys
-from .store.base import EventType, MetaStore, RangeResult, WatchEvent
-from .store.follow import follow
+from ..models import DeploymentSpec, Engine, GpuSamples, Node, RecordError, decode
+from ..store import keys
+from ..store.base import EventType, MetaStore, RangeResult, WatchEvent
+from ..store.follow import follow
 
 log = logging.getLogger(__name__)
 
