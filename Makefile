@@ -42,9 +42,11 @@ proto: $(STAMP)
 quickstart: setup
 	$(BIN)/python notebooks/run.py notebooks/quickstart.ipynb
 
+# The import-linter contract (.importlinter) enforces DESIGN.md's layers: imports point downwards.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -186,7 +186,7 @@ class DeepInferMagics(Magics, Configurable):
         return Snippet(code, ns.lang)
 
     def _cmd_doctor(self, ns: Any) -> Any:
-        from .doctor import run_checks
+        from ..client.doctor import run_checks
 
         return run_checks(self.cluster)
 
