@@ -98,6 +98,8 @@ class DeepInferMagics(Magics, Configurable):
         except DeepInferError as exc:
             raise _clean(exc) from None
 
+    deepinfer.__doc__ = "Deploy and use LLMs from this notebook.\n\n" + parsing.HELP
+
     def _need(self) -> api.Cluster:
         if self.cluster is None or not self.cluster.connected:
             raise UsageError("not connected: run %deepinfer up first")
