@@ -69,6 +69,7 @@ def settings(**agent: float) -> Settings:
     st.agent.reconcile_interval_s = 0.3
     st.agent.stop_grace_s = 1.0
     st.agent.start_timeout_s = 60.0
+    st.agent.allowed_env = ["FAKE_ENGINE_MODE"]  # the fake engine's switch, no vLLM tunable
     for k, v in agent.items():
         setattr(st.agent, k, v)
     st.scheduler.restart_backoff_s = 4.0
