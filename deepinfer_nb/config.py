@@ -304,8 +304,8 @@ def _named_entries(var: str, env: Mapping[str, str]) -> list[tuple[str, str]]:
         name, sep, secret = entry.partition(":")
         if not sep or not re.fullmatch(r"[A-Za-z0-9._-]{1,63}", name) or not secret:
             raise ConfigError(
-                f"{var}: entry {i} is not name:key (names: letters, digits, . _ -), e.g. "
-                f"export {var}=alice:$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                f"{var}: entry {i} is not name:key (names: letters, digits, . _ -), e.g. export "
+                f"{var}=alice:$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
         out.append((name, secret))
     return out

@@ -16,7 +16,7 @@ import signal
 from typing import Any
 
 from .. import aio, logs
-from ..config import Settings
+from ..config import ApiKey, Settings
 from ..control.controller import Controller
 from ..gateway.server import GatewayServer
 from ..gcheap import freeze_heap
@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(settings: Settings, *, api_keys: list[str]) -> None:
+async def _serve(settings: Settings, *, api_keys: list[ApiKey]) -> None:
     store = open_store(settings.storage.url, **settings.storage.store_options())
     controller = Controller(store, settings=settings.scheduler)
     running = asyncio.create_task(controller.run())

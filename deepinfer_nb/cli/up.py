@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .. import aio, logs
-from ..config import Settings
+from ..config import ApiKey, Settings
 from ..control.controller import Controller
 from ..control.worker import Worker
 from ..gateway.server import GatewayServer
@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
 
 @contextlib.asynccontextmanager
 async def _services(
-    store: MetaStore, settings: Settings, *, node: str, advertise_host: str, api_keys: list[str]
+    store: MetaStore, settings: Settings, *, node: str, advertise_host: str, api_keys: list[ApiKey]
 ) -> AsyncIterator[None]:
     """Start every service; on exit stop them in reverse order (the worker drains first)."""
     controller = Controller(store, settings=settings.scheduler)
@@ -80,7 +80,7 @@ async def _services(
 
 
 async def _serve(
-    settings: Settings, *, node: str, advertise_host: str, api_keys: list[str]
+    settings: Settings, *, node: str, advertise_host: str, api_keys: list[ApiKey]
 ) -> None:
     store = open_store(settings.storage.url, **settings.storage.store_options())
     stop = asyncio.Event()

@@ -98,9 +98,7 @@ class Flag:
 
 
 def _table(**groups: tuple[str, Flag]) -> dict[str, Flag]:
-    return {
-        f"--{name}": flag for names, flag in groups.values() for name in names.split() if name
-    }
+    return {f"--{name}": flag for names, flag in groups.values() for name in names.split() if name}
 
 
 VLLM_FLAGS = _table(
@@ -251,11 +249,11 @@ def resolve_secrets(
     for line in (file_text or "").splitlines():
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
-            key, _, value = line.partition("=")
-            from_file[key.strip()] = value.strip().strip("'\"")
+            key, _, raw = line.partition("=")
+            from_file[key.strip()] = raw.strip().strip("'\"")
     out = {}
     for name in names:
-        value = env.get(name) or from_file.get(name)
+        value = env.get(name) or from_file.get(name, "")
         if not value:
             where = f"its environment or {file_name}" if file_name else "its environment"
             raise PolicyError(
@@ -386,7 +384,7 @@ def redact_args(args: Sequence[str]) -> list[str]:
     hide_next = False
     for item in args:
         raw, eq, _ = item.partition("=")
-        name, flag = _lookup(VLLM_FLAGS, raw) if item.startswith("-") else (item, None)
+        flag = _lookup(VLLM_FLAGS, raw)[1] if item.startswith("-") else None
         if hide_next and not item.startswith("-"):
             out.append(REDACTED)
         elif flag is not None and flag.secret and eq:

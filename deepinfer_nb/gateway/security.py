@@ -148,9 +148,7 @@ class SecurityMiddleware:
         """(None, key name) when the request's key grants the route's scope, else the error."""
         token = self._bearer(scope)
         if token is None:
-            return unauthorized(
-                "Missing API key: send `Authorization: Bearer <key>`"
-            ), ANONYMOUS
+            return unauthorized("Missing API key: send `Authorization: Bearer <key>`"), ANONYMOUS
         key = match_key(token, self.keys)
         if key is None:
             return unauthorized("Invalid API key"), ANONYMOUS
@@ -168,3 +166,42 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+def describe_keys(keys: Sequence[ApiKey]) -> str:
+    """One line on who may do what, for the gateway's start-up message."""
+    if not keys:
+        return "no API key"
+    admin = [k.name for k in keys if ADMIN in k.scopes]
+    inference = [k.name for k in keys if ADMIN not in k.scopes]
+    text = f"admin keys: {', '.join(admin) or 'none'}; inference keys: {', '.join(inference)}"
+    if not inference:
+        text = (
+            f"API keys {', '.join(admin)} have both scopes: whoever holds one can also create "
+            "and delete deployments (hand external clients inference keys: [server] "
+            "inference_keys_env)"
+        )
+    return text
+
+
+def client_key_hint(
+    keys: Sequence[ApiKey], *, default_var: str = "DEEPINFER_API_KEY"
+) -> tuple[str, str]:
+    """(environment variable, comment) for a snippet an external client runs: an inference key
+    when one exists, else the key it would have to use, said to be able to deploy too. Only the
+    variable's name is printed, never a key."""
+    if not keys:
+        return "", ""
+    inference = [k for k in keys if ADMIN not in k.scopes]
+    if inference:
+        key = inference[0]
+        return default_var, (
+            f"{default_var}: the inference key {key.name!r} (from {key.source or 'the config'}; "
+            "chat, completions, embeddings and models only)"
+        )
+    key = keys[0]
+    var = key.source if key.name.startswith("api-key") and key.source else default_var
+    return var, (
+        f"{var}: the key {key.name!r}, which can also create and delete deployments; "
+        "for clients you do not fully trust configure inference keys ([server] inference_keys_env)"
+    )

@@ -22,12 +22,12 @@ from types import TracebackType
 import uvicorn
 from fastapi import FastAPI
 
-from ..config import Settings, read_api_keys
+from ..config import ApiKey, Settings, read_keys
 from ..errors import ConfigError
 from ..gcheap import freeze_heap
 from ..store import MetaStore, open_store
 from .app import build_app
-from .security import check_bind
+from .security import as_keys, check_bind, describe_keys
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class GatewayServer:
     """One running gateway. `await start()`, then `url`; `await stop()` to end it.
 
     `target` is an app from `build_app`, or a store to build one over (then API keys come from
-    `api_keys`, else from the variable `settings.server.api_key_env` names). `sock` is a
+    `api_keys`, else from the variables and keys file `settings.server` names). `sock` is a
     listening socket bound by the caller; without it one is bound on `host`:`port`.
     """
 
@@ -77,7 +77,7 @@ class GatewayServer:
         target: FastAPI | MetaStore,
         *,
         settings: Settings | None = None,
-        api_keys: Sequence[str] | None = None,
+        api_keys: Sequence[str | ApiKey] | None = None,
         host: str | None = None,
         port: int | None = None,
         sock: socket.socket | None = None,
@@ -86,7 +86,7 @@ class GatewayServer:
         settings = settings or Settings()
         if isinstance(target, MetaStore):
             if api_keys is None:
-                api_keys = read_api_keys(settings.server.api_key_env)
+                api_keys = read_keys(settings.server)
             target = build_app(target, settings=settings, api_keys=api_keys)
         self.app = target
         if sock is not None:
@@ -164,7 +164,7 @@ async def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8082,
-    api_keys: Sequence[str] = (),
+    api_keys: Sequence[str | ApiKey] = (),
     settings: Settings | None = None,
     log_level: str = "info",
 ) -> None:
@@ -176,7 +176,7 @@ async def serve(
         app = build_app(store, settings=settings, api_keys=api_keys)
         server = GatewayServer(app, settings=settings, host=host, port=port, log_level=log_level)
         await server.start()
-        auth = "API key required" if api_keys else "no API key"
+        auth = describe_keys(as_keys(api_keys))
         print(
             f"deepinfer-nb gateway on {server.url} (store {store_url}, {auth})",
             file=sys.stderr,

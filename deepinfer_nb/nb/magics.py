@@ -182,12 +182,13 @@ class DeepInferMagics(Magics, Configurable):
         dep = self._dep(ns.name)
         if cluster.gateway_url is None:
             raise UsageError("no gateway runs in this kernel: %deepinfer gateway start")
-        key_env = cluster._hosted.settings.server.api_key_env
+        key_env, note = cluster.client_key()
         code = snippet(
             lang=ns.lang,
             api_base=f"{cluster.gateway_url}/v1",
             model=dep.model_name,
             key_env=key_env,
+            key_note=note,
         )
         return Snippet(code, ns.lang)
 
