@@ -31,19 +31,23 @@ def browser_url(*, host: str, port: int, template: str = "", hub_prefix: str | N
 class GatewayLink:
     """Rich display of the gateway: a clickable link plus the base URL for clients."""
 
-    def __init__(self, *, browser: str, api_base: str) -> None:
+    def __init__(self, *, browser: str, api_base: str, key_note: str = "") -> None:
         self.browser = browser
         self.api_base = api_base
+        self.key_note = key_note
+        """Which key external clients use (and whether it can also deploy); "" without keys."""
 
     def _repr_html_(self) -> str:
         b, a = html.escape(self.browser), html.escape(self.api_base)
+        note = f"<br><small>key: {html.escape(self.key_note)}</small>" if self.key_note else ""
         return (
             f"<div>Gateway: <a href='{b}' target='_blank'>{b}</a> · "
-            f"OpenAI base URL <code>{a}</code></div>"
+            f"OpenAI base URL <code>{a}</code>{note}</div>"
         )
 
     def __repr__(self) -> str:
-        return f"Gateway: {self.browser} (OpenAI base URL {self.api_base})"
+        note = f"\nkey: {self.key_note}" if self.key_note else ""
+        return f"Gateway: {self.browser} (OpenAI base URL {self.api_base}){note}"
 
 
 def snippet(*, lang: str, api_base: str, model: str, key_env: str = "", key_note: str = "") -> str:

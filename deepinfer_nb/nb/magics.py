@@ -147,7 +147,9 @@ class DeepInferMagics(Magics, Configurable):
         browser = browser_url(
             host="127.0.0.1", port=hosted.gateway_port, template=self.gateway_url_template
         )
-        return GatewayLink(browser=browser, api_base=f"{cluster.gateway_url}/v1")
+        return GatewayLink(
+            browser=browser, api_base=f"{cluster.gateway_url}/v1", key_note=cluster.client_key()[1]
+        )
 
     def _cmd_down(self, ns: Any) -> None:
         for monitor in self.monitors:
