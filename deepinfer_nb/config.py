@@ -289,6 +289,12 @@ def read_keys(server: ServerSettings, env: Mapping[str, str] | None = None) -> l
     return out
 
 
+def admin_secret(keys: list[ApiKey]) -> str:
+    """The secret our own clients (notebook, CLI) present to the gateway: the first admin key
+    ("" when the gateway runs without keys)."""
+    return next((k.secret for k in keys if ADMIN in k.scopes), "")
+
+
 def _scopes(scope: str) -> frozenset[str]:
     return BOTH_SCOPES if scope == ADMIN else frozenset({INFERENCE})
 

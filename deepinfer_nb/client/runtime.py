@@ -365,9 +365,9 @@ class HostedServices:
     def api_key(self) -> str:
         """The key this kernel's own calls to the gateway use: an admin key (the notebook may
         manage deployments), "" when the gateway runs without keys."""
-        from ..config import ADMIN
+        from ..config import admin_secret
 
-        return next((k.secret for k in self.api_keys if ADMIN in k.scopes), "")
+        return admin_secret(self.api_keys)
 
     # ---- start ----
 
