@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from deepinfer_nb.config import ADMIN, INFERENCE, ApiKey, ServerSettings, read_keys
+from deepinfer_nb.config import (
+    ADMIN,
+    INFERENCE,
+    ApiKey,
+    ServerSettings,
+    admin_secret,
+    read_keys,
+)
 from deepinfer_nb.errors import ConfigError
 from deepinfer_nb.gateway import security
 
@@ -32,6 +39,10 @@ def test_keys_from_variables_and_file(tmp_path: Path) -> None:
         assert keys[name].scopes == {INFERENCE}
     assert keys["bot"].secret == "b1" and keys["web"].source == str(keys_file)
     assert "a1" not in repr(keys["app"])  # a key's repr never shows its secret
+    # the notebook and CLI present an admin key, never an inference-only one
+    assert admin_secret(list(keys.values())) == "l1"
+    assert admin_secret([keys["app"], keys["ops"]]) == "o-secret"
+    assert admin_secret([keys["app"]]) == ""
 
 
 @pytest.mark.parametrize(
