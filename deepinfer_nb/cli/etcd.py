@@ -4,23 +4,32 @@
     deepinfer-nb etcd-cert NAME [--out DIR]                      # a client certificate to hand out
 
 Data lives under the user's deepinfer directory (`config.home_dir()/etcd`); it listens on loopback
-unless `--listen` says otherwise. `--tls` makes a private CA and a server certificate under
-`config.home_dir()/etcd-tls` (once) and starts etcd with TLS and client-certificate
-authentication: only holders of a certificate from that CA get in. It also issues this machine's
-own client certificate ("local") and prints the settings that use it. `etcd-cert NAME` issues
-one for a worker or gateway elsewhere, into a folder to copy there.
+unless `--listen` says otherwise. It runs in the foreground until Ctrl-C or SIGTERM, which stop
+the server; if the command is killed outright, the server dies with it (parent-death signal), so
+the next start on the same data directory finds its port free.
+
+`--tls` makes a private CA and a server certificate under `config.home_dir()/etcd-tls` (once) and
+starts etcd with TLS and client-certificate authentication: only holders of a certificate from
+that CA get in. It also issues this machine's own client certificate ("local") and prints the
+settings that use it. `etcd-cert NAME` issues one for a worker or gateway elsewhere, into a
+folder to copy there.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import config
+from .. import config, procenv
+from ..errors import StoreUnavailableError
+from ..services import ServiceSet, serve_until_signalled
 from ..store.local_etcd import LocalEtcd
+
+if TYPE_CHECKING:
+    from ..store.certs import CertFiles
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -33,7 +42,7 @@ def register(sub: Any) -> None:
     parser = sub.add_parser(
         "etcd",
         help="run a local etcd server (data under the deepinfer directory)",
-        description="Run a single-member etcd server in the foreground until Ctrl-C.",
+        description="Run a single-member etcd server in the foreground until Ctrl-C or SIGTERM.",
     )
     parser.add_argument(
         "--data-dir", default=None, help="etcd data directory (default: DEEPINFER_HOME/etcd)"
@@ -76,26 +85,44 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    return procenv.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or str(config.home_dir() / "etcd")
     tls = None
     if args.tls:
         from ..store import certs
 
         tls = certs.ensure_server(tls_dir(), hosts=[args.listen, *args.san])
-    server = LocalEtcd(
-        data_dir,
-        port=args.port,
-        host=args.listen,
-        peer_port=args.peer_port or args.port + 1,
-        log_path=f"{data_dir}.log",
-        tls=tls,
-    )
-    server.start()
-    print(
-        f"etcd is running: --store {server.url}\n  data: {server.data_dir}\n"
-        f"  log:  {server.log_path}",
-        file=sys.stderr,
-    )
+    async with ServiceSet() as services:
+        server = await services.start_local_etcd(
+            data_dir,
+            port=args.port,
+            host=args.listen,
+            peer_port=args.peer_port or args.port + 1,
+            log_path=f"{data_dir}.log",
+            tls=tls,
+        )
+        print(
+            f"etcd is running: --store {server.url}\n  data: {server.data_dir}\n"
+            f"  log:  {server.log_path}",
+            file=sys.stderr,
+        )
+        _print_access(args.listen, tls)
+        print("Press Ctrl-C to stop.", file=sys.stderr, flush=True)
+        services.tasks.append(asyncio.create_task(_exited(server), name="etcd"))
+        code = await serve_until_signalled(services)
+    if code:
+        status = server.process.returncode if server.process else "unknown"
+        print(f"etcd exited with status {status} (log: {server.log_path})", file=sys.stderr)
+    else:
+        print("etcd stopped", file=sys.stderr)
+    return code
+
+
+def _print_access(listen: str, tls: CertFiles | None) -> None:
+    """Who can get in: certificate holders only (and how), or a warning when anyone can."""
     if tls is not None:
         from ..store import certs
 
@@ -107,24 +134,20 @@ def _run(args: argparse.Namespace) -> int:
             "  a worker elsewhere: deepinfer-nb etcd-cert NODE --out DIR, copy DIR there",
             file=sys.stderr,
         )
-    elif args.listen not in LOOPBACK:
+    elif listen not in LOOPBACK:
         print(
-            f"  WARNING: etcd on {args.listen} without TLS: anyone who can reach this port can "
+            f"  WARNING: etcd on {listen} without TLS: anyone who can reach this port can "
             "create, change and delete deployments, read engine tokens and pose as a worker. "
             "Use --tls.",
             file=sys.stderr,
         )
-    print("Press Ctrl-C to stop.", file=sys.stderr, flush=True)
-    try:
-        while server.running:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("stopping etcd", file=sys.stderr)
-        server.stop()
-        return 0
-    code = server.process.returncode if server.process else 1
-    print(f"etcd exited with status {code} (log: {server.log_path})", file=sys.stderr)
-    return 1
+
+
+async def _exited(server: LocalEtcd) -> None:
+    """Ends (raising) when the etcd server exits by itself."""
+    if server.process is not None:
+        await asyncio.to_thread(server.process.wait)
+    raise StoreUnavailableError("etcd exited")
 
 
 def _run_cert(args: argparse.Namespace) -> int:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Any
 
-from .. import aio, logs
+from .. import logs, procenv
 from ..config import ApiKey, Settings, read_keys
-from ..gateway.security import check_bind
-from ..gateway.server import serve
+from ..gateway.security import check_bind, describe_keys
+from ..services import ServiceSet, serve_until_signalled
 from .controller import add_common_flags, settings_from
 
 log = logging.getLogger(__name__)
@@ -88,13 +89,18 @@ def _run(args: argparse.Namespace) -> int:
             "memory:// store: only this process sees it, so no engine will ever run "
             "behind this gateway (use etcd://HOST:PORT, or `deepinfer-nb up`)"
         )
-    aio.run(
-        serve(
-            settings.storage.url,
-            host=settings.server.host,
-            port=settings.server.port,
-            api_keys=keys,
-            settings=settings,
+    return procenv.run(_serve(settings, api_keys=keys))
+
+
+async def _serve(settings: Settings, *, api_keys: list[ApiKey]) -> int:
+    async with ServiceSet(settings) as services:
+        store = await services.open_store()
+        gateway = await services.start_gateway(api_keys=api_keys, log_level="info")
+        auth = describe_keys(api_keys)
+        # stderr, not the log: scripts wait for this line
+        print(
+            f"deepinfer-nb gateway on {gateway.url} (store {store.url}, {auth})",
+            file=sys.stderr,
+            flush=True,
         )
-    )
-    return 0
+        return await serve_until_signalled(services)

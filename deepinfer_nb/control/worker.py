@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-import importlib.metadata
 import logging
 import os
 import socket
@@ -34,7 +33,9 @@ import psutil
 
 from .. import gpu
 from .._proto import engine_service_pb2 as pb
+from .._version import __version__
 from ..config import Settings
+from ..engine import policy
 from ..engine.client import EngineClient
 from ..engine.process import poll_ready
 from ..errors import EngineError, StoreError
@@ -42,7 +43,6 @@ from ..logs import ContextAdapter, bind
 from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node
 from ..store import Lease, MetaStore, RangeResult, WatchEvent, decode_record, keys
 from ..store.follow import follow
-from . import policy
 from .launcher import EngineProcess, Launcher, LogTail
 from .reconcile import Backoff
 
@@ -94,13 +94,6 @@ class _Local:
     """Already recorded Running (a re-adopted engine): no Starting -> Running to write."""
     secrets: tuple[str, ...] = ()
     """Secret values handed to the process: redacted from every cause written or logged."""
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("deepinfer-nb")
-    except importlib.metadata.PackageNotFoundError:
-        return ""
 
 
 class Worker:
@@ -233,7 +226,7 @@ class Worker:
             memory_total=psutil.virtual_memory().total,
             gpus=devices,
             gpu_error=reason,
-            version=_version(),
+            version=__version__,
         )
         await self.store.put(keys.node(self.node_id), node.encode(), lease=lease.id)
         samples = GpuSamples(node=self.node_id, gpus=devices, error=reason)

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator, Sequence
 
 from fastapi import FastAPI
 
-from .. import __version__
+from .._version import __version__
 from ..config import ApiKey, Settings
-from ..control.policy import LaunchPolicy
 from ..engine.client import EngineClient
+from ..engine.policy import LaunchPolicy
 from ..store import MetaStore
 from . import cluster_routes, deployments, openai_routes
 from .errors import install_handlers

@@ -4,7 +4,7 @@ The gateway writes only deployment records (the controller turns them into engin
 the original deepinfer body as is (`{"model", "engine", "device", "tensor_parallel_size",
 "gpu_memory_utilization"}`) plus our fields (name, replicas, placement, engine_args, ...);
 an invalid or unknown field is a 422 naming it, and so is a spec the launch policy refuses
-(`control/policy.py`; code "launch_policy", the message names the rule; the workers enforce the
+(`engine/policy.py`; code "launch_policy", the message names the rule; the workers enforce the
 same rules on whatever reaches the store). Creating is idempotent by name: the same spec
 again answers 200 with the existing deployment, a different one 409. Records carry who created
 and last changed them (`created_by` / `updated_by`: the API key's name). Responses show the
@@ -22,7 +22,7 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from ..control import policy
+from ..engine import policy
 from ..models import DeploymentSpec, Engine, EngineState
 from ..store import MetaStore, decode_record, keys
 from .errors import APIError, validation_error

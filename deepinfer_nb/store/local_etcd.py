@@ -3,9 +3,11 @@ and the test fixtures share this.
 
 `LocalEtcd` starts Debian's `etcd` binary (package etcd-server) on a client port with a data dir,
 waits until `/health` answers, and can be killed (SIGKILL, for crash tests) and started again on
-the same data dir and ports: etcd keeps its revisions and leases across the restart. With `tls`
-(files from `store.certs`) it serves HTTPS/gRPC-TLS only and requires a client certificate signed
-by the CA (`--client-cert-auth`); its own health probe presents the server certificate.
+the same data dir and ports: etcd keeps its revisions and leases across the restart. By default
+the server dies with the process (strictly: the thread) that started it, even when that is
+SIGKILLed (`procenv.die_with_parent`), so no orphaned etcd keeps the port and the data dir. With
+`tls` (files from `store.certs`) it serves HTTPS/gRPC-TLS only and requires a client certificate
+signed by the CA (`--client-cert-auth`); its own health probe presents the server certificate.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from .. import procenv
 from ..errors import StoreError, StoreUnavailableError
 from ..netutil import free_port
 
@@ -51,6 +54,7 @@ class LocalEtcd:
         peer_port: int = 0,
         log_path: str | Path | None = None,
         name: str = "deepinfer",
+        die_with_parent: bool = True,
         tls: CertFiles | None = None,
     ) -> None:
         self.binary = find_etcd_binary()
@@ -61,6 +65,7 @@ class LocalEtcd:
         self.peer_port = peer_port or free_port()
         self.log_path = Path(log_path) if log_path else None
         self.name = name
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -126,8 +131,9 @@ class LocalEtcd:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = self.log_path.open("ab")
+        cmd = self.command()
         self.process = subprocess.Popen(
-            self.command(),
+            procenv.die_with_parent(cmd) if self.die_with_parent else cmd,
             stdin=subprocess.DEVNULL,
             stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT if self._log else subprocess.DEVNULL,

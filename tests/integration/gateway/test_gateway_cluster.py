@@ -13,8 +13,7 @@ import openai
 import pytest
 
 from deepinfer_nb.config import Settings
-from deepinfer_nb.control import policy
-from deepinfer_nb.engine import local_models
+from deepinfer_nb.engine import local_models, policy
 from deepinfer_nb.engine.client import EngineClient
 from deepinfer_nb.gateway import GatewayServer, build_app
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState, Node, Placement

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from deepinfer_nb.config import AgentSettings
-from deepinfer_nb.control import policy
-from deepinfer_nb.control.policy import LaunchPolicy, PolicyError
+from deepinfer_nb.engine import policy
+from deepinfer_nb.engine.policy import LaunchPolicy, PolicyError
 from deepinfer_nb.models import DeploymentSpec
 
 

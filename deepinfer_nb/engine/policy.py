@@ -1,5 +1,8 @@
 """The launch policy: what a deployment spec may make a worker run, and the redaction of secrets.
 
+It lives with the engines (whose documented flags it lists) so that the worker (`control`), the
+gateway and the notebook's client, which all check it, can import it.
+
 A deployment carries `env`, `engine_args`, `secrets` and a `model` that the worker turns into a
 process on its node, so whoever can write a spec could otherwise run code there
 (`LD_PRELOAD`, `PYTHONPATH`, `--trust-remote-code`, a "model" that is any folder). The worker
@@ -37,9 +40,9 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from ..config import AgentSettings, home_dir
-from ..engine import local_models
 from ..errors import DeepInferError
 from ..models import DeploymentSpec
+from . import local_models
 
 __all__ = [
     "LaunchPolicy",
