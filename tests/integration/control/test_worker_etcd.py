@@ -55,6 +55,8 @@ WORKER_ENV = {
     "DEEPINFER_AGENT__STOP_GRACE_S": "5",
     "DEEPINFER_AGENT__START_TIMEOUT_S": str(int(START_S)),
     "DEEPINFER_SCHEDULER__RESTART_BACKOFF_S": "1",
+    # the workers' own homes are temporary; the model they serve is in this user's models cache
+    "DEEPINFER_AGENT__MODEL_DIRS": str(local_models.models_dir()),
 }
 
 

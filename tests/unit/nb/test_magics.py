@@ -159,6 +159,9 @@ class TestWithCluster:
         assert "Pending" in repr(table) and "Pending" in table._repr_html_()
         assert list(table.df["state"]) == ["Pending"]
         assert "demo" in repr(magic(shell, "status demo"))
+        assert "created by notebook" in repr(magic(shell, "status demo"))
+        with pytest.raises(UsageError, match=r"rule path\.outside_model_dirs"):
+            magic(shell, "deploy /etc --name escape --device cpu")
         assert "http://127.0.0.1:" in repr(magic(shell, "snippet demo"))
         assert "Authorization" not in repr(magic(shell, "snippet demo --lang curl"))
 
