@@ -222,6 +222,7 @@ async def test_restarted_worker_readopts_live_engines_and_fails_dead_ones(
     await schedule(store, mode="sleep", eid="d-1-y")
     live = await until(store, "d-0-x", lambda e: e.state == S.STARTING and e.pid > 0)
     doomed = await until(store, "d-1-y", lambda e: e.state == S.STARTING and e.pid > 0)
+    left = [p.popen for p in first.engines.values() if p.popen is not None]
     await first.stop(stop_engines=False)  # e.g. the worker is restarted
     assert alive(live.pid) and alive(doomed.pid)
     dying = psutil.Process(doomed.pid)
@@ -243,6 +244,8 @@ async def test_restarted_worker_readopts_live_engines_and_fails_dead_ones(
     finally:
         await second.stop()
     assert not alive(live.pid)
+    for popen in left:  # reap what the first worker left behind (a real restart exits instead)
+        popen.wait(timeout=10)
 
 
 async def test_a_failure_after_a_long_run_starts_the_restart_count_afresh(
