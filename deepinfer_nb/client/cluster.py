@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DeepInferError, EngineUnavailableError
+from ..errors import DeepInferError, DeploymentError, EngineUnavailableError
 from ..models import NAME_PATTERN, DeploymentSpec, Engine, EngineState, Placement, decode
 from ..store import keys
 from . import runtime as rt
@@ -45,10 +45,6 @@ SPEC_FIELDS = {
 }
 CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "max_model_len": 2048}
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-
-
-class DeploymentError(DeepInferError):
-    """A deployment that cannot make progress; the message says what to do next."""
 
 
 def connect(

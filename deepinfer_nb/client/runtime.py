@@ -26,17 +26,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from .. import aio
-from ..errors import DeepInferError, StoreError
+from ..errors import DeepInferError, RuntimeTimeoutError, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CANCEL_GRACE_S = 5.0
 """How long an interrupted wait lets the cancelled coroutine clean up (abort RPCs, streams)."""
-
-
-class RuntimeTimeoutError(DeepInferError):
-    """A call submitted to the runtime loop did not finish within its timeout (it was cancelled)."""
 
 
 class Runtime:
