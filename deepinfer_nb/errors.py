@@ -29,7 +29,7 @@ READY) ask `is_temporary(exc)` and nothing else. Client-caused errors are all pe
         ├── EngineStartError         [P] a shim exited or never became READY (log tail)
         ├── InvalidRequestError      [P] the request's arguments were rejected
         ├── UnsupportedTaskError     [P] the model serves another task (embed vs generate)
-        ├── UnimplementedError       [P] this engine backend has no such call
+        ├── UnsupportedFeatureError  [P] this engine lacks a feature the request asks for
         ├── NotFoundError            [P] the engine knows no such thing (request, adapter)
         ├── AuthenticationError      [P] wrong or missing engine token (the gateway's, not
         │                                the HTTP client's: it is a 502 there)
@@ -61,7 +61,7 @@ __all__ = [
     "RuntimeTimeoutError",
     "StoreError",
     "StoreUnavailableError",
-    "UnimplementedError",
+    "UnsupportedFeatureError",
     "UnsupportedTaskError",
     "is_temporary",
 ]
@@ -162,7 +162,10 @@ class UnsupportedTaskError(EngineError):
     temporary = False
 
 
-class UnimplementedError(EngineError):
+class UnsupportedFeatureError(EngineError):
+    """The engine backend lacks a feature the request asks for (gRPC UNIMPLEMENTED); the message
+    names the feature."""
+
     temporary = False
 
 

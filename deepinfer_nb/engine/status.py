@@ -18,7 +18,7 @@ from ..errors import (
     InvalidRequestError,
     NotFoundError,
     RequestCancelledError,
-    UnimplementedError,
+    UnsupportedFeatureError,
     UnsupportedTaskError,
 )
 
@@ -29,7 +29,7 @@ ERRORS: dict[grpc.StatusCode, type[EngineError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
     grpc.StatusCode.FAILED_PRECONDITION: UnsupportedTaskError,
-    grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,
+    grpc.StatusCode.UNIMPLEMENTED: UnsupportedFeatureError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,

@@ -113,7 +113,7 @@ class _Row:
 _HTTP: dict[type[BaseException], _Row] = {
     E.InvalidRequestError: _Row(400, "invalid_request_error", "invalid_parameter"),
     E.UnsupportedTaskError: _Row(400, "invalid_request_error", "unsupported_task"),
-    E.UnimplementedError: _Row(400, "invalid_request_error", "unsupported"),
+    E.UnsupportedFeatureError: _Row(400, "invalid_request_error", "unsupported"),
     E.NotFoundError: _Row(404, "invalid_request_error", "not_found"),
     E.RequestCancelledError: _Row(499, "invalid_request_error", "cancelled", "request cancelled"),
     E.EngineTimeoutError: _Row(

@@ -88,6 +88,8 @@ class FakeBackend(EngineBackend):
         self.model_path = model_path
         self.started = False
         self.closed = False
+        self.requests = 0
+        """Generation and embedding calls received (those that failed included)."""
         self.aborted: list[str] = []
         """Request ids aborted (by `abort` or by closing their stream), in order."""
         self._running: dict[str, asyncio.Event] = {}
@@ -176,6 +178,7 @@ class FakeBackend(EngineBackend):
     async def generate(
         self, *, request_id: str, prompt_token_ids: list[int], sampling: Sampling
     ) -> AsyncIterator[list[ChoiceDelta]]:
+        self.requests += 1
         if self.error is not None and self.error_after_tokens is None:
             raise self.error
         stop = self._running.setdefault(request_id, asyncio.Event())
@@ -252,6 +255,7 @@ class FakeBackend(EngineBackend):
             self.aborted.append(request_id)
 
     async def embed(self, *, request_id: str, prompt_token_ids: list[int]) -> list[float]:
+        self.requests += 1
         if self.task != "embed":
             raise UnsupportedTaskError(
                 f"this model serves {self.task}, not embeddings; deploy an embedding model"
