@@ -19,6 +19,7 @@ from ..store import MetaStore
 from . import cluster_routes, deployments, openai_routes
 from .errors import install_handlers
 from .metrics import GatewayMetrics
+from .openapi import openapi_schema
 from .routing import ClientFactory, RoutingTable
 from .security import SecurityMiddleware
 from .serving import OpenAIServing
@@ -58,4 +59,5 @@ def build_app(
     app.add_middleware(
         SecurityMiddleware, api_keys=keys, max_body_bytes=settings.server.max_body_bytes
     )
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
