@@ -164,19 +164,19 @@ def _deployments(components: dict[str, Any], paths: dict[str, Any]) -> None:
         ]
     }
     fields = components["DeploymentSpec"]["properties"]
-    create = {
-        "type": "object",
-        "required": ["model"],
-        "additionalProperties": False,
-        "properties": {
-            k: v for k, v in fields.items() if k not in ("created_at", "schema_version")
-        },
-    }
-    create["properties"]["engine_args"] = {
+    settable = {k: v for k, v in fields.items() if k not in ("created_at", "schema_version")}
+    # engine_args may also be a mapping of flags (see deployments.engine_args)
+    settable["engine_args"] = {
         "anyOf": [
             {"type": "array", "items": {"type": "string"}},
             {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
         ]
+    }
+    create = {
+        "type": "object",
+        "required": ["model"],
+        "additionalProperties": False,
+        "properties": settable,
     }
     patch = {
         "type": "object",
