@@ -17,6 +17,7 @@ READY) ask `is_temporary(exc)` and nothing else. Client-caused errors are all pe
     │   └── MissingDependencyError   [P] an optional package is not installed (names it)
     ├── RecordError                  [P] a stored value that is not a valid record (also ValueError)
     ├── DeploymentError              [P] a deployment that cannot make progress (says what to do)
+    ├── PolicyError                  [P] the launch policy refuses a spec (names the rule)
     ├── RuntimeTimeoutError          [T] a call on the kernel's runtime loop ran past its timeout
     ├── StoreError                   [P] the metadata store refused the call
     │   ├── StoreUnavailableError    [T] unreachable, no leader, or a read timed out
@@ -55,6 +56,7 @@ __all__ = [
     "ModelError",
     "NotFoundError",
     "NotLeaderError",
+    "PolicyError",
     "RecordError",
     "RequestCancelledError",
     "RevisionCompactedError",
@@ -102,6 +104,15 @@ class RecordError(DeepInferError, ValueError):
 
 class DeploymentError(DeepInferError):
     """A deployment that cannot make progress; the message says what to do next."""
+
+
+class PolicyError(DeepInferError):
+    """A deployment spec the launch policy refuses: permanent (fixing it needs a new spec)."""
+
+    def __init__(self, rule: str, param: str, message: str) -> None:
+        super().__init__(f"launch policy refused {param}: {message} (rule {rule})")
+        self.rule = rule
+        self.param = param
 
 
 class RuntimeTimeoutError(DeepInferError):

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from ..config import SchedulerSettings, Settings
 from ..store.memory import MemoryStore
-from .backend import FakeBackend
+from .backend import ENV_NAMES, FakeBackend
 from .fleet import FakeNode, fake_gpus
 from .shim import InProcessShim, running_shim
 
@@ -82,7 +82,10 @@ def cluster(*, settings: Settings | None = None, timeout: float = 60.0) -> Itera
         settings.scheduler = dataclasses.replace(FAST_SCHEDULER)
     with tempfile.TemporaryDirectory(prefix="deepinfer-testing-") as tmp:
         settings.agent = dataclasses.replace(
-            settings.agent, engine_python=fake_engine_python(Path(tmp))
+            settings.agent,
+            engine_python=fake_engine_python(Path(tmp)),
+            # the launch policy admits the fake engine's settings (a deployment's `env`)
+            allowed_env=[*settings.agent.allowed_env, *ENV_NAMES],
         )
         c = connect(
             "memory://",

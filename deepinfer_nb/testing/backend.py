@@ -31,12 +31,21 @@ from ..engine.backend import (
 from ..engine.validation import Sampling
 from ..errors import EngineError, UnsupportedTaskError
 
-__all__ = ["ENV_PREFIX", "FakeBackend"]
+__all__ = ["ENV_NAMES", "ENV_PREFIX", "FakeBackend"]
 
 BOS, EOS, OFFSET = 1, 2, 3
 VOCAB_SIZE = 0x110000 + OFFSET
 ENV_PREFIX = "DEEPINFER_FAKE_"
-"""`FakeBackend.from_env` reads DEEPINFER_FAKE_REPLY, _TASK, _TOKEN_LATENCY_S, _LOAD_S, ..."""
+_ENV_SETTINGS: tuple[tuple[str, type], ...] = (
+    ("reply", str),
+    ("task", str),
+    ("max_model_len", int),
+    ("token_latency_s", float),
+    ("load_s", float),
+    ("embedding_dims", int),
+)
+ENV_NAMES = tuple(ENV_PREFIX + key.upper() for key, _ in _ENV_SETTINGS)
+"""What `FakeBackend.from_env` reads: DEEPINFER_FAKE_REPLY, _TASK, _TOKEN_LATENCY_S, ..."""
 
 
 def token_id(ch: str) -> int:
@@ -102,14 +111,7 @@ class FakeBackend(EngineBackend):
     def from_env(cls, env: Mapping[str, str]) -> FakeBackend:
         """Settings from DEEPINFER_FAKE_* variables (a deployment's `env` reaches the shim so)."""
         kw: dict[str, object] = {}
-        for key, kind in (
-            ("reply", str),
-            ("task", str),
-            ("max_model_len", int),
-            ("token_latency_s", float),
-            ("load_s", float),
-            ("embedding_dims", int),
-        ):
+        for key, kind in _ENV_SETTINGS:
             raw = env.get(ENV_PREFIX + key.upper())
             if raw is not None:
                 kw[key] = kind(raw)
