@@ -72,10 +72,15 @@ class PlacementRequest:
 
     @classmethod
     def for_spec(cls, spec: DeploymentSpec, *, replicas: int = 1) -> PlacementRequest:
+        device = spec.device
+        if device == "auto" and spec.backend == "llama.cpp":
+            # The controller cannot see whether a worker's llama-cpp-python was built with CUDA;
+            # ask for cuda explicitly to place a llama.cpp engine on a GPU.
+            device = "cpu"
         return cls(
             deployment=spec.name,
             replicas=replicas,
-            device=spec.device,
+            device=device,
             gpus_per_replica=spec.tensor_parallel_size,
             gpu_memory_utilization=spec.gpu_memory_utilization,
             nodes=tuple(spec.placement.nodes),

@@ -2,7 +2,8 @@
 
 `EngineBackend` is what `server.py` needs from an inference engine: prompt rendering and
 tokenisation, a delta stream per request, abort, embeddings, live stats and model facts.
-`vllm_backend.VllmBackend` implements it over vLLM's `AsyncLLM`; unit tests use a small fake.
+`vllm_backend.VllmBackend` implements it over vLLM's `AsyncLLM`, `backends.llamacpp.LlamaCppBackend`
+over llama-cpp-python; what each can do is listed in `backends.CAPABILITIES`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,17 @@ import abc
 import dataclasses
 from collections.abc import AsyncIterator
 
+from ..errors import EngineError
 from .validation import Sampling
+
+
+class UnsupportedTaskError(EngineError):
+    """The loaded model cannot serve this kind of request (e.g. embeddings on a chat model)."""
+
+
+class UnsupportedFeatureError(EngineError):
+    """The backend lacks a feature the request asks for (gRPC UNIMPLEMENTED); the message names
+    the feature and the engine that has it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +84,10 @@ class ModelFacts:
 
 class EngineBackend(abc.ABC):
     """One loaded model; every method is safe to call concurrently from the server's loop."""
+
+    name: str = ""
+    """Its key in `backends.CAPABILITIES` (the shim checks requests against that entry); empty:
+    no checks (test doubles)."""
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -31,6 +31,9 @@ __all__ = ["EngineClient", "error_from_rpc"]
 
 _ERRORS: dict[grpc.StatusCode, type[EngineError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    # a feature this engine lacks: the request is at fault for this deployment (HTTP 400, no
+    # retry on another replica, which runs the same engine); grpc_code still says UNIMPLEMENTED
+    grpc.StatusCode.UNIMPLEMENTED: InvalidRequestError,
     grpc.StatusCode.UNAVAILABLE: EngineUnavailableError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.DEADLINE_EXCEEDED: EngineTimeoutError,

@@ -27,7 +27,14 @@ from .._proto import engine_service_pb2_grpc as pb_grpc
 from ..errors import EngineError, EngineUnavailableError, InvalidRequestError
 from ..gcheap import freeze_heap
 from . import validation
-from .backend import ChoiceDelta, EngineBackend, ModelFacts
+from .backend import (
+    ChoiceDelta,
+    EngineBackend,
+    ModelFacts,
+    UnsupportedFeatureError,
+    UnsupportedTaskError,
+)
+from .backends import check_supported
 from .validation import Sampling
 
 log = logging.getLogger("deepinfer_nb.engine")
@@ -42,12 +49,12 @@ class BindError(OSError):
 
 
 def _status_for(exc: Exception) -> grpc.StatusCode:
-    from .vllm_backend import UnsupportedTaskError
-
     if isinstance(exc, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, UnsupportedTaskError):
         return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, UnsupportedFeatureError):
+        return grpc.StatusCode.UNIMPLEMENTED
     if isinstance(exc, EngineUnavailableError):
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.INTERNAL
@@ -291,9 +298,18 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             raise EngineUnavailableError("the engine is shutting down and accepts no new requests")
         return facts
 
+    def _sampling(self, params: pb.SamplingParams) -> Sampling:
+        sampling = validation.sampling_from_proto(params)
+        name = self._backend.name
+        if name == "vllm":
+            check_supported(sampling, backend="vllm")
+        elif name == "llama.cpp":
+            check_supported(sampling, backend="llama.cpp")
+        return sampling
+
     def _prepare_generate(self, request: pb.GenerateRequest) -> Prepared:
         facts = self._accepting()
-        sampling = validation.sampling_from_proto(request.sampling)
+        sampling = self._sampling(request.sampling)
         if request.prompt and request.prompt_token_ids:
             raise InvalidRequestError("give either prompt or prompt_token_ids, not both")
         if request.prompt_token_ids:
@@ -312,7 +328,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
 
     def _prepare_chat(self, request: pb.ChatRequest) -> Prepared:
         facts = self._accepting()
-        sampling = validation.sampling_from_proto(request.sampling)
+        sampling = self._sampling(request.sampling)
         messages = validation.messages_from_proto(list(request.messages))
         text = self._backend.render_chat(messages, chat_template=request.chat_template)
         # The template already carries the special tokens, as in vLLM's own chat serving.

@@ -19,7 +19,15 @@ from typing import Any
 import psutil
 
 from ..errors import EngineError, InvalidRequestError
-from .backend import ChoiceDelta, EngineBackend, EngineStats, ModelFacts, TokenLogprob, TopToken
+from .backend import (
+    ChoiceDelta,
+    EngineBackend,
+    EngineStats,
+    ModelFacts,
+    TokenLogprob,
+    TopToken,
+    UnsupportedTaskError,
+)
 from .stats import StatsAccumulator
 from .validation import Sampling
 
@@ -30,11 +38,9 @@ ABORT_WAIT_S = 10.0
 """How long an abandoned load thread gets to notice that its engine core is gone."""
 
 
-class UnsupportedTaskError(EngineError):
-    """The loaded model cannot serve this kind of request (e.g. embeddings on a chat model)."""
-
-
 class VllmBackend(EngineBackend):
+    name = "vllm"
+
     def __init__(self, engine_args: Any) -> None:
         """`engine_args` is a `vllm.engine.arg_utils.AsyncEngineArgs`."""
         self._args = engine_args

@@ -15,7 +15,7 @@ from IPython.core.error import UsageError
 HELP = """\
 %deepinfer up [--store memory://|etcd|etcd://H:P] [--gateway-port N] [--no-worker] [--node ID]
 %deepinfer deploy MODEL [--name N] [--gpus N] [--replicas R] [--device auto|cpu|cuda|cuda:N]
-                        [--wait] [--timeout S] [-- extra vLLM args]
+                        [--engine vllm|llama.cpp|auto] [--wait] [--timeout S] [-- extra engine args]
 %deepinfer ls                      deployments and their engines
 %deepinfer status [NAME]           one deployment (or the cluster)
 %deepinfer logs NAME [--lines N]   engine logs (engines on this kernel's worker)
@@ -78,6 +78,7 @@ def _build() -> dict[str, _Parser]:
     dep.add_argument("--gpus", type=int, default=0)
     dep.add_argument("--replicas", type=int, default=1)
     dep.add_argument("--device", default=None)
+    dep.add_argument("--engine", default=None, choices=["vllm", "llama.cpp", "auto"])
     dep.add_argument("--wait", action="store_true")
     dep.add_argument("--timeout", type=float, default=None)
 
