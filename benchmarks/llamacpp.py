@@ -105,13 +105,17 @@ async def first_token_when_up(url: str, proc: subprocess.Popen[bytes], log: Path
     async with session(30) as http:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"exited {proc.returncode}:\n{_tail(log)}")
             with contextlib.suppress(aiohttp.ClientError, RuntimeError, TimeoutError):
                 if (await stream_chat(http, url, "Hi", max_tokens=1))["ttft"]:
                     return time.perf_counter()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{url}: no token after {START_TIMEOUT_S:.0f} s")
             await asyncio.sleep(0.05)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
 
 
 def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -188,7 +192,7 @@ async def cluster(work: Path) -> AsyncIterator[tuple[str, subprocess.Popen[bytes
                         if r.status == 200:
                             break
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"deepinfer-nb up failed:\n{log.read_text()[-3000:]}")
+                    raise RuntimeError(f"deepinfer-nb up failed:\n{_tail(log)}")
                 await asyncio.sleep(0.2)
         yield url, proc, log
     finally:
@@ -343,7 +347,10 @@ async def main() -> None:
             }
             await undeploy(url)
     print(table(result))
-    out = Path(args.out)
+    write(Path(args.out), result)
+
+
+def write(out: Path, result: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
