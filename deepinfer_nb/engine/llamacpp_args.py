@@ -2,7 +2,7 @@
 
 Pure apart from file lookups: a model name becomes a GGUF path (`resolve_gguf`: a local alias,
 a `.gguf` file, or a folder holding one), threads default to the CPUs this process may use
-(`cpu_allotment`: its affinity mask and its cgroup's CPU quota), and vLLM-only settings that
+(`cpu_allotment`: its affinity mask and its cgroup's CPU quota) less one, and vLLM-only settings that
 would silently mean nothing here are refused with what to do instead.
 """
 
@@ -49,7 +49,7 @@ def settings(args: argparse.Namespace, extra: list[str]) -> LlamaCppSettings:
     return LlamaCppSettings(
         model_path=path,
         n_ctx=args.max_model_len or 0,
-        threads=args.threads or cpu_allotment(),
+        threads=args.threads or default_threads(),
         n_gpu_layers=layers,
         flash_attn=own.flash_attn,
     )
@@ -104,6 +104,13 @@ def resolve_gguf(name: str) -> str:
         f"model not found: {name} (llama.cpp serves GGUF files: give a .gguf path or a local "
         f"alias: {known})"
     )
+
+
+def default_threads() -> int:
+    """llama.cpp's threads: the CPU allotment less one (at least one). The shim's own event loop
+    and gRPC threads need a core: given every core of a busy 2-CPU host, llama.cpp's thread pool
+    stalled here (llama_decode never returned, the process asleep)."""
+    return max(1, cpu_allotment() - 1)
 
 
 def cpu_allotment() -> int:

@@ -36,6 +36,7 @@ from ..backend import (
     TopToken,
     UnsupportedTaskError,
 )
+from ..gguf_header import DEFAULT_MAX_CTX, default_n_ctx
 from ..stats import StatsAccumulator
 from ..validation import Sampling
 from .stops import StopMatcher
@@ -48,14 +49,10 @@ N_BATCH = 512
 @dataclasses.dataclass(frozen=True)
 class LlamaCppSettings:
     model_path: str
-    n_ctx: int = 0  # 0: the model's training context, capped at DEFAULT_MAX_CTX
+    n_ctx: int = 0  # 0: gguf_header.default_n_ctx (the model's own, capped)
     threads: int = 1
     n_gpu_layers: int = 0  # -1: all layers on the GPU (CUDA builds)
     flash_attn: bool = False
-
-
-DEFAULT_MAX_CTX = 4096
-"""Context used when none is given: the model's own, capped (the KV cache grows with it)."""
 
 
 @dataclasses.dataclass
@@ -128,7 +125,7 @@ class LlamaCppBackend(EngineBackend):
         try:
             llm = llama_cpp.Llama(n_ctx=s.n_ctx or DEFAULT_MAX_CTX, **common)
             arch = llm.metadata.get("general.architecture", "")
-            n_ctx = s.n_ctx or min(llm.n_ctx_train(), DEFAULT_MAX_CTX)
+            n_ctx = s.n_ctx or default_n_ctx(llm._model.n_ctx_train())
             if arch in ENCODER_ARCHITECTURES or n_ctx != llm.n_ctx():
                 llm.close()
                 self._embedding = arch in ENCODER_ARCHITECTURES
@@ -290,7 +287,9 @@ class LlamaCppBackend(EngineBackend):
                 job.emit(ChoiceDelta(index=index, finish_reason="abort"))
                 continue
             seed = random.getrandbits(31) if s.seed is None else (s.seed + index) % 2**31
-            _Choice(self._llm, job, index=index, seed=seed, stats=self._stats).run()
+            _Choice(
+                self._llm, job, index=index, seed=seed, stats=self._stats, on_token=self._gauges
+            ).run()
         self._stats.record_iteration(prompt_tokens=0, generation_tokens=0, finished=1)
 
 
@@ -305,9 +304,17 @@ class _Choice:
     """One choice of one request, generated on the worker thread."""
 
     def __init__(
-        self, llm: Any, job: _Job, *, index: int, seed: int, stats: StatsAccumulator
+        self,
+        llm: Any,
+        job: _Job,
+        *,
+        index: int,
+        seed: int,
+        stats: StatsAccumulator,
+        on_token: Callable[[int], None],
     ) -> None:
         self.llm, self.job, self.index, self.stats = llm, job, index, stats
+        self.on_token = on_token  # gets the context's token count (the KV cache gauge)
         self.seed = seed
         self.stops = StopMatcher(job.sampling.stop)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -330,7 +337,6 @@ class _Choice:
             presence_penalty=s.presence_penalty,
             grammar=_json_grammar() if s.json_object else None,
         )
-        history = list(job.prompt)
         generated = 0
         stop_ids = set(s.stop_token_ids)
         try:
@@ -340,6 +346,7 @@ class _Choice:
                     return
                 generated += 1
                 self.stats.record_iteration(prompt_tokens=0, generation_tokens=1, finished=0)
+                self.on_token(llm.n_tokens)
                 logprobs = self._logprobs(token, s.logprobs) if s.logprobs is not None else []
                 if llama_cpp.llama_vocab_is_eog(vocab, token) and not s.ignore_eos:
                     self._send(token, logprobs, finish="stop", text=self.stops.flush())
@@ -349,8 +356,7 @@ class _Choice:
                         token, logprobs, finish="stop", reason=str(token), text=self.stops.flush()
                     )
                     return
-                piece = self.decoder.decode(llm.detokenize([token], prev_tokens=history))
-                history.append(token)
+                piece = self.decoder.decode(llm.detokenize([token]))
                 text, hit = self.stops.feed(piece)
                 if hit:
                     self._send(token, logprobs, finish="stop", reason=hit, text=text)

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from deepinfer_nb.engine import llamacpp_args, local_models
-from deepinfer_nb.engine.llamacpp_args import ArgsError, cpu_allotment, resolve_gguf
+from deepinfer_nb.engine.llamacpp_args import (
+    ArgsError,
+    cpu_allotment,
+    default_threads,
+    resolve_gguf,
+)
 
 
 def args(**kw: object) -> argparse.Namespace:
@@ -46,9 +51,10 @@ def test_vllm_only_settings_are_refused() -> None:
         llamacpp_args.settings(args(), ["--max-num-seqs", "4"])
 
 
-def test_threads_default_to_the_cpu_allotment_and_cpu_means_no_gpu_layers() -> None:
+def test_threads_default_to_the_cpu_allotment_less_one_and_cpu_means_no_gpu_layers() -> None:
     s = llamacpp_args.settings(args(model="smollm2-135m-instruct-gguf", device="cpu"), [])
-    assert s.threads == cpu_allotment() <= len(os.sched_getaffinity(0))
+    assert s.threads == default_threads() == max(1, cpu_allotment() - 1)
+    assert cpu_allotment() <= len(os.sched_getaffinity(0))
     assert s.n_gpu_layers == 0
     s = llamacpp_args.settings(
         args(model="smollm2-135m-instruct-gguf", threads=3), ["--flash-attn"]
