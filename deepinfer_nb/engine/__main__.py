@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import aio
+from .. import procenv
 from .cpu_dtype import best_cpu_dtype
 from .stderr_tail import StderrTail
 
@@ -282,6 +282,7 @@ def _stop_on_signals() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    procenv.apply_grpc_experiments()  # before server.py imports grpc
     ours, extra = split_argv(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(ours)
     _stop_on_signals()
@@ -346,7 +347,7 @@ def run(args: argparse.Namespace, backend: EngineBackend, *, token: str, tail: S
 
     name = args.served_model_name or args.model
     try:
-        return aio.run(
+        return procenv.run(
             serve(
                 backend,
                 host=args.host,

@@ -113,7 +113,7 @@ class LlamaCppBackend(EngineBackend):
         s = self._settings
         if not Path(s.model_path).is_file():
             raise EngineError(f"model not found: {s.model_path} (no such GGUF file)")
-        common = dict(
+        common: dict[str, Any] = dict(
             model_path=s.model_path,
             n_threads=s.threads,
             n_threads_batch=s.threads,

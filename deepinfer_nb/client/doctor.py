@@ -1,5 +1,6 @@
-"""`%deepinfer doctor`: check what deploying needs here and say how to fix what is missing
-(including which engines, vLLM and llama.cpp, this Python can run)."""
+"""Environment and cluster checks (`%deepinfer doctor`, `deepinfer_nb.client.doctor.run_checks`):
+what deploying needs here (including which engines, vLLM and llama.cpp, this Python can run), and
+how to fix what is missing."""
 
 from __future__ import annotations
 
