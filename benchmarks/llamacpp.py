@@ -160,6 +160,8 @@ async def llama_server(gguf: str, threads: int, work: Path) -> AsyncIterator[dic
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", SERVED]
     cmd += ["--n_ctx", str(N_CTX), "--n_threads", str(threads)]
     cmd += ["--n_threads_batch", str(threads), "--host", "127.0.0.1", "--port", str(port)]
+    # By default it abandons a running request when another arrives; queue them, as we do.
+    cmd += ["--interrupt_requests", "False"]
     start = time.perf_counter()
     proc = spawn(cmd, log)
     url = f"http://127.0.0.1:{port}"
