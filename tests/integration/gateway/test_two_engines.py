@@ -65,7 +65,7 @@ async def two_engines() -> AsyncIterator[GatewayCluster]:
     await server.start()
     try:
         await _wait_running(store, worker, len(SPECS))
-        yield GatewayCluster(store, server, worker)
+        yield GatewayCluster(store, server, worker, settings)
     finally:
         await server.stop()
         await worker.stop()
