@@ -12,17 +12,7 @@ import abc
 import dataclasses
 from collections.abc import AsyncIterator
 
-from ..errors import EngineError
 from .validation import Sampling
-
-
-class UnsupportedTaskError(EngineError):
-    """The loaded model cannot serve this kind of request (e.g. embeddings on a chat model)."""
-
-
-class UnsupportedFeatureError(EngineError):
-    """The backend lacks a feature the request asks for (gRPC UNIMPLEMENTED); the message names
-    the feature and the engine that has it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,16 +18,8 @@ from typing import Any
 
 import psutil
 
-from ..errors import EngineError, InvalidRequestError
-from .backend import (
-    ChoiceDelta,
-    EngineBackend,
-    EngineStats,
-    ModelFacts,
-    TokenLogprob,
-    TopToken,
-    UnsupportedTaskError,
-)
+from ..errors import EngineError, InvalidRequestError, UnsupportedTaskError
+from .backend import ChoiceDelta, EngineBackend, EngineStats, ModelFacts, TokenLogprob, TopToken
 from .stats import StatsAccumulator
 from .validation import Sampling
 
@@ -39,8 +31,6 @@ ABORT_WAIT_S = 10.0
 
 
 class VllmBackend(EngineBackend):
-    name = "vllm"
-
     def __init__(self, engine_args: Any) -> None:
         """`engine_args` is a `vllm.engine.arg_utils.AsyncEngineArgs`."""
         self._args = engine_args

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..backend import UnsupportedFeatureError
+from ...errors import UnsupportedFeatureError
 from ..validation import Sampling
 
 BackendName = Literal["vllm", "llama.cpp"]

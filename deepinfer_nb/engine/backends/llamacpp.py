@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ...errors import EngineError, InvalidRequestError
+from ...errors import EngineError, InvalidRequestError, UnsupportedTaskError
 from ..backend import (
     ChoiceDelta,
     EngineBackend,
@@ -34,7 +34,6 @@ from ..backend import (
     ModelFacts,
     TokenLogprob,
     TopToken,
-    UnsupportedTaskError,
 )
 from ..gguf_header import DEFAULT_MAX_CTX, default_n_ctx
 from ..stats import StatsAccumulator

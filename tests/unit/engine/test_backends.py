@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from deepinfer_nb.engine.backend import UnsupportedFeatureError
 from deepinfer_nb.engine.backends import CAPABILITIES, capability_table, check_supported
 from deepinfer_nb.engine.validation import Sampling
+from deepinfer_nb.errors import UnsupportedFeatureError
 from deepinfer_nb.models import DeploymentSpec, engine_for
 
 README = Path(__file__).resolve().parents[3] / "README.md"
