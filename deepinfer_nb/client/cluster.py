@@ -34,6 +34,7 @@ ProgressFn = Callable[[str, float, list[Engine]], None]
 """progress(stage, elapsed_s, engines) — called whenever the engines of a deployment change."""
 
 SPEC_FIELDS = {
+    "engine",
     "served_model_name",
     "tensor_parallel_size",
     "gpu_memory_utilization",

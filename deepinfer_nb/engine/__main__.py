@@ -1,9 +1,13 @@
-"""`python -m deepinfer_nb.engine`: one engine shim process (gRPC server over vLLM's AsyncLLM).
+"""`python -m deepinfer_nb.engine`: one engine shim process (gRPC server over vLLM's AsyncLLM or
+llama.cpp).
 
-    python -m deepinfer_nb.engine --model M --port P [--host 127.0.0.1] [--served-model-name N]
-        [--dtype D] [--max-model-len L] [--tensor-parallel-size T] [--gpu-memory-utilization F]
-        [--device cuda:N|cpu] [--enforce-eager] [--auth-token-env VAR] [--grace-period S]
-        [-- extra vLLM engine args]
+    python -m deepinfer_nb.engine --model M --port P [--backend vllm|llama.cpp] [--host H]
+        [--served-model-name N] [--dtype D] [--max-model-len L] [--tensor-parallel-size T]
+        [--gpu-memory-utilization F] [--device cuda:N|cpu] [--enforce-eager] [--threads T]
+        [--auth-token-env VAR] [--grace-period S] [-- extra engine args]
+
+`--backend` picks the engine (`BACKENDS` below: a name -> factory mapping); the extra args after
+`--` are vLLM's engine flags for vllm and llama.cpp's few (see llamacpp_args.py) for llama.cpp.
 
 The port is bound first and answers HealthCheck with STARTING while the model loads. Exit codes:
 0 after a clean Shutdown/SIGTERM/SIGINT drain (also when the stop comes while the model loads:
@@ -24,13 +28,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import procenv
 from .cpu_dtype import best_cpu_dtype
 from .stderr_tail import StderrTail
+
+if TYPE_CHECKING:
+    from .backend import EngineBackend
 
 PREFIX = "deepinfer-nb engine:"
 
@@ -53,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="local alias (smollm2-135m-instruct), folder, or hub id"
     )
     p.add_argument("--port", type=int, required=True, help="gRPC port (0 = any free port)")
+    p.add_argument("--backend", choices=list(BACKENDS), default="vllm", help="the engine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="llama.cpp: CPU threads (default: the CPUs this process may use)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--served-model-name", default="", help="name reported to clients")
     p.add_argument(
@@ -286,10 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     code=2,
                 )
         select_device(args.device)
-        require_vllm()
-        model_path = resolve_model(args.model)
-        eargs = engine_args(vllm_argv(args, model_path, extra))
-        code = run(args, eargs, token=token, tail=tail)
+        backend = BACKENDS[args.backend](args, extra)
+        code = run(args, backend, token=token, tail=tail)
         tail.stop()
         return code
     except StartupError as exc:
@@ -305,15 +317,39 @@ def _last_word(tail: StderrTail, message: str, code: int) -> int:
     return code
 
 
-def run(args: argparse.Namespace, eargs: Any, *, token: str, tail: StderrTail) -> int:
-    from .server import BindError, serve
+def vllm_backend(args: argparse.Namespace, extra: list[str]) -> EngineBackend:
     from .vllm_backend import VllmBackend
+
+    require_vllm()
+    model_path = resolve_model(args.model)
+    return VllmBackend(engine_args(vllm_argv(args, model_path, extra)))
+
+
+def llamacpp_backend(args: argparse.Namespace, extra: list[str]) -> EngineBackend:
+    from . import llamacpp_args
+    from .backends.llamacpp import LlamaCppBackend
+
+    try:
+        settings = llamacpp_args.settings(args, extra)
+    except llamacpp_args.ArgsError as exc:
+        raise StartupError(str(exc), code=exc.code) from None
+    return LlamaCppBackend(settings)
+
+
+BACKENDS: dict[str, Callable[[argparse.Namespace, list[str]], EngineBackend]] = {
+    "vllm": vllm_backend,
+    "llama.cpp": llamacpp_backend,
+}
+
+
+def run(args: argparse.Namespace, backend: EngineBackend, *, token: str, tail: StderrTail) -> int:
+    from .server import BindError, serve
 
     name = args.served_model_name or args.model
     try:
         return procenv.run(
             serve(
-                VllmBackend(eargs),
+                backend,
                 host=args.host,
                 port=args.port,
                 model_name=name,

@@ -2,7 +2,8 @@
 
 `EngineBackend` is what `server.py` needs from an inference engine: prompt rendering and
 tokenisation, a delta stream per request, abort, embeddings, live stats and model facts.
-`vllm_backend.VllmBackend` implements it over vLLM's `AsyncLLM`; unit tests use a small fake.
+`vllm_backend.VllmBackend` implements it over vLLM's `AsyncLLM`, `backends.llamacpp.LlamaCppBackend`
+over llama-cpp-python; what each can do is listed in `backends.CAPABILITIES`.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class ModelFacts:
 
 class EngineBackend(abc.ABC):
     """One loaded model; every method is safe to call concurrently from the server's loop."""
+
+    name: str = ""
+    """Its key in `backends.CAPABILITIES` (the shim checks requests against that entry); empty:
+    no checks (test doubles)."""
 
     @abc.abstractmethod
     async def start(self) -> None:

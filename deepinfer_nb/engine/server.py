@@ -28,6 +28,7 @@ from ..errors import EngineError, EngineUnavailableError, InvalidRequestError
 from ..procenv import freeze_heap
 from . import validation
 from .backend import ChoiceDelta, EngineBackend, ModelFacts
+from .backends import check_supported
 from .status import status_for
 from .validation import Sampling
 
@@ -280,9 +281,18 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             raise EngineUnavailableError("the engine is shutting down and accepts no new requests")
         return facts
 
+    def _sampling(self, params: pb.SamplingParams) -> Sampling:
+        sampling = validation.sampling_from_proto(params)
+        name = self._backend.name
+        if name == "vllm":
+            check_supported(sampling, backend="vllm")
+        elif name == "llama.cpp":
+            check_supported(sampling, backend="llama.cpp")
+        return sampling
+
     def _prepare_generate(self, request: pb.GenerateRequest) -> Prepared:
         facts = self._accepting()
-        sampling = validation.sampling_from_proto(request.sampling)
+        sampling = self._sampling(request.sampling)
         if request.prompt and request.prompt_token_ids:
             raise InvalidRequestError("give either prompt or prompt_token_ids, not both")
         if request.prompt_token_ids:
@@ -301,7 +311,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
 
     def _prepare_chat(self, request: pb.ChatRequest) -> Prepared:
         facts = self._accepting()
-        sampling = validation.sampling_from_proto(request.sampling)
+        sampling = self._sampling(request.sampling)
         messages = validation.messages_from_proto(list(request.messages))
         text = self._backend.render_chat(messages, chat_template=request.chat_template)
         # The template already carries the special tokens, as in vLLM's own chat serving.

@@ -212,6 +212,8 @@ class DeepInferMagics(Magics, Configurable):
         cluster = self._need()
         device = ns.device or self.default_device
         kwargs: dict[str, Any] = {"extra_args": ns.extra} if ns.extra else {}
+        if ns.engine:
+            kwargs["engine"] = ns.engine
         dep = cluster.deploy(
             ns.model, name=ns.name, gpus=ns.gpus, replicas=ns.replicas, device=device, **kwargs
         )

@@ -37,7 +37,7 @@ class Command:
     summary: str
     args: tuple[Arg, ...] = ()
     tail: str = ""
-    """Usage text argparse does not draw (deploy's `-- extra vLLM args`)."""
+    """Usage text argparse does not draw (deploy's `-- extra engine args`)."""
     cell: bool = False
     """A cell magic (`%%deepinfer NAME`): the cell body is its input."""
 
@@ -66,10 +66,11 @@ COMMAND_TABLE: tuple[Command, ...] = (
             arg("--gpus", type=int, default=0, metavar="N"),
             arg("--replicas", type=int, default=1, metavar="R"),
             arg("--device", default=None, metavar="auto|cpu|cuda|cuda:N"),
+            arg("--engine", default=None, choices=["vllm", "llama.cpp", "auto"]),
             arg("--wait", action="store_true"),
             arg("--timeout", type=float, default=None, metavar="S"),
         ),
-        tail="[-- extra vLLM args]",
+        tail="[-- extra engine args]",
     ),
     Command("ls", "deployments and their engines"),
     Command("status", "one deployment (or the cluster)", (arg("name", nargs="?"),)),

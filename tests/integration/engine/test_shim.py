@@ -1,9 +1,11 @@
-"""The engine shim against a real vLLM engine on CPU (issue 2's Must-show list).
+"""The engine conformance suite: the shim against each real backend on CPU (issue 2's Must-show
+list, run per backend for issue 15): vLLM on the built SmolLM2 folder, llama.cpp on its GGUF.
 
-All tests share the session's `engine` fixture (one shim process) except the shutdown test,
-which starts its own process because it ends it. The servicer's own logic (validation, choices,
-auth, serving states) is tested over the FakeBackend in tests/unit/engine/test_servicer.py; here
-is what needs vLLM itself.
+`engine` here is parametrized over the backends (one shim per backend, shared by the module's
+tests; the last test shuts it down). Where the backends differ, the test says what each must do,
+from `backends.CAPABILITIES` (a missing feature must answer UNIMPLEMENTED, nothing else). The
+servicer's own logic (validation, choices, auth, serving states) is tested over the FakeBackend
+in tests/unit/engine/test_servicer.py; here is what needs a real engine.
 """
 
 from __future__ import annotations
@@ -12,18 +14,35 @@ import asyncio
 import json
 import re
 import time
+from collections.abc import AsyncIterator
 
 import psutil
 import pytest
+import pytest_asyncio
 
 from deepinfer_nb._proto import engine_service_pb2 as pb
+from deepinfer_nb.engine.backends import CAPABILITIES, NAMES
 from deepinfer_nb.engine.cpu_dtype import best_cpu_dtype
-from deepinfer_nb.errors import EngineUnavailableError, UnsupportedTaskError
-from tests.fixtures.engine import ShimProcess
+from deepinfer_nb.errors import (
+    EngineUnavailableError,
+    UnsupportedFeatureError,
+    UnsupportedTaskError,
+)
+from tests.fixtures.engine import ShimProcess, run_engine
 
 pytestmark = pytest.mark.engine
 
 QUESTION = "What is the capital of France?"
+# The 4-bit GGUF answers the bare question at temperature 0 with "L'Étoile, la Cité, ..."
+PARIS_QUESTION = {"vllm": QUESTION, "llama.cpp": QUESTION + " Answer in one word."}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session", params=NAMES)
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[ShimProcess]:
+    """This module's shim, once per backend (the conformance suite of issue 15): pytest runs one
+    backend's tests, ends that shim, then starts the next; the last test shuts it down."""
+    async with run_engine(request.param) as shim:
+        yield shim
 
 
 def chat(content: str = QUESTION, **sampling: object) -> pb.ChatRequest:
@@ -62,13 +81,15 @@ async def wait_idle(client: object, *, timeout: float = 20.0) -> pb.MetricsRespo
 
 async def test_paris_at_temperature_zero(engine: ShimProcess) -> None:
     async with engine.client() as client:
-        reply = await client.chat(chat(temperature=0, max_tokens=40))
+        reply = await client.chat(
+            chat(PARIS_QUESTION[engine.backend], temperature=0, max_tokens=40)
+        )
     choice = reply.choices[0]
     assert "Paris" in choice.text
     assert choice.finish_reason == "stop"
     assert reply.usage.completion_tokens == len(choice.token_ids) > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
-    assert reply.model == "smollm2-135m-instruct"
+    assert reply.model == engine.model  # the served name
 
 
 async def test_stream_deltas_concatenate_to_unary_answer(engine: ShimProcess) -> None:
@@ -89,8 +110,9 @@ async def test_stream_deltas_concatenate_to_unary_answer(engine: ShimProcess) ->
 
 async def test_stop_string_and_max_tokens_finish_reasons(engine: ShimProcess) -> None:
     async with engine.client() as client:
-        stopped = await client.chat(chat(temperature=0, max_tokens=40, stop=["Paris"]))
-        cut = await client.chat(chat(temperature=0, max_tokens=3))
+        question = PARIS_QUESTION[engine.backend]
+        stopped = await client.chat(chat(question, temperature=0, max_tokens=40, stop=["Paris"]))
+        cut = await client.chat(chat(question, temperature=0, max_tokens=3))
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].stop_reason == "Paris"
     assert "Paris" not in stopped.choices[0].text
@@ -174,6 +196,20 @@ async def test_disconnecting_client_aborts_the_request(engine: ShimProcess) -> N
     assert metrics.running_requests == 0 and metrics.inflight_rpcs == 0
 
 
+async def test_min_tokens_honoured_or_unimplemented(engine: ShimProcess) -> None:
+    req = chat(PARIS_QUESTION[engine.backend], temperature=0, max_tokens=40, min_tokens=30)
+    async with engine.client() as client:
+        if CAPABILITIES[engine.backend].min_tokens:  # type: ignore[index]
+            reply = await client.chat(req)
+            assert reply.usage.completion_tokens >= 30
+            return
+        # UnsupportedFeatureError is what the client decodes UNIMPLEMENTED to (status.ERRORS)
+        with pytest.raises(UnsupportedFeatureError, match="min_tokens is not supported"):
+            await client.chat(req)
+        with pytest.raises(UnsupportedFeatureError, match="min_tokens is not supported"):
+            await collect(client.chat_stream(req))
+
+
 async def test_json_object_response_format(engine: ShimProcess) -> None:
     req = chat(
         "Give me a JSON object describing a cat with name and age.",
@@ -232,8 +268,12 @@ async def test_model_info_and_kv_cache_come_from_the_engine(engine: ShimProcess)
         info = await client.model_info()
         kv = await client.kv_cache_status()
         metrics = await client.metrics()
-    assert info.max_model_len == 2048 and info.dtype == best_cpu_dtype()  # --dtype auto
-    assert info.architecture == "LlamaForCausalLM" and info.task == "generate"
+    expected = {  # dtype: vLLM's --dtype auto on this CPU; the GGUF's own quantisation
+        "vllm": (best_cpu_dtype(), "LlamaForCausalLM"),
+        "llama.cpp": ("q4_1", "llama"),
+    }
+    assert (info.dtype, info.architecture) == expected[engine.backend]
+    assert info.max_model_len == 2048 and info.task == "generate"
     assert info.device == "cpu" and info.vocab_size == 49152
     assert kv.num_gpu_blocks > 0 and kv.capacity_tokens == kv.num_gpu_blocks * kv.block_size
     assert 0.0 <= kv.usage <= 1.0
@@ -242,9 +282,11 @@ async def test_model_info_and_kv_cache_come_from_the_engine(engine: ShimProcess)
 
 def test_start_up_heap_frozen_before_ready(engine: ShimProcess) -> None:
     # torch, transformers, vLLM and the tokenizer: full collections would walk all of it
+    # llama.cpp's process imports far less than vLLM's (no torch), but freezes it all the same
+    least = {"vllm": 100_000, "llama.cpp": 10_000}[engine.backend]
     log = engine.log_path.read_text(errors="replace")
     found = re.search(r"engine ready: .* \((\d+) start-up objects frozen\)", log)
-    assert found and int(found.group(1)) > 100_000, engine.log_tail()
+    assert found and int(found.group(1)) > least, engine.log_tail()
 
 
 async def test_shutdown_drains_in_flight_stream_and_leaves_no_process(engine: ShimProcess) -> None:
@@ -252,7 +294,8 @@ async def test_shutdown_drains_in_flight_stream_and_leaves_no_process(engine: Sh
     shim = engine
     try:
         children = psutil.Process(shim.process.pid).children(recursive=True)
-        assert children  # vLLM's EngineCore (and its worker)
+        # vLLM's EngineCore (and its worker); llama.cpp runs inside the shim process
+        assert bool(children) == (shim.backend == "vllm")
         async with shim.client() as client:
             stream = client.chat_stream(chat(temperature=0, max_tokens=48, ignore_eos=True))
             events = stream.__aiter__()

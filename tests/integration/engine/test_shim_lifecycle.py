@@ -22,13 +22,14 @@ from deepinfer_nb.control.launcher import group_members
 from deepinfer_nb.engine import local_models
 from deepinfer_nb.engine.process import (
     CPU_TEST_FLAGS,
+    LLAMACPP_TEST_FLAGS,
     ShimProcess,
     shim_command,
     spawn_shim,
 )
 from deepinfer_nb.errors import EngineTimeoutError, EngineUnavailableError
 from deepinfer_nb.netutil import free_port
-from tests.fixtures.engine import MODEL
+from tests.fixtures.engine import GGUF_MODEL, MODEL
 
 pytestmark = pytest.mark.engine
 
@@ -85,10 +86,15 @@ async def test_sigterm_while_loading_exits_zero_and_leaves_no_process() -> None:
 
 
 def run_failing_shim(
-    *, model: str, extra: tuple[str, ...] = (), env: dict[str, str] | None = None, timeout: float
+    *,
+    model: str,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    timeout: float,
+    flags: tuple[str, ...] = CPU_TEST_FLAGS,
 ) -> tuple[int, str, float]:
     """Run a shim that is expected to fail; its exit code, stderr and run time."""
-    cmd = shim_command(model=model, port=free_port(), flags=CPU_TEST_FLAGS, extra=extra)
+    cmd = shim_command(model=model, port=free_port(), flags=flags, extra=extra)
     full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
     start = time.monotonic()
     done = subprocess.run(
@@ -108,12 +114,16 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+BACKEND_FLAGS = {"vllm": CPU_TEST_FLAGS, "llama.cpp": LLAMACPP_TEST_FLAGS}
+
+
+@pytest.mark.parametrize("backend", list(BACKEND_FLAGS))
 @pytest.mark.parametrize(
     "model",
     ["/nonexistent/deepinfer-test-model", "./no-such-dir/model", "smollm3-no-such-alias"],
 )
-def test_missing_model_is_named_on_the_last_line(model: str) -> None:
-    code, stderr, took = run_failing_shim(model=model, timeout=60)
+def test_missing_model_is_named_on_the_last_line(model: str, backend: str) -> None:
+    code, stderr, took = run_failing_shim(model=model, timeout=60, flags=BACKEND_FLAGS[backend])
     line = last_line(stderr)
     assert code != 0
     assert line.startswith("deepinfer-nb engine: model not found:"), stderr[-2000:]
@@ -121,9 +131,16 @@ def test_missing_model_is_named_on_the_last_line(model: str) -> None:
     assert took < 30, f"took {took:.0f}s: the check should come before vLLM loads"
 
 
-def test_bad_engine_arg_gives_a_one_line_cause() -> None:
-    local_models.build(local_models.CATALOG[MODEL])
-    code, stderr, _ = run_failing_shim(model=MODEL, extra=("--no-such-flag",), timeout=120)
+@pytest.mark.parametrize("backend", list(BACKEND_FLAGS))
+def test_bad_engine_arg_gives_a_one_line_cause(backend: str) -> None:
+    if backend == "vllm":
+        local_models.build(local_models.CATALOG[MODEL])
+    code, stderr, _ = run_failing_shim(
+        model=MODEL if backend == "vllm" else GGUF_MODEL,
+        extra=("--no-such-flag",),
+        timeout=120,
+        flags=BACKEND_FLAGS[backend],
+    )
     line = last_line(stderr)
     assert code == 2
     assert line.startswith("deepinfer-nb engine: bad engine args:"), stderr[-2000:]

@@ -184,3 +184,11 @@ def test_redaction() -> None:
     assert policy.redact_text("auth hf_secret failed (hf_secret)", ["hf_secret", ""]) == (
         "auth *** failed (***)"
     )
+
+
+def test_engine_args_are_checked_against_the_resolved_backend(models: Path) -> None:
+    gguf = spec(model="smollm2-135m-instruct-gguf", engine_args=["--n-gpu-layers", "8"])
+    policy.check(gguf, pol(models))  # engine auto -> llama.cpp, whose flag this is
+    vllm_flag = spec(model="smollm2-135m-instruct-gguf", engine_args=["--max-num-seqs", "4"])
+    assert refusal(vllm_flag, pol(models)).rule == "args.unknown_flag"
+    assert "llama.cpp flag" in str(refusal(vllm_flag, pol(models)))
