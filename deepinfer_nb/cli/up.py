@@ -66,6 +66,7 @@ async def _services(
         await worker.start()
         try:
             gateway = GatewayServer(store, settings=settings, api_keys=api_keys)
+            gateway.app.state.log_source = worker  # GET /v1/engines/{id}/logs
             await gateway.start()
             log.info("up: gateway on %s", gateway.url)
             try:

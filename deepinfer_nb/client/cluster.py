@@ -523,9 +523,12 @@ class Waiter:
     """The `deploy --wait` check: True once all replicas run; raises with the next step when an
     engine failed or stayed unplaceable for NOFIT_PATIENCE_S; reports stage changes."""
 
-    def __init__(self, name: str, progress: ProgressFn | None) -> None:
+    def __init__(
+        self, name: str, progress: ProgressFn | None, *, command: str = "%deepinfer"
+    ) -> None:
         self.name = name
         self.progress = progress
+        self.command = command  # how hints name the next step: "%deepinfer" or "deepinfer-nb"
         self.start = time.monotonic()
         self._last: tuple[Any, ...] = ()
         self._nofit_since: float | None = None
@@ -542,7 +545,9 @@ class Waiter:
         self._last = key
         for e in engines:
             if e.state is EngineState.FAILED:
-                raise DeploymentError(failure_hint(self.name, e, spec.max_restarts))
+                raise DeploymentError(
+                    failure_hint(self.name, e, spec.max_restarts, command=self.command)
+                )
         stuck = [e for e in engines if e.state is EngineState.PENDING and e.reason]
         if stuck:
             self._nofit_since = self._nofit_since or time.monotonic()
@@ -579,14 +584,16 @@ def status_of(snap: Snapshot, name: str) -> str:
     return text
 
 
-def failure_hint(name: str, engine: Engine, max_restarts: int) -> str:
+def failure_hint(
+    name: str, engine: Engine, max_restarts: int, *, command: str = "%deepinfer"
+) -> str:
     cause = (engine.error or engine.reason or "no error recorded").strip().splitlines()[-1]
     retry = (
         f"it restarts automatically ({engine.restarts}/{max_restarts})"
         if engine.restarts < max_restarts
         else "it will not be restarted"
     )
-    return f"{engine.id} failed: {cause}; {retry}. See %deepinfer logs {name}"
+    return f"{engine.id} failed: {cause}; {retry}. See {command} logs {name}"
 
 
 def nofit_hint(reason: str) -> str:

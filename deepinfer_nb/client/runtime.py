@@ -450,6 +450,7 @@ class HostedServices:
 
         sock = bind_socket(self.gateway_host, port)
         server = GatewayServer(self.store, settings=self.settings, sock=sock)
+        server.app.state.log_source = self.worker  # None without an in-kernel worker
         await server.start(timeout=timeout)
         self._gateway_server = server
         self.gateway_port = server.port  # the server may wrap the socket we bound

@@ -211,6 +211,10 @@ class Worker:
         size = path.stat().st_size if path.exists() else 0
         return LogTail(path, offset=max(0, size - 256 * 1024)).lines(lines)
 
+    def log_path(self, engine_id: str) -> Path:
+        """Where this node writes the engine's output (the gateway's log route reads it)."""
+        return self.launcher.log_path(engine_id)
+
     @property
     def engines(self) -> dict[str, EngineProcess]:
         """The engine processes this worker holds now, by engine id."""

@@ -16,7 +16,7 @@ from .. import __version__
 from ..config import Settings
 from ..engine.client import EngineClient
 from ..store import MetaStore
-from . import cluster_routes, deployments, openai_routes
+from . import cluster_routes, deployments, engine_logs, openai_routes
 from .errors import install_handlers
 from .metrics import GatewayMetrics
 from .routing import ClientFactory, RoutingTable
@@ -51,9 +51,10 @@ def build_app(
     app.state.metrics = metrics
     app.state.serving = OpenAIServing(table, metrics)
     app.state.auth_enabled = bool(keys)
+    app.state.log_source = None  # a worker in the same process sets itself (engine_logs)
     install_handlers(app)
     app.router.routes[:0] = openai_routes.GENERATION_ROUTES  # first: they are matched most
-    for module in (openai_routes, deployments, cluster_routes):
+    for module in (openai_routes, deployments, cluster_routes, engine_logs):
         app.include_router(module.router)
     app.add_middleware(
         SecurityMiddleware, api_keys=keys, max_body_bytes=settings.server.max_body_bytes
