@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from typing import Any
 
 from .. import aio, logs
@@ -60,6 +61,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> Settings:
     """Defaults < file < environment < flags."""
     settings = Settings.load(args.config)
+    for line in settings.notes:
+        print(f"deepinfer-nb: note: {line}", file=sys.stderr)
     if args.store:
         settings.storage.use_url(args.store)
     if getattr(args, "reconcile_interval", None) is not None:
