@@ -42,6 +42,7 @@ from ..logs import ContextAdapter, bind
 from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node
 from ..store import Lease, MetaStore, RangeResult, WatchEvent, decode_record, keys
 from ..store.follow import follow
+from . import rollout
 from .launcher import EngineProcess, Launcher, LogTail
 from .reconcile import Backoff
 
@@ -477,6 +478,7 @@ class Worker:
                             "pid_start_time": proc.start_time,
                             "endpoint": proc.endpoint,
                             "auth_token": token,
+                            "spec_hash": rollout.spec_hash(spec),  # what it really runs
                             "updated_at": time.time(),
                         }
                     )
