@@ -102,7 +102,7 @@ def _deploy(args: argparse.Namespace) -> int:
     body = spec.model_dump(mode="json", exclude={"created_at", "schema_version"})
     gw = Gateway.from_args(args)
     view = gw.request("POST", "/v1/deployments", json=body)
-    note(f"{spec.name}: {'created' if gw.status == 201 else 'unchanged (it exists)'}")
+    note(f"{spec.name}: {view.get('change', 'created')}")
     if args.wait:
         view = wait_running(gw, spec.name, timeout=args.timeout)
     emit(view, args.output, deployment_table)

@@ -145,3 +145,51 @@ def status(spec: DeploymentSpec, engines: Iterable[Engine]) -> dict[str, Any]:
         "reason": reason,
         "can_roll_back": spec.previous is not None,
     }
+
+
+# ---- spec changes (the gateway's POST/PUT/PATCH/rollback and the notebook's deploy share them)
+
+SERVER_FIELDS = frozenset({"created_at", "schema_version", "previous"})
+
+
+def desired(spec: DeploymentSpec) -> dict[str, Any]:
+    """What a user asked for (what `export` writes and `apply` compares)."""
+    return spec.model_dump(mode="json", exclude=set(SERVER_FIELDS))
+
+
+def _settings_for_rollback(spec: DeploymentSpec) -> dict[str, Any]:
+    settings = engine_settings(spec)
+    settings.pop("restart_generation", None)  # a rollback is not an undo of a restart
+    return settings
+
+
+def change(existing: DeploymentSpec, incoming: DeploymentSpec) -> DeploymentSpec | None:
+    """`existing` changed to what `incoming` asks for, or None when nothing differs. A change of
+    engine settings keeps the old ones in `previous`, for `rollback`."""
+    updated = incoming.model_copy(
+        update={
+            "created_at": existing.created_at,
+            "previous": existing.previous,
+            "restart_generation": existing.restart_generation,
+        }
+    )
+    if desired(updated) == desired(existing):
+        return None
+    if spec_hash(updated) != spec_hash(existing):
+        updated = updated.model_copy(update={"previous": _settings_for_rollback(existing)})
+    return updated
+
+
+def rolled_back(spec: DeploymentSpec) -> DeploymentSpec | None:
+    """The spec with its previous engine settings back (None: there were none); the settings
+    it leaves become the new `previous`, so a second rollback goes forward again."""
+    if spec.previous is None:
+        return None
+    data = {**spec.model_dump(), **spec.previous}
+    data["previous"] = _settings_for_rollback(spec)
+    return DeploymentSpec.model_validate(data)
+
+
+def restarted(spec: DeploymentSpec) -> DeploymentSpec:
+    """The spec with every engine due for replacement (a rolling restart)."""
+    return spec.model_copy(update={"restart_generation": spec.restart_generation + 1})

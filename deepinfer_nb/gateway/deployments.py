@@ -1,23 +1,35 @@
-"""The deployments API: create, list, inspect, scale and delete `deployments/{name}` records.
+"""The deployments API: create, list, inspect, change and delete `deployments/{name}` records.
 
-The gateway writes only deployment records (the controller turns them into engines). POST takes
-the original deepinfer body as is (`{"model", "engine", "device", "tensor_parallel_size",
-"gpu_memory_utilization"}`) plus our fields (name, replicas, placement, engine_args, ...);
-an invalid or unknown field is a 422 naming it. Creating is idempotent by name: the same spec
-again answers 200 with the existing deployment, a different one 409. Responses show the
-deployment with its engines' states, read from the store (not the routing table) so a client
-sees its own write at once. Engine auth tokens and env values are never returned.
+The gateway writes only deployment records (the controller turns them into engines and rolls
+them when their engine settings change: control/rollout.py). POST takes the original deepinfer
+body as is (`{"model", "engine", "device", "tensor_parallel_size", "gpu_memory_utilization"}`)
+plus our fields (name, replicas, placement, engine_args, ...); an invalid or unknown field is a
+422 naming it.
+
+    POST   /v1/deployments               create (201); the same spec again 200 "unchanged";
+                                         other settings 200 "updated"; another model 409
+    PUT    /v1/deployments/{name}        create or replace with exactly this spec (apply)
+    PATCH  /v1/deployments/{name}        change the given fields
+    POST   /v1/deployments/{name}/rollback   back to the engine settings before the last change
+    POST   /v1/deployments/{name}/restart    replace every engine, one at a time
+
+Changing answers carry `"change": "created" | "updated" | "unchanged"`. Responses show the
+deployment with its engines' states and its rollout, read from the store (not the routing
+table) so a client sees its own write at once. Engine auth tokens and env values are never
+returned.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from ..control import rollout
 from ..models import DeploymentSpec, Engine, EngineState
 from ..store import MetaStore, decode_record, keys
 from .errors import APIError, validation_error
@@ -26,8 +38,7 @@ from .routing import unavailable_reason
 router = APIRouter(tags=["deployments"])
 JSONBody = Annotated[dict[str, Any], Body()]
 
-_SERVER_FIELDS = frozenset({"created_at", "schema_version"})
-_PATCHABLE = frozenset({"replicas", "max_restarts", "placement"})
+_SERVER_FIELDS = frozenset({"created_at", "schema_version", "previous", "restart_generation"})
 _ENGINE_HIDDEN = frozenset({"auth_token", "schema_version"})
 
 
@@ -87,6 +98,9 @@ def engine_view(engine: Engine) -> dict[str, Any]:
 def deployment_view(spec: DeploymentSpec, engines: list[Engine]) -> dict[str, Any]:
     out = spec.model_dump(mode="json", exclude={"schema_version"})
     out["env"] = {k: "***" for k in spec.env}
+    if spec.previous is not None and "env" in spec.previous:
+        out["previous"]["env"] = {k: "***" for k in spec.previous["env"]}
+    out["rollout"] = rollout.status(spec, engines)
     ready = sum(1 for e in engines if e.state is EngineState.RUNNING)
     out["model_name"] = spec.model_name
     out["ready_replicas"] = ready
@@ -135,22 +149,45 @@ async def list_deployments(request: Request) -> dict[str, Any]:
 
 @router.post("/v1/deployments")
 async def create_deployment(request: Request, body: JSONBody) -> JSONResponse:
-    store = _store(request)
     spec = parse_spec(body)
+    return await _put(_store(request), spec, keep_model=True)
+
+
+@router.put("/v1/deployments/{name}")
+async def replace_deployment(name: str, request: Request, body: JSONBody) -> JSONResponse:
+    if body.get("name", name) != name:
+        raise APIError(422, f"name: {body['name']!r} differs from the URL's {name!r}", param="name")
+    spec = parse_spec({**body, "name": name})
+    return await _put(_store(request), spec, keep_model=False)
+
+
+async def _put(store: MetaStore, spec: DeploymentSpec, *, keep_model: bool) -> JSONResponse:
+    """Create `spec`, or change the existing deployment to it (rolling its engines)."""
     key = keys.deployment(spec.name)
-    if await store.create(key, spec.encode()):
-        return JSONResponse(deployment_view(spec, []), status_code=201)
-    _, existing = await _get_spec(store, spec.name)
-    if _desired(existing) != _desired(spec):
-        raise APIError(
-            409,
-            f"deployment {spec.name} exists with another spec: PATCH it "
-            "(replicas) or DELETE it first",
-            param="name",
-            code="deployment_exists",
-        )
-    engines = await _engines(store, spec.name)
-    return JSONResponse(deployment_view(existing, engines), status_code=200)
+    while True:
+        if await store.create(key, spec.encode()):
+            return _changed(spec, [], "created", status=201)
+        kv, existing = await _get_spec(store, spec.name)
+        if keep_model and existing.model != spec.model:
+            raise APIError(
+                409,
+                f"deployment {spec.name} serves {existing.model}, not {spec.model}: pick another "
+                "name, PUT/PATCH it to change its model, or DELETE it first",
+                param="name",
+                code="deployment_exists",
+            )
+        updated = rollout.change(existing, spec)
+        if updated is None:
+            return _changed(existing, await _engines(store, spec.name), "unchanged")
+        if (await store.compare_and_swap(kv, updated.encode())).succeeded:
+            return _changed(updated, await _engines(store, spec.name), "updated")
+        # someone wrote it meanwhile: re-read and compare again
+
+
+def _changed(
+    spec: DeploymentSpec, engines: list[Engine], change: str, *, status: int = 200
+) -> JSONResponse:
+    return JSONResponse({**deployment_view(spec, engines), "change": change}, status_code=status)
 
 
 @router.get("/v1/deployments/{name}")
@@ -161,22 +198,58 @@ async def get_deployment(name: str, request: Request) -> dict[str, Any]:
 
 
 @router.patch("/v1/deployments/{name}")
-async def update_deployment(name: str, request: Request, body: JSONBody) -> dict[str, Any]:
-    store = _store(request)
+async def update_deployment(name: str, request: Request, body: JSONBody) -> JSONResponse:
     _unknown(
         set(body),
-        _PATCHABLE,
-        why="cannot be changed in place (patchable: max_restarts, placement, replicas)",
+        set(DeploymentSpec.model_fields) - _SERVER_FIELDS - {"name"},
+        why="unknown field (or one that cannot be changed)",
     )
+    if "engine_args" in body:
+        body = {**body, "engine_args": engine_args(body["engine_args"])}
+    return await _modify(_store(request), name, lambda spec: _patched(spec, body))
+
+
+def _patched(spec: DeploymentSpec, body: dict[str, Any]) -> DeploymentSpec | None:
+    try:
+        wanted = DeploymentSpec.model_validate({**spec.model_dump(), **body})
+    except ValidationError as exc:
+        raise validation_error(exc, status=422) from None
+    return rollout.change(spec, wanted)
+
+
+@router.post("/v1/deployments/{name}/rollback")
+async def rollback_deployment(name: str, request: Request) -> JSONResponse:
+    def back(spec: DeploymentSpec) -> DeploymentSpec:
+        previous = rollout.rolled_back(spec)
+        if previous is None:
+            raise APIError(
+                409,
+                f"deployment {name} has no earlier engine settings to roll back to",
+                param="name",
+                code="nothing_to_roll_back",
+            )
+        return previous
+
+    return await _modify(_store(request), name, back)
+
+
+@router.post("/v1/deployments/{name}/restart")
+async def restart_deployment(name: str, request: Request) -> JSONResponse:
+    return await _modify(_store(request), name, rollout.restarted)
+
+
+async def _modify(
+    store: MetaStore, name: str, fn: Callable[[DeploymentSpec], DeploymentSpec | None]
+) -> JSONResponse:
+    """Apply `fn` to the stored spec by compare-and-swap (None from `fn`: nothing to change)."""
     while True:
         kv, spec = await _get_spec(store, name)
-        try:
-            updated = DeploymentSpec.model_validate({**spec.model_dump(), **body})
-        except ValidationError as exc:
-            raise validation_error(exc, status=422) from None
+        updated = fn(spec)
+        if updated is None:
+            return _changed(spec, await _engines(store, name), "unchanged")
         if (await store.compare_and_swap(kv, updated.encode())).succeeded:
-            break  # else someone wrote it meanwhile: re-read and apply the patch again
-    return deployment_view(updated, await _engines(store, name))
+            return _changed(updated, await _engines(store, name), "updated")
+        # else someone wrote it meanwhile: re-read and apply again
 
 
 @router.delete("/v1/deployments/{name}")
@@ -187,7 +260,3 @@ async def delete_deployment(name: str, request: Request) -> dict[str, Any]:
             404, f"deployment {name} does not exist", param="name", code="deployment_not_found"
         )
     return {"name": name, "deleted": True}
-
-
-def _desired(spec: DeploymentSpec) -> dict[str, Any]:
-    return spec.model_dump(exclude=set(_SERVER_FIELDS))
