@@ -30,6 +30,7 @@ COMMANDS = [
     "inspect",
     "logs",
     "chat",
+    "apply",
 ]
 
 

@@ -1,14 +1,17 @@
-"""`deepinfer-nb deploy | scale | stop | rm`: change deployments through a gateway.
+"""`deepinfer-nb deploy | scale | rollback | restart | stop | rm`: change deployments.
 
     deepinfer-nb deploy MODEL [--name N] [--replicas R] [--device D] [--gpus G]
                         [--engine-arg KEY[=VALUE]]... [--wait [--timeout S]]
     deepinfer-nb scale NAME REPLICAS [--wait]
+    deepinfer-nb rollback NAME [--wait]   |   deepinfer-nb restart NAME [--wait]
     deepinfer-nb stop NAME   (rm NAME is the same)
 
 The deployment spec is built exactly as the notebook's `%deepinfer deploy` builds it
 (`client.cluster.build_spec`: CPU defaults, --gpus as tensor parallel, engine args that name a
-spec field go to that field, the rest become vLLM flags), then POSTed. `--wait` shows the
-notebook's stages (Pending -> Scheduled -> Starting -> Running) on stderr as they change.
+spec field go to that field, the rest become vLLM flags), then POSTed: an existing deployment
+with other settings is updated (its engines roll). `--wait` shows the notebook's stages
+(Pending -> Scheduled -> Starting -> Running) on stderr as they change; for an update, rollback
+or restart it follows the rollout until every replica runs the new settings.
 """
 
 from __future__ import annotations
@@ -50,6 +53,16 @@ def register(sub: Any) -> None:
     p.add_argument("replicas", type=int)
     _wait_flags(p)
     _common(p, _scale)
+
+    p = sub.add_parser("rollback", help="return to the engine settings before the last change")
+    p.add_argument("name")
+    _wait_flags(p)
+    _common(p, _rollback)
+
+    p = sub.add_parser("restart", help="replace every engine, one at a time (no outage)")
+    p.add_argument("name")
+    _wait_flags(p)
+    _common(p, _restart)
 
     for verb in ("stop", "rm"):
         p = sub.add_parser(verb, help="delete a deployment; its engines stop")
@@ -103,7 +116,9 @@ def _deploy(args: argparse.Namespace) -> int:
     gw = Gateway.from_args(args)
     view = gw.request("POST", "/v1/deployments", json=body)
     note(f"{spec.name}: {view.get('change', 'created')}")
-    if args.wait:
+    if args.wait and view.get("change") == "updated":
+        view = wait_rolled(gw, spec.name, timeout=args.timeout)
+    elif args.wait:
         view = wait_running(gw, spec.name, timeout=args.timeout)
     emit(view, args.output, deployment_table)
     return 0
@@ -119,6 +134,46 @@ def _scale(args: argparse.Namespace) -> int:
         view = wait_running(gw, args.name, timeout=args.timeout)
     emit(view, args.output, deployment_table)
     return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    return _roll(args, "rollback", "rolling back")
+
+
+def _restart(args: argparse.Namespace) -> int:
+    return _roll(args, "restart", "rolling restart")
+
+
+def _roll(args: argparse.Namespace, action: str, what: str) -> int:
+    gw = Gateway.from_args(args)
+    view = gw.request("POST", f"/v1/deployments/{args.name}/{action}")
+    note(f"{args.name}: {what} ({view['rollout_status']['state']})")
+    if args.wait:
+        view = wait_rolled(gw, args.name, timeout=args.timeout)
+    emit(view, args.output, deployment_table)
+    return 0
+
+
+def wait_rolled(gw: Gateway, name: str, *, timeout: float) -> dict[str, Any]:
+    """Poll until the rollout completes (stderr shows its progress); a halt is an error."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        view: dict[str, Any] = gw.get(f"/v1/deployments/{name}")
+        state = view["rollout_status"]
+        shown = (state["state"], state["updated"])
+        if shown != last:
+            note(f"{name}: rollout {state['state']} ({state['updated']}/{state['replicas']})")
+            last = shown
+        if state["state"] == "complete" and view["ready_replicas"] >= view["replicas"]:
+            return view
+        if state["state"] == "halted":
+            raise CommandError(f"{name}: rollout halted: {state['reason']}")
+        if time.monotonic() > deadline:
+            raise CommandError(
+                f"{name}: rollout not done after {timeout:g} s; see deepinfer-nb status {name}"
+            )
+        time.sleep(POLL_S)
 
 
 def _stop(args: argparse.Namespace) -> int:

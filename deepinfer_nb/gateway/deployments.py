@@ -14,8 +14,8 @@ plus our fields (name, replicas, placement, engine_args, ...); an invalid or unk
     POST   /v1/deployments/{name}/restart    replace every engine, one at a time
 
 Changing answers carry `"change": "created" | "updated" | "unchanged"`. Responses show the
-deployment with its engines' states and its rollout, read from the store (not the routing
-table) so a client sees its own write at once. Engine auth tokens and env values are never
+deployment with its engines' states and its `rollout_status`, read from the store (not the
+routing table) so a client sees its own write at once. Engine auth tokens and env values are never
 returned.
 """
 
@@ -38,6 +38,8 @@ from .routing import unavailable_reason
 router = APIRouter(tags=["deployments"])
 JSONBody = Annotated[dict[str, Any], Body()]
 
+MASK = "***"
+"""How env values (secrets) are shown."""
 _SERVER_FIELDS = frozenset({"created_at", "schema_version", "previous", "restart_generation"})
 _ENGINE_HIDDEN = frozenset({"auth_token", "schema_version"})
 
@@ -97,10 +99,10 @@ def engine_view(engine: Engine) -> dict[str, Any]:
 
 def deployment_view(spec: DeploymentSpec, engines: list[Engine]) -> dict[str, Any]:
     out = spec.model_dump(mode="json", exclude={"schema_version"})
-    out["env"] = {k: "***" for k in spec.env}
+    out["env"] = {k: MASK for k in spec.env}
     if spec.previous is not None and "env" in spec.previous:
-        out["previous"]["env"] = {k: "***" for k in spec.previous["env"]}
-    out["rollout"] = rollout.status(spec, engines)
+        out["previous"]["env"] = {k: MASK for k in spec.previous["env"]}
+    out["rollout_status"] = rollout.status(spec, engines)
     ready = sum(1 for e in engines if e.state is EngineState.RUNNING)
     out["model_name"] = spec.model_name
     out["ready_replicas"] = ready
@@ -176,12 +178,19 @@ async def _put(store: MetaStore, spec: DeploymentSpec, *, keep_model: bool) -> J
                 param="name",
                 code="deployment_exists",
             )
-        updated = rollout.change(existing, spec)
+        updated = rollout.change(existing, _unmasked(spec, existing))
         if updated is None:
             return _changed(existing, await _engines(store, spec.name), "unchanged")
         if (await store.compare_and_swap(kv, updated.encode())).succeeded:
             return _changed(updated, await _engines(store, spec.name), "updated")
         # someone wrote it meanwhile: re-read and compare again
+
+
+def _unmasked(spec: DeploymentSpec, existing: DeploymentSpec) -> DeploymentSpec:
+    """`spec` with each env value "***" (as views and `export` show secrets) meaning: keep the
+    deployment's own value, so an exported file applies back unchanged."""
+    env = {k: existing.env.get(k, v) if v == MASK else v for k, v in spec.env.items()}
+    return spec.model_copy(update={"env": env})
 
 
 def _changed(

@@ -212,7 +212,7 @@ def test_error_paths_exit_codes_and_one_line(gateway: str, tmp_path: Path) -> No
     assert "does not exist" in one_line_error(cli(gateway, "chat", "nope", "hi"), 1)
     assert "does not exist" in one_line_error(cli(gateway, "stop", "nope"), 1)
     conflict = one_line_error(cli(gateway, "deploy", "other-model", "--name", NAME), 1)
-    assert "exists with another spec" in conflict
+    assert "serves smollm2-135m-instruct, not other-model" in conflict
     closed = f"http://127.0.0.1:{free_port()}"
     line = one_line_error(cli(gateway, "ls", "--gateway", closed), 1)
     assert "cannot reach the gateway" in line and "deepinfer-nb up" in line

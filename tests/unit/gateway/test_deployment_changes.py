@@ -48,7 +48,9 @@ async def test_put_patch_rollback_restart(http: tuple[httpx.AsyncClient, MemoryS
     view = r.json()
     assert view["change"] == "updated" and view["max_model_len"] == 1024
     assert view["previous"]["max_model_len"] == 2048
-    assert view["rollout"]["state"] == "progressing" and view["rollout"]["can_roll_back"]
+    assert (
+        view["rollout_status"]["state"] == "progressing" and view["rollout_status"]["can_roll_back"]
+    )
     second = await _stored(store, "d")
     assert rollout.spec_hash(second) != rollout.spec_hash(first)
 
@@ -107,5 +109,5 @@ async def test_halted_rollout_is_reported(http: tuple[httpx.AsyncClient, MemoryS
     )
     await store.put(keys.engine(failed.id), failed.encode())
     view = (await client.get("/v1/deployments/d")).json()
-    assert view["rollout"]["state"] == "halted"
-    assert "d-0-new failed: unrecognized --bad" in view["rollout"]["reason"]
+    assert view["rollout_status"]["state"] == "halted"
+    assert "d-0-new failed: unrecognized --bad" in view["rollout_status"]["reason"]
