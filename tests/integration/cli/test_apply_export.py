@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +16,9 @@ import yaml
 
 from deepinfer_nb.netutil import free_port
 
-EXE = str(Path(sys.executable).parent / "deepinfer-nb")
+from . import helpers
+
+EXE = helpers.EXE
 
 FILE = """
 deployments:
@@ -46,27 +45,12 @@ deployments:
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("gw") / "gw.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [EXE, "gateway", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
+    proc = helpers.start(["gateway", "--port", str(port)], url=url, log=log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=2)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        helpers.stop(proc)
 
 
 def cli(gateway: str, *args: str) -> subprocess.CompletedProcess[str]:

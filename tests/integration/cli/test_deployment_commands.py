@@ -12,46 +12,23 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
 from deepinfer_nb.netutil import free_port
 
+from . import helpers
+
 pytestmark = pytest.mark.engine
 
 NAME = "smol"
-EXE = str(Path(sys.executable).parent / "deepinfer-nb")
+EXE = helpers.EXE
 START_TIMEOUT_S = 600
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "the server did not come up:\n" + log.read_text()
-        time.sleep(0.2)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +37,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("up") / "up.log"
     port = free_port()
     node = f"cli-{uuid.uuid4().hex[:8]}"
-    cmd = [EXE, "up", "--node", node, "--gateway-port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    proc = helpers.start(["up", "--node", node, "--gateway-port", str(port)], url=url, log=log)
     try:
-        _wait_healthy(url, proc, log, 120)
         yield url
     finally:
-        _stop(proc)
+        helpers.stop(proc)
 
 
 def cli(
@@ -245,17 +219,10 @@ def test_api_key_gateway(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "gw.log"
     env = {**os.environ, "CLI_TEST_KEY": "s3cret"}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [EXE, "gateway", "--port", str(port), "--api-key-env", "CLI_TEST_KEY"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
+    args = ["gateway", "--port", str(port), "--api-key-env", "CLI_TEST_KEY"]
+    proc = helpers.start(args, url=url, log=log, env=env)
     try:
-        _wait_healthy(url, proc, log, 60)
         line = one_line_error(cli(url, "ls"), 1)
         assert "DEEPINFER_API_KEY" in line
         ok = subprocess.run(
@@ -267,7 +234,7 @@ def test_api_key_gateway(tmp_path: Path) -> None:
         )
         assert ok.returncode == 0 and json.loads(ok.stdout)["deployments"] == []
     finally:
-        _stop(proc)
+        helpers.stop(proc)
 
 
 def test_scale_then_stop(gateway: str) -> None:
