@@ -27,13 +27,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from ..control.rollout import desired
+from ..control import specfile
 from ..models import DeploymentSpec
 from .output import note
 from .remote import EXIT_USAGE, CommandError, Gateway, add_client_flags
-
-HIDDEN = frozenset({"restart_generation"})
-"""Server-side counters that a file neither sets nor shows."""
 
 
 def register(sub: Any) -> None:
@@ -48,14 +45,6 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
     add_client_flags(p)
     p.set_defaults(func=_export)
-
-
-def file_entry(view: dict[str, Any]) -> dict[str, Any]:
-    """A deployment as `export` writes it: name and model first, then every non-default."""
-    spec = _spec({k: v for k, v in view.items() if k in DeploymentSpec.model_fields}, "view")
-    fields = _fields(spec)
-    defaults = _fields(DeploymentSpec(name=spec.name, model=spec.model))
-    return {k: v for k, v in fields.items() if k in ("name", "model") or v != defaults.get(k)}
 
 
 def read_file(path: str) -> list[dict[str, Any]]:
@@ -87,10 +76,10 @@ def read_file(path: str) -> list[dict[str, Any]]:
 
 def diff(current: dict[str, Any] | None, wanted: dict[str, Any]) -> list[str]:
     """`field: old -> new` lines between a deployment's view and a file entry."""
-    new = _fields(_spec(wanted, wanted["name"]))
+    new = specfile.fields(_spec(wanted, wanted["name"]))
     if current is None:
         return []
-    old = _fields(_spec({k: v for k, v in current.items() if k in DeploymentSpec.model_fields}, ""))
+    old = specfile.fields(_spec(_spec_fields(current), current["name"]))
     return [
         f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
         for k in sorted(set(old) | set(new))
@@ -98,8 +87,8 @@ def diff(current: dict[str, Any] | None, wanted: dict[str, Any]) -> list[str]:
     ]
 
 
-def _fields(spec: DeploymentSpec) -> dict[str, Any]:
-    return {k: v for k, v in desired(spec).items() if k not in HIDDEN}
+def _spec_fields(view: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in view.items() if k in DeploymentSpec.model_fields}
 
 
 def _spec(data: dict[str, Any], where: str) -> DeploymentSpec:
@@ -141,14 +130,13 @@ def _apply(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     views = Gateway.from_args(args).get("/v1/deployments")["data"]
-    data = {"deployments": [file_entry(v) for v in sorted(views, key=lambda v: v["name"])]}
+    specs = [_spec(_spec_fields(v), v["name"]) for v in views]
+    text = specfile.dump(specs)  # env values arrive masked from the gateway already
     if args.output == "json":
-        text = json.dumps(data, indent=2) + "\n"
-    else:
-        text = yaml.safe_dump(data, sort_keys=False)
+        text = json.dumps(yaml.safe_load(text), indent=2) + "\n"
     if args.file == "-":
         sys.stdout.write(text)
     else:
         Path(args.file).write_text(text)
-        note(f"{len(data['deployments'])} deployment(s) written to {args.file}")
+        note(f"{len(specs)} deployment(s) written to {args.file}")
     return 0

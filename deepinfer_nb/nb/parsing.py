@@ -21,6 +21,9 @@ HELP = """\
 %deepinfer logs NAME [--lines N]   engine logs (engines on this kernel's worker)
 %deepinfer stop NAME | rm NAME     stop the deployment's engines and remove it
 %deepinfer scale NAME R [--wait]   change the number of replicas
+%deepinfer rollback NAME [--wait]  back to the settings before the last change (rolling)
+%deepinfer restart NAME [--wait]   replace every engine, one at a time (no outage)
+%deepinfer export [FILE]           deployments as a file `deepinfer-nb apply -f` accepts
 %deepinfer gpus                    GPUs per node (or why a node has none)
 %deepinfer monitor [--gpus]        live engine (and GPU) monitor widget
 %deepinfer gateway [url|start|stop] [--port N]
@@ -40,6 +43,9 @@ COMMANDS = [
     "stop",
     "rm",
     "scale",
+    "rollback",
+    "restart",
+    "export",
     "gpus",
     "monitor",
     "gateway",
@@ -94,6 +100,12 @@ def _build() -> dict[str, _Parser]:
     sc.add_argument("name")
     sc.add_argument("replicas", type=int)
     sc.add_argument("--wait", action="store_true")
+    for cmd in ("rollback", "restart"):
+        p[cmd] = _parser(cmd)
+        p[cmd].add_argument("name")
+        p[cmd].add_argument("--wait", action="store_true")
+    ex = p["export"] = _parser("export")
+    ex.add_argument("file", nargs="?", default=None)
     p["gpus"] = _parser("gpus")
     mon = p["monitor"] = _parser("monitor")
     mon.add_argument("--gpus", action="store_true")
