@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..control import rollout, specfile
+from .. import specs
+from ..control import specfile
 from ..errors import DeepInferError, EngineUnavailableError
 from ..models import NAME_PATTERN, DeploymentSpec, Engine, EngineState, Placement, decode
 from ..store import keys
@@ -235,7 +236,7 @@ class Cluster:
                     f"deployment {spec.name!r} already serves {current.model!r}; "
                     f"pick another --name or remove it first (%deepinfer rm {spec.name})"
                 )
-            updated = rollout.change(current, spec)
+            updated = specs.change(current, spec)
             if updated is None:
                 return "unchanged"
             if (await store.compare_and_swap(kv, updated.encode())).succeeded:
@@ -390,7 +391,7 @@ class Deployment:
         spec = self.spec
         if spec is None:
             raise DeploymentError(f"deployment {self.name!r} was removed")
-        return rollout.status(spec, self.engines)
+        return specs.status(spec, self.engines)
 
     def wait_rollout(self, *, timeout: float = 900.0, poll_s: float = 0.5) -> Deployment:
         """Block until every replica runs the current settings; a halted rollout raises."""
@@ -416,7 +417,7 @@ class Deployment:
         """Return to the engine settings before the last change (the engines roll)."""
 
         def back(spec: DeploymentSpec) -> DeploymentSpec:
-            previous = rollout.rolled_back(spec)
+            previous = specs.rolled_back(spec)
             if previous is None:
                 raise DeploymentError(f"{self.name} has no earlier settings to roll back to")
             return previous
@@ -426,7 +427,7 @@ class Deployment:
 
     def restart(self) -> Deployment:
         """Replace every engine, one at a time, each new one Running before an old one stops."""
-        self.cluster.run(self.cluster._modify(self.name, rollout.restarted))
+        self.cluster.run(self.cluster._modify(self.name, specs.restarted))
         return self
 
     def scale(self, replicas: int, *, wait: bool = False, timeout: float = 900.0) -> Deployment:

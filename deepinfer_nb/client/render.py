@@ -207,12 +207,12 @@ def gpus_text(snap: Snapshot) -> str:
 
 def rollout_line(snap: Snapshot, name: str) -> str:
     """ "" when the deployment runs its current settings everywhere; else the rollout's state."""
-    from ..control import rollout
+    from .. import specs
 
     spec = snap.deployments.get(name)
     if spec is None:
         return ""
-    state = rollout.status(spec, snap.engines_of(name))
+    state = specs.status(spec, snap.engines_of(name))
     if state["state"] == "complete":
         return ""
     line = f"rollout {state['state']}: {state['updated']}/{state['replicas']} updated"

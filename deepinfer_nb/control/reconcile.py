@@ -25,6 +25,7 @@ import dataclasses
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from .. import specs
 from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node
 from . import rollout, scheduler
 from .scheduler import Assignment, NoFit, PlacementRequest, Strategy
@@ -137,7 +138,7 @@ def decide(
         slots: dict[int, list[Engine]] = {}
         for e in by_deployment.get(spec.name, []):
             slots.setdefault(e.replica, []).append(e)
-        current = rollout.spec_hash(spec)
+        current = specs.spec_hash(spec)
         rolls = rollout.plan(
             spec, {r: [e for e in es if e.id not in touched] for r, es in slots.items()}
         )

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..models import DeploymentSpec
-from .rollout import desired
+from ..specs import desired
 
 HIDDEN = frozenset({"restart_generation"})
 """Server-side counters that a file neither sets nor shows."""

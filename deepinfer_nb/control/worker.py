@@ -32,7 +32,7 @@ from pathlib import Path
 
 import psutil
 
-from .. import gpu
+from .. import gpu, specs
 from .._proto import engine_service_pb2 as pb
 from ..config import Settings
 from ..engine.client import EngineClient
@@ -42,7 +42,6 @@ from ..logs import ContextAdapter, bind
 from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node
 from ..store import Lease, MetaStore, RangeResult, WatchEvent, decode_record, keys
 from ..store.follow import follow
-from . import rollout
 from .launcher import EngineProcess, Launcher, LogTail
 from .reconcile import Backoff
 
@@ -478,7 +477,7 @@ class Worker:
                             "pid_start_time": proc.start_time,
                             "endpoint": proc.endpoint,
                             "auth_token": token,
-                            "spec_hash": rollout.spec_hash(spec),  # what it really runs
+                            "spec_hash": specs.spec_hash(spec),  # what it really runs
                             "updated_at": time.time(),
                         }
                     )

@@ -1,10 +1,10 @@
 """The deployments API: create, list, inspect, change and delete `deployments/{name}` records.
 
 The gateway writes only deployment records (the controller turns them into engines and rolls
-them when their engine settings change: control/rollout.py). POST takes the original deepinfer
-body as is (`{"model", "engine", "device", "tensor_parallel_size", "gpu_memory_utilization"}`)
-plus our fields (name, replicas, placement, engine_args, ...); an invalid or unknown field is a
-422 naming it.
+them when their engine settings change: specs.py, control/rollout.py). POST takes the original
+deepinfer body as is (`{"model", "engine", "device", "tensor_parallel_size",
+"gpu_memory_utilization"}`) plus our fields (name, replicas, placement, engine_args, ...); an
+invalid or unknown field is a 422 naming it.
 
     POST   /v1/deployments               create (201); the same spec again 200 "unchanged";
                                          other settings 200 "updated"; another model 409
@@ -29,7 +29,7 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from ..control import rollout
+from .. import specs
 from ..models import DeploymentSpec, Engine, EngineState
 from ..store import MetaStore, decode_record, keys
 from .errors import APIError, validation_error
@@ -102,7 +102,7 @@ def deployment_view(spec: DeploymentSpec, engines: list[Engine]) -> dict[str, An
     out["env"] = {k: MASK for k in spec.env}
     if spec.previous is not None and "env" in spec.previous:
         out["previous"]["env"] = {k: MASK for k in spec.previous["env"]}
-    out["rollout_status"] = rollout.status(spec, engines)
+    out["rollout_status"] = specs.status(spec, engines)
     ready = sum(1 for e in engines if e.state is EngineState.RUNNING)
     out["model_name"] = spec.model_name
     out["ready_replicas"] = ready
@@ -178,7 +178,7 @@ async def _put(store: MetaStore, spec: DeploymentSpec, *, keep_model: bool) -> J
                 param="name",
                 code="deployment_exists",
             )
-        updated = rollout.change(existing, _unmasked(spec, existing))
+        updated = specs.change(existing, _unmasked(spec, existing))
         if updated is None:
             return _changed(existing, await _engines(store, spec.name), "unchanged")
         if (await store.compare_and_swap(kv, updated.encode())).succeeded:
@@ -223,13 +223,13 @@ def _patched(spec: DeploymentSpec, body: dict[str, Any]) -> DeploymentSpec | Non
         wanted = DeploymentSpec.model_validate({**spec.model_dump(), **body})
     except ValidationError as exc:
         raise validation_error(exc, status=422) from None
-    return rollout.change(spec, wanted)
+    return specs.change(spec, wanted)
 
 
 @router.post("/v1/deployments/{name}/rollback")
 async def rollback_deployment(name: str, request: Request) -> JSONResponse:
     def back(spec: DeploymentSpec) -> DeploymentSpec:
-        previous = rollout.rolled_back(spec)
+        previous = specs.rolled_back(spec)
         if previous is None:
             raise APIError(
                 409,
@@ -244,7 +244,7 @@ async def rollback_deployment(name: str, request: Request) -> JSONResponse:
 
 @router.post("/v1/deployments/{name}/restart")
 async def restart_deployment(name: str, request: Request) -> JSONResponse:
-    return await _modify(_store(request), name, rollout.restarted)
+    return await _modify(_store(request), name, specs.restarted)
 
 
 async def _modify(

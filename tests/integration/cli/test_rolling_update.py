@@ -145,6 +145,7 @@ def test_rolling_update_under_load_replaces_both_engines(gateway: str) -> None:
 
         after = wait_for(gateway, rolled, ROLL_TIMEOUT_S, "rolled")
         time.sleep(3)  # and keeps flowing on the new engines
+    print(f"rolling update under load: {load.ok} requests ok, {len(load.failures)} failed")
     assert load.failures == [], load.failures[:5]
     assert load.ok >= 20
     assert min(seen_running) >= 2  # never fewer than 2 serving replicas
@@ -165,6 +166,7 @@ def test_a_new_engine_that_cannot_start_halts_and_old_ones_serve(gateway: str) -
         )
         time.sleep(5)  # halted stays halted, and the old engines go on answering
         still = view(gateway)
+    print(f"halted rollout under load: {load.ok} requests ok, {len(load.failures)} failed")
     assert load.failures == [], load.failures[:5]
     assert load.ok >= 10
     reason = halted["rollout_status"]["reason"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deepinfer_nb.control import rollout
+from deepinfer_nb import specs
 from deepinfer_nb.control.reconcile import (
     CreateEngine,
     DeleteEngine,
@@ -57,7 +57,7 @@ class Sim:
         for e in list(self.engines.values()):  # the workers
             step = {S.SCHEDULED: S.STARTING, S.STARTING: S.RUNNING, S.STOPPING: S.STOPPED}
             if e.state in step:
-                launched = rollout.spec_hash(self.spec) if e.state is S.SCHEDULED else e.spec_hash
+                launched = specs.spec_hash(self.spec) if e.state is S.SCHEDULED else e.spec_hash
                 nxt = step[e.state]
                 if nxt is S.RUNNING and e.spec_hash in self.breaks:
                     failed = e.transition(S.FAILED, "exited").model_copy(
@@ -89,13 +89,11 @@ def steady(replicas: int = 2, **kw: Any) -> Sim:
 
 def test_hash_ignores_in_place_fields_and_defaults() -> None:
     base = spec(max_model_len=2048)
-    assert rollout.spec_hash(base) == rollout.spec_hash(
+    assert specs.spec_hash(base) == specs.spec_hash(
         base.model_copy(update={"replicas": 5, "max_restarts": 1})
     )
-    assert rollout.spec_hash(base) != rollout.spec_hash(
-        base.model_copy(update={"max_model_len": 1024})
-    )
-    assert rollout.spec_hash(base) != rollout.spec_hash(
+    assert specs.spec_hash(base) != specs.spec_hash(base.model_copy(update={"max_model_len": 1024}))
+    assert specs.spec_hash(base) != specs.spec_hash(
         base.model_copy(update={"restart_generation": 1})
     )
 
@@ -104,8 +102,8 @@ def test_a_spec_change_rolls_every_replica_surge_1_unavailable_0() -> None:
     sim = steady(replicas=2, max_model_len=2048)
     before = {e.id for e in sim.running()}
     sim.spec = sim.spec.model_copy(update={"max_model_len": 1024})
-    new_hash = rollout.spec_hash(sim.spec)
-    assert rollout.status(sim.spec, sim.engines.values())["state"] == "progressing"
+    new_hash = specs.spec_hash(sim.spec)
+    assert specs.status(sim.spec, sim.engines.values())["state"] == "progressing"
     sim.settle()
     for engines in sim.history[-40:]:
         running = [e for e in engines if e.state is S.RUNNING]
@@ -115,7 +113,7 @@ def test_a_spec_change_rolls_every_replica_surge_1_unavailable_0() -> None:
     after = sim.running()
     assert len(after) == 2 and not before & {e.id for e in after}
     assert {e.spec_hash for e in after} == {new_hash} and len(sim.engines) == 2
-    assert rollout.status(sim.spec, sim.engines.values()) | {"spec_hash": ""} == {
+    assert specs.status(sim.spec, sim.engines.values()) | {"spec_hash": ""} == {
         "state": "complete",
         "updated": 2,
         "replicas": 2,
@@ -129,7 +127,7 @@ def test_one_slot_at_a_time() -> None:
     sim = steady(replicas=3)
     sim.spec = sim.spec.model_copy(update={"restart_generation": 1})
     sim.settle()
-    new_hash = rollout.spec_hash(sim.spec)
+    new_hash = specs.spec_hash(sim.spec)
     for engines in sim.history[-40:]:
         slots_in_flight = {
             e.replica for e in engines if e.spec_hash != new_hash and e.state is not S.RUNNING
@@ -143,19 +141,19 @@ def test_a_failing_new_engine_halts_and_old_ones_keep_serving() -> None:
     old_ids = {e.id for e in sim.running()}
     old_spec = sim.spec
     sim.spec = sim.spec.model_copy(update={"engine_args": ["--nope"], "max_restarts": 0})
-    sim.breaks.add(rollout.spec_hash(sim.spec))
+    sim.breaks.add(specs.spec_hash(sim.spec))
     sim.settle()
     assert {e.id for e in sim.running()} == old_ids  # both old engines still serve
     failed = [e for e in sim.engines.values() if e.state is S.FAILED]
     assert len(failed) == 1  # halted after the first: the second slot never started
-    state = rollout.status(sim.spec, sim.engines.values())
+    state = specs.status(sim.spec, sim.engines.values())
     assert state["state"] == "halted" and "--nope" in state["reason"]
     assert "roll back" in state["reason"]
     # rolling back: the old engines are current again, the failed new one is removed
     sim.spec = old_spec.model_copy(update={"max_restarts": 0})
     sim.settle()
     assert {e.id for e in sim.engines.values()} == old_ids
-    assert rollout.status(sim.spec, sim.engines.values())["state"] == "complete"
+    assert specs.status(sim.spec, sim.engines.values())["state"] == "complete"
 
 
 def test_max_unavailable_takes_the_old_engine_out_first() -> None:
@@ -166,7 +164,7 @@ def test_max_unavailable_takes_the_old_engine_out_first() -> None:
         active = [e for e in engines if e.state is not S.STOPPED]
         assert len(active) <= 2  # no surge
         assert sum(e.state is S.RUNNING for e in engines) >= 1  # at most one down
-    assert {e.spec_hash for e in sim.running()} == {rollout.spec_hash(sim.spec)}
+    assert {e.spec_hash for e in sim.running()} == {specs.spec_hash(sim.spec)}
     assert len(sim.running()) == 2
 
 

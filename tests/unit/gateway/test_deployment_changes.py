@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest_asyncio
 
-from deepinfer_nb.control import rollout
+from deepinfer_nb import specs
 from deepinfer_nb.gateway import GatewayServer
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState
 from deepinfer_nb.store import decode_record, keys
@@ -43,7 +43,7 @@ async def test_put_patch_rollback_restart(http: tuple[httpx.AsyncClient, MemoryS
     first = await _stored(store, "d")
 
     # an engine setting changes: updated, the old settings kept for rollback, rollout shown
-    await put_engine(store, "d", 0, spec_hash=rollout.spec_hash(first))
+    await put_engine(store, "d", 0, spec_hash=specs.spec_hash(first))
     r = await client.patch("/v1/deployments/d", json={"max_model_len": 1024})
     view = r.json()
     assert view["change"] == "updated" and view["max_model_len"] == 1024
@@ -52,20 +52,20 @@ async def test_put_patch_rollback_restart(http: tuple[httpx.AsyncClient, MemoryS
         view["rollout_status"]["state"] == "progressing" and view["rollout_status"]["can_roll_back"]
     )
     second = await _stored(store, "d")
-    assert rollout.spec_hash(second) != rollout.spec_hash(first)
+    assert specs.spec_hash(second) != specs.spec_hash(first)
 
     # scaling alone is not a rollout and keeps the rollback target
     r = await client.patch("/v1/deployments/d", json={"replicas": 1})
     assert r.json()["change"] == "updated" and r.json()["previous"]["max_model_len"] == 2048
-    assert rollout.spec_hash(await _stored(store, "d")) == rollout.spec_hash(second)
+    assert specs.spec_hash(await _stored(store, "d")) == specs.spec_hash(second)
 
     r = await client.post("/v1/deployments/d/rollback")
     assert r.json()["max_model_len"] == 2048 and r.json()["previous"]["max_model_len"] == 1024
-    assert rollout.spec_hash(await _stored(store, "d")) == rollout.spec_hash(first)
+    assert specs.spec_hash(await _stored(store, "d")) == specs.spec_hash(first)
 
     r = await client.post("/v1/deployments/d/restart")
     assert r.json()["restart_generation"] == 1
-    assert rollout.spec_hash(await _stored(store, "d")) != rollout.spec_hash(first)
+    assert specs.spec_hash(await _stored(store, "d")) != specs.spec_hash(first)
 
     # PUT replaces: fields not given go back to their defaults
     r = await client.put("/v1/deployments/d", json={"model": "m2", "device": "cpu"})
@@ -96,7 +96,7 @@ async def test_halted_rollout_is_reported(http: tuple[httpx.AsyncClient, MemoryS
     client, store = http
     await client.put("/v1/deployments/d", json={"model": "m", "replicas": 1})
     old = await _stored(store, "d")
-    await put_engine(store, "d", 0, spec_hash=rollout.spec_hash(old))
+    await put_engine(store, "d", 0, spec_hash=specs.spec_hash(old))
     await client.patch("/v1/deployments/d", json={"engine_args": ["--bad"]})
     new = await _stored(store, "d")
     failed = Engine(
@@ -105,7 +105,7 @@ async def test_halted_rollout_is_reported(http: tuple[httpx.AsyncClient, MemoryS
         replica=0,
         state=EngineState.FAILED,
         error="unrecognized --bad",
-        spec_hash=rollout.spec_hash(new),
+        spec_hash=specs.spec_hash(new),
     )
     await store.put(keys.engine(failed.id), failed.encode())
     view = (await client.get("/v1/deployments/d")).json()
