@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from .. import procenv
 from ..errors import DeepInferError
 
 COMMANDS = [
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    procenv.apply_grpc_experiments()  # our own process: before any command imports grpc
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

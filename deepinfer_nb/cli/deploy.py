@@ -20,7 +20,8 @@ import argparse
 import time
 from typing import Any
 
-from ..client.cluster import STAGES, DeploymentError, Waiter, build_spec
+from ..client.cluster import DeploymentError, Waiter, build_spec
+from ..client.view import STAGES
 from ..models import Engine
 from . import snapshot
 from .inspect import deployment_table

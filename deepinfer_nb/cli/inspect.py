@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..client.cluster import status_of
 from ..client.render import (
     ENGINE_COLUMNS,
     GPU_COLUMNS,
@@ -20,6 +19,7 @@ from ..client.render import (
     gpu_rows,
     text_table,
 )
+from ..client.view import status_of
 from . import snapshot
 from .output import add_output_flag, emit
 from .remote import Gateway, add_client_flags

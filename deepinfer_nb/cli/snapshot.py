@@ -1,8 +1,8 @@
 """The gateway's JSON views turned back into the notebook's `Snapshot`.
 
 The deployment commands reuse the notebook's pure pieces (tables in `client.render`, the
-`deploy --wait` check `client.cluster.Waiter`, `status_of`) on what the gateway returns, so both
-entry points word states, progress and failures the same way.
+`deploy --wait` check `client.cluster.Waiter`, `client.view.status_of`) on what the gateway
+returns, so both entry points word states, progress and failures the same way.
 """
 
 from __future__ import annotations
