@@ -22,6 +22,7 @@ from typing import Any
 
 from ..client.cluster import DeploymentError, Waiter, build_spec
 from ..client.view import STAGES
+from ..control import specfile
 from ..models import Engine
 from . import snapshot
 from .inspect import deployment_table
@@ -113,7 +114,7 @@ def _deploy(args: argparse.Namespace) -> int:
         )
     except DeploymentError as exc:
         raise CommandError(str(exc), code=EXIT_USAGE) from None
-    body = spec.model_dump(mode="json", exclude={"created_at", "schema_version"})
+    body = specfile.fields(spec)  # what a user sets: no server-side fields
     gw = Gateway.from_args(args)
     view = gw.request("POST", "/v1/deployments", json=body)
     note(f"{spec.name}: {view.get('change', 'created')}")
