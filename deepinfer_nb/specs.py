@@ -28,6 +28,8 @@ IN_PLACE = frozenset(
         "rollout",
         "previous",
         "created_at",
+        "created_by",
+        "updated_by",
         "schema_version",
     }
 )
@@ -77,7 +79,7 @@ def status(spec: DeploymentSpec, engines: Iterable[Engine]) -> dict[str, Any]:
     }
 
 
-SERVER_FIELDS = frozenset({"created_at", "schema_version", "previous"})
+SERVER_FIELDS = frozenset({"created_at", "created_by", "updated_by", "schema_version", "previous"})
 
 
 def desired(spec: DeploymentSpec) -> dict[str, Any]:
@@ -97,6 +99,7 @@ def change(existing: DeploymentSpec, incoming: DeploymentSpec) -> DeploymentSpec
     updated = incoming.model_copy(
         update={
             "created_at": existing.created_at,
+            "created_by": existing.created_by,
             "previous": existing.previous,
             "restart_generation": existing.restart_generation,
         }

@@ -10,7 +10,7 @@ import html
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..models import Engine, EngineState
+from ..models import DeploymentSpec, Engine, EngineState
 from .view import Snapshot, status_of
 
 if TYPE_CHECKING:
@@ -230,10 +230,20 @@ def rollout_line(snap: Snapshot, name: str) -> str:
     return line + (f" · {state['reason']}" if state["reason"] else "")
 
 
+def audit_text(spec: DeploymentSpec | None) -> str:
+    """ " · created by X" (and ", changed by Y" when someone else changed it last)."""
+    if spec is None or not spec.created_by:
+        return ""
+    changed = spec.updated_by and spec.updated_by != spec.created_by
+    return f" · created by {spec.created_by}" + (
+        f", changed by {spec.updated_by}" if changed else ""
+    )
+
+
 def deployment_text(snap: Snapshot, name: str) -> str:
     spec = snap.deployments.get(name)
     model = spec.model if spec else "?"
-    head = f"Deployment {name!r}: {model} · {status_of(snap, name)}"
+    head = f"Deployment {name!r}: {model} · {status_of(snap, name)}{audit_text(spec)}"
     if rollout_line(snap, name):
         head += "\n" + rollout_line(snap, name)
     rows = engine_rows(snap, name)
@@ -247,6 +257,7 @@ def deployment_html(snap: Snapshot, name: str) -> str:
     return (
         f"<div><b>Deployment</b> <code>{html.escape(name)}</code> · {model} · "
         f"{badge(status.split()[0])} {html.escape(' '.join(status.split()[1:]))}"
+        f"{html.escape(audit_text(spec))}"
         f"{_rollout_html(snap, name)}"
         f"{engines_html(snap, name) if engine_rows(snap, name) else ''}</div>"
     )

@@ -4,7 +4,9 @@ The gateway writes only deployment records (the controller turns them into engin
 them when their engine settings change: specs.py, control/rollout.py). POST takes the original
 deepinfer body as is (`{"model", "engine", "device", "tensor_parallel_size",
 "gpu_memory_utilization"}`) plus our fields (name, replicas, placement, engine_args, ...); an
-invalid or unknown field is a 422 naming it.
+invalid or unknown field is a 422 naming it, and so is a spec the launch policy refuses
+(`engine/policy.py`; code "launch_policy"; the workers enforce the same rules). Records carry
+who created and last changed them (`created_by` / `updated_by`: the API key's name).
 
     POST   /v1/deployments               create (201); the same spec again 200 "unchanged";
                                          other settings 200 "updated"; another model 409
@@ -30,6 +32,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from .. import specs
+from ..engine import policy
 from ..models import DeploymentSpec, Engine, EngineState
 from ..store import MetaStore, decode_record, keys
 from .errors import APIError, validation_error
@@ -38,9 +41,11 @@ from .routing import unavailable_reason
 router = APIRouter(tags=["deployments"])
 JSONBody = Annotated[dict[str, Any], Body()]
 
-MASK = "***"
+MASK = policy.REDACTED
 """How env values (secrets) are shown."""
-_SERVER_FIELDS = frozenset({"created_at", "schema_version", "previous", "restart_generation"})
+_SERVER_FIELDS = frozenset(
+    {"created_at", "created_by", "updated_by", "schema_version", "previous", "restart_generation"}
+)
 _ENGINE_HIDDEN = frozenset({"auth_token", "schema_version"})
 
 
@@ -102,6 +107,7 @@ def deployment_view(spec: DeploymentSpec, engines: list[Engine]) -> dict[str, An
     out["env"] = {k: MASK for k in spec.env}
     if spec.previous is not None and "env" in spec.previous:
         out["previous"]["env"] = {k: MASK for k in spec.previous["env"]}
+    out["engine_args"] = policy.redact_args(spec.engine_args)
     out["rollout_status"] = specs.status(spec, engines)
     ready = sum(1 for e in engines if e.state is EngineState.RUNNING)
     out["model_name"] = spec.model_name
@@ -152,7 +158,7 @@ async def list_deployments(request: Request) -> dict[str, Any]:
 @router.post("/v1/deployments")
 async def create_deployment(request: Request, body: JSONBody) -> JSONResponse:
     spec = parse_spec(body)
-    return await _put(_store(request), spec, keep_model=True)
+    return await _put(request, spec, keep_model=True)
 
 
 @router.put("/v1/deployments/{name}")
@@ -160,13 +166,28 @@ async def replace_deployment(name: str, request: Request, body: JSONBody) -> JSO
     if body.get("name", name) != name:
         raise APIError(422, f"name: {body['name']!r} differs from the URL's {name!r}", param="name")
     spec = parse_spec({**body, "name": name})
-    return await _put(_store(request), spec, keep_model=False)
+    return await _put(request, spec, keep_model=False)
 
 
-async def _put(store: MetaStore, spec: DeploymentSpec, *, keep_model: bool) -> JSONResponse:
+def _principal(request: Request) -> str:
+    return str(getattr(request.state, "principal", "anonymous"))
+
+
+def _admit(request: Request, spec: DeploymentSpec) -> None:
+    try:
+        policy.check(spec, request.app.state.policy)
+    except policy.PolicyError as exc:
+        raise APIError(422, str(exc), param=exc.param, code="launch_policy") from None
+
+
+async def _put(request: Request, spec: DeploymentSpec, *, keep_model: bool) -> JSONResponse:
     """Create `spec`, or change the existing deployment to it (rolling its engines)."""
+    store = _store(request)
+    who = _principal(request)
+    spec = spec.model_copy(update={"created_by": who, "updated_by": who})
     key = keys.deployment(spec.name)
     while True:
+        _admit(request, spec)
         if await store.create(key, spec.encode()):
             return _changed(spec, [], "created", status=201)
         kv, existing = await _get_spec(store, spec.name)
@@ -179,6 +200,8 @@ async def _put(store: MetaStore, spec: DeploymentSpec, *, keep_model: bool) -> J
                 code="deployment_exists",
             )
         updated = specs.change(existing, _unmasked(spec, existing))
+        if updated is not None:
+            _admit(request, updated)
         if updated is None:
             return _changed(existing, await _engines(store, spec.name), "unchanged")
         if (await store.compare_and_swap(kv, updated.encode())).succeeded:
@@ -215,7 +238,7 @@ async def update_deployment(name: str, request: Request, body: JSONBody) -> JSON
     )
     if "engine_args" in body:
         body = {**body, "engine_args": engine_args(body["engine_args"])}
-    return await _modify(_store(request), name, lambda spec: _patched(spec, body))
+    return await _modify(request, name, lambda spec: _patched(spec, body))
 
 
 def _patched(spec: DeploymentSpec, body: dict[str, Any]) -> DeploymentSpec | None:
@@ -239,23 +262,27 @@ async def rollback_deployment(name: str, request: Request) -> JSONResponse:
             )
         return previous
 
-    return await _modify(_store(request), name, back)
+    return await _modify(request, name, back)
 
 
 @router.post("/v1/deployments/{name}/restart")
 async def restart_deployment(name: str, request: Request) -> JSONResponse:
-    return await _modify(_store(request), name, specs.restarted)
+    return await _modify(request, name, specs.restarted)
 
 
 async def _modify(
-    store: MetaStore, name: str, fn: Callable[[DeploymentSpec], DeploymentSpec | None]
+    request: Request, name: str, fn: Callable[[DeploymentSpec], DeploymentSpec | None]
 ) -> JSONResponse:
-    """Apply `fn` to the stored spec by compare-and-swap (None from `fn`: nothing to change)."""
+    """Apply `fn` to the stored spec by compare-and-swap (None from `fn`: nothing to change);
+    the launch policy admits the result, which records who changed it."""
+    store = _store(request)
     while True:
         kv, spec = await _get_spec(store, name)
         updated = fn(spec)
         if updated is None:
             return _changed(spec, await _engines(store, name), "unchanged")
+        _admit(request, updated)
+        updated = updated.model_copy(update={"updated_by": _principal(request)})
         if (await store.compare_and_swap(kv, updated.encode())).succeeded:
             return _changed(updated, await _engines(store, name), "updated")
         # else someone wrote it meanwhile: re-read and apply again

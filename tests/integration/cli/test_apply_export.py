@@ -27,7 +27,7 @@ deployments:
     device: cpu
     replicas: 2
     max_model_len: 2048
-    env: {HF_TOKEN: secret-value}
+    env: {OMP_NUM_THREADS: "2"}
   - name: tools
     model: smollm2-135m-instruct
     device: cpu
@@ -69,7 +69,7 @@ def test_apply_export_round_trip_dry_run_and_prune(gateway: str, tmp_path: Path)
     assert exported.returncode == 0, exported.stderr
     data = yaml.safe_load(exported.stdout)
     chat = next(d for d in data["deployments"] if d["name"] == "chat")
-    assert chat["env"] == {"HF_TOKEN": "***"} and chat["max_model_len"] == 2048
+    assert chat["env"] == {"OMP_NUM_THREADS": "***"} and chat["max_model_len"] == 2048
     assert "created_at" not in chat and "previous" not in chat and "replicas" in chat
     out = tmp_path / "exported.yaml"
     out.write_text(exported.stdout)

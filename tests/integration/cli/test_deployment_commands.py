@@ -196,7 +196,7 @@ def test_deploy_wait_on_a_failing_engine_says_why(gateway: str) -> None:
     result = cli(
         gateway,
         "deploy",
-        "/nonexistent/model-dir",
+        "no-such-local-model",
         "--name",
         "broken",
         "--device",

@@ -75,7 +75,9 @@ async def test_put_patch_rollback_restart(http: tuple[httpx.AsyncClient, MemoryS
 
 async def test_change_errors(http: tuple[httpx.AsyncClient, MemoryStore]) -> None:
     client, _ = http
-    await client.post("/v1/deployments", json={"name": "d", "model": "m", "env": {"K": "v"}})
+    await client.post(
+        "/v1/deployments", json={"name": "d", "model": "m", "env": {"OMP_NUM_THREADS": "2"}}
+    )
     r = await client.post("/v1/deployments/d/rollback")
     assert r.status_code == 409 and r.json()["error"]["code"] == "nothing_to_roll_back"
     r = await client.put("/v1/deployments/d", json={"name": "e", "model": "m"})
@@ -84,8 +86,10 @@ async def test_change_errors(http: tuple[httpx.AsyncClient, MemoryStore]) -> Non
         r = await client.patch("/v1/deployments/d", json={field: 1})
         assert r.status_code == 422 and r.json()["error"]["param"] == field
     assert (await client.post("/v1/deployments/nope/restart")).status_code == 404
-    r = await client.patch("/v1/deployments/d", json={"env": {"K": "w"}})
-    assert r.json()["previous"]["env"] == {"K": "***"}  # secrets stay hidden in history too
+    r = await client.patch("/v1/deployments/d", json={"env": {"OMP_NUM_THREADS": "1"}})
+    assert r.json()["previous"]["env"] == {
+        "OMP_NUM_THREADS": "***"
+    }  # secrets stay hidden in history too
     r = await client.patch(
         "/v1/deployments/d", json={"rollout": {"max_surge": 0, "max_unavailable": 0}}
     )
@@ -97,17 +101,17 @@ async def test_halted_rollout_is_reported(http: tuple[httpx.AsyncClient, MemoryS
     await client.put("/v1/deployments/d", json={"model": "m", "replicas": 1})
     old = await _stored(store, "d")
     await put_engine(store, "d", 0, spec_hash=specs.spec_hash(old))
-    await client.patch("/v1/deployments/d", json={"engine_args": ["--bad"]})
+    await client.patch("/v1/deployments/d", json={"max_model_len": 999999})
     new = await _stored(store, "d")
     failed = Engine(
         id="d-0-new",
         deployment="d",
         replica=0,
         state=EngineState.FAILED,
-        error="unrecognized --bad",
+        error="max_model_len 999999 exceeds the model",
         spec_hash=specs.spec_hash(new),
     )
     await store.put(keys.engine(failed.id), failed.encode())
     view = (await client.get("/v1/deployments/d")).json()
     assert view["rollout_status"]["state"] == "halted"
-    assert "d-0-new failed: unrecognized --bad" in view["rollout_status"]["reason"]
+    assert "d-0-new failed: max_model_len 999999 exceeds" in view["rollout_status"]["reason"]
