@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from ..errors import EngineError, InvalidRequestError
+from ..errors import EngineError, InvalidRequestError, UnsupportedTaskError
 from .backend import ChoiceDelta, EngineBackend, EngineStats, ModelFacts, TokenLogprob, TopToken
 from .stats import StatsAccumulator
 from .validation import Sampling
@@ -28,10 +28,6 @@ ABORT_GRACE_S = 2.0
 abandoned load needs no tidy exit; then SIGKILL)."""
 ABORT_WAIT_S = 10.0
 """How long an abandoned load thread gets to notice that its engine core is gone."""
-
-
-class UnsupportedTaskError(EngineError):
-    """The loaded model cannot serve this kind of request (e.g. embeddings on a chat model)."""
 
 
 class VllmBackend(EngineBackend):

@@ -13,7 +13,10 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
+
 from deepinfer_nb._proto import engine_service_pb2 as pb
+from deepinfer_nb.engine.client import error_from_rpc
 from deepinfer_nb.errors import EngineError, EngineUnavailableError, InvalidRequestError
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState
 from deepinfer_nb.store import MetaStore, keys
@@ -21,8 +24,10 @@ from deepinfer_nb.store import MetaStore, keys
 
 @dataclasses.dataclass
 class Behaviour:
-    mode: str = "ok"  # ok | unavailable | invalid | fail_mid | hang
+    mode: str = "ok"  # ok | unavailable | invalid | fail_mid | hang | status
     words: tuple[str, ...] = ("The", " capital", " of", " France", " is", " Paris", ".")
+    status: grpc.StatusCode = grpc.StatusCode.OK
+    """mode "status": the call fails with this gRPC status, decoded by the real client's table."""
 
 
 class FakeFleet:
@@ -54,6 +59,13 @@ class FakeClient:
             raise EngineUnavailableError(f"connection refused (engine {self.endpoint})")
         if b.mode == "invalid":
             raise InvalidRequestError("max_tokens 5000 exceeds the context window")
+        if b.mode == "status":
+            raise error_from_rpc(
+                grpc.aio.AioRpcError(
+                    b.status, grpc.aio.Metadata(), grpc.aio.Metadata(), details="the shim says why"
+                ),
+                endpoint=self.endpoint,
+            )
         return b
 
     def _choices(self, request: Any, b: Behaviour) -> list[pb.Choice]:
