@@ -49,6 +49,8 @@ class ServerSettings:
     metrics_open: bool = False
     """Serve /metrics without a key even when keys are configured."""
     max_body_bytes: int = 4 * 1024 * 1024
+    max_connections: int = 0
+    """Most connections the gateway serves at once; more get 503 (0 = no limit)."""
 
 
 @dataclasses.dataclass
@@ -132,12 +134,36 @@ class StorageSettings:
         return {k: v for k, v in opts.items() if v} if self.backend == "etcd" else {}
 
 
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """A key of the original deepinfer's config that means one of ours (same section)."""
+
+    key: str
+    factor: int = 1
+    why: str = ""
+
+
+ALIASES: dict[tuple[str, str], Alias] = {
+    ("scheduler", "reconcile_interval_secs"): Alias("reconcile_interval_s"),
+    ("scheduler", "placement_strategy"): Alias("strategy"),
+    ("agent", "heartbeat_interval_secs"): Alias(
+        "heartbeat_ttl_s", 3, "the node lease is refreshed every TTL/3"
+    ),
+    ("agent", "reconcile_interval_secs"): Alias("reconcile_interval_s"),
+    ("agent", "health_check_interval_secs"): Alias("health_check_interval_s"),
+    ("storage", "etcd_endpoints"): Alias("endpoints"),
+}
+"""The original deepinfer's key names, read as ours with a one-line note."""
+
+
 @dataclasses.dataclass
 class Settings:
     server: ServerSettings = dataclasses.field(default_factory=ServerSettings)
     scheduler: SchedulerSettings = dataclasses.field(default_factory=SchedulerSettings)
     agent: AgentSettings = dataclasses.field(default_factory=AgentSettings)
     storage: StorageSettings = dataclasses.field(default_factory=StorageSettings)
+    notes: list[str] = dataclasses.field(default_factory=list, compare=False, repr=False)
+    """One line per original-deepinfer key that was read as ours (the CLI prints them)."""
 
     @classmethod
     def load(
@@ -179,6 +205,15 @@ class Settings:
 
     def set(self, section: str, key: str, value: Any, *, source: str) -> None:
         """Set one field, type-checked against its default; errors name `source`."""
+        alias = ALIASES.get((section, key))
+        if alias is not None:
+            value = _scaled(value, alias.factor, source)
+            why = f" ({alias.why})" if alias.why else ""
+            self.notes.append(
+                f"{source}: the original deepinfer's {key}; read as "
+                f"[{section}] {alias.key} = {value!r}{why}"
+            )
+            key = alias.key
         group = getattr(self, section, None)
         if group is None or not dataclasses.is_dataclass(group):
             raise ConfigError(f"{source}: unknown section [{section}]")
@@ -188,6 +223,15 @@ class Settings:
             raise ConfigError(f"{source}: unknown key {key!r} in [{section}] (known: {known})")
         current = getattr(group, key)
         setattr(group, key, _coerce(current, value, source))
+
+
+def _scaled(value: Any, factor: int, source: str) -> Any:
+    if factor == 1:
+        return value
+    try:
+        return int(value) * factor
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: expected a whole number, got {value!r}") from None
 
 
 def _coerce(current: Any, value: Any, source: str) -> Any:

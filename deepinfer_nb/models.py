@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -75,6 +75,22 @@ class Placement(BaseModel):
     gpus: list[int] = Field(default_factory=list, description="only these GPU indices")
 
 
+class RolloutPolicy(BaseModel):
+    """How a changed spec replaces running engines (see control/rollout.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_surge: int = Field(default=1, ge=0, le=64, description="extra engines during a rollout")
+    max_unavailable: int = Field(
+        default=0, ge=0, le=64, description="replicas that may be down during a rollout"
+    )
+
+    @model_validator(mode="after")
+    def _can_progress(self) -> RolloutPolicy:
+        if self.max_surge == 0 and self.max_unavailable == 0:
+            raise ValueError("max_surge and max_unavailable cannot both be 0")
+        return self
+
+
 class DeploymentSpec(Record):
     """Desired state of one deployment: `deployments/{name}`."""
 
@@ -100,6 +116,13 @@ class DeploymentSpec(Record):
     )
     placement: Placement = Field(default_factory=Placement)
     max_restarts: int = Field(default=5, ge=0)
+    rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
+    restart_generation: int = Field(
+        default=0, ge=0, description="bumped by a rolling restart: every engine is replaced"
+    )
+    previous: dict[str, Any] | None = Field(
+        default=None, description="the engine settings before the last change (for rollback)"
+    )
     created_at: float = Field(default_factory=now)
     created_by: str = Field(default="", description='key name, "notebook" or "anonymous"')
     updated_by: str = Field(default="", description="who last changed it (as created_by)")
@@ -176,6 +199,7 @@ class Engine(Record):
     gpu_fraction: float = 0.0  # memory fraction promised on each of `gpus`
     endpoint: str = ""  # host:port of the gRPC shim
     auth_token: str = ""
+    spec_hash: str = ""  # the engine settings it runs (control/rollout.py); "" = unknown
     pid: int = 0
     pid_start_time: float = 0.0
     restarts: int = 0

@@ -144,9 +144,13 @@ class ServiceSet:
         )
         await worker.start()
         self.worker = worker
+        if self.gateway is not None:  # GET /v1/engines/{id}/logs reads this worker's files
+            self.gateway.app.state.log_source = worker
 
         async def stop() -> None:
             log.info("draining", extra={"node": node})
+            if self.gateway is not None:
+                self.gateway.app.state.log_source = None
             await worker.stop()
             self.worker = None
 
@@ -177,6 +181,7 @@ class ServiceSet:
             sock=sock,
             log_level=log_level,
         )
+        server.app.state.log_source = self.worker  # engine logs, when a worker runs here
         await server.start(timeout=timeout)
         self.gateway = server
         self._push("gateway", self.stop_gateway)

@@ -2,6 +2,9 @@
 
 Each module in `COMMANDS` defines `register(subparsers)`, which adds its parser(s) and sets
 `func` (taking the parsed args, returning an exit code) as the parser default.
+
+Exit codes: 0 ok, 1 failed, 2 usage (bad arguments), 130 interrupted. Every error is one line
+on stderr that says what to do next.
 """
 
 from __future__ import annotations
@@ -10,15 +13,37 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .. import procenv
 from ..errors import DeepInferError
 
-COMMANDS = ["models", "demo", "etcd", "controller", "gateway", "worker", "up", "serve"]
+COMMANDS = [
+    "models",
+    "demo",
+    "etcd",
+    "controller",
+    "gateway",
+    "worker",
+    "up",
+    "serve",
+    "deploy",
+    "inspect",
+    "logs",
+    "chat",
+    "apply",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2) that point at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deepinfer-nb", description="Deploy and use LLMs from notebooks and the shell."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -33,8 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DeepInferError as exc:
-        print(f"deepinfer-nb: error: {exc}", file=sys.stderr)
-        return 1
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        print(f"deepinfer-nb: error: {'; '.join(lines)}", file=sys.stderr)
+        return int(getattr(exc, "code", 1))
     except KeyboardInterrupt:
         return 130
 

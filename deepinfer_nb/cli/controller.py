@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Any
 
 from .. import logs, procenv
@@ -57,6 +58,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> Settings:
     """Defaults < file < environment < flags."""
     settings = Settings.load(args.config)
+    for line in settings.notes:
+        print(f"deepinfer-nb: note: {line}", file=sys.stderr)
     if args.store:
         settings.storage.use_url(args.store)
     if getattr(args, "reconcile_interval", None) is not None:

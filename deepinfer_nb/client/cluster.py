@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .. import specs
+from ..control import specfile
 from ..engine import policy
 from ..errors import DeepInferError, DeploymentError, EngineUnavailableError
 from ..models import NAME_PATTERN, DeploymentSpec, Engine, EngineState, Placement, decode
@@ -246,18 +248,22 @@ class Cluster:
         except policy.PolicyError as exc:
             raise DeploymentError(str(exc)) from None
         spec = spec.model_copy(update={"created_by": NOTEBOOK, "updated_by": NOTEBOOK})
-        self.run(self._apply(spec))
+        change = self.run(self._apply(spec))
         self._hosted.created.add(spec.name)
-        dep = Deployment(self, spec.name)
-        if wait:
+        dep = Deployment(self, spec.name, change=change)
+        if wait and change == "updated":
+            dep.wait_rollout(timeout=timeout)
+        elif wait:
             dep.wait(timeout=timeout, progress=progress)
         return dep
 
-    async def _apply(self, spec: DeploymentSpec) -> None:
+    async def _apply(self, spec: DeploymentSpec) -> str:
+        """Create the deployment or change it to `spec` (its engines roll): "created",
+        "updated" or "unchanged"."""
         store, key = self._hosted.store, keys.deployment(spec.name)
         while True:
             if await store.create(key, spec.encode()):
-                return
+                return "created"
             kv = await store.get(key)
             if kv is None:
                 continue
@@ -267,11 +273,31 @@ class Cluster:
                     f"deployment {spec.name!r} already serves {current.model!r}; "
                     f"pick another --name or remove it first (%deepinfer rm {spec.name})"
                 )
-            if current.replicas == spec.replicas:
-                return
-            updated = current.model_copy(update={"replicas": spec.replicas, "updated_by": NOTEBOOK})
+            updated = specs.change(current, spec)
+            if updated is None:
+                return "unchanged"
             if (await store.compare_and_swap(kv, updated.encode())).succeeded:
-                return
+                return "updated"
+
+    async def _modify(
+        self, name: str, fn: Callable[[DeploymentSpec], DeploymentSpec | None]
+    ) -> DeploymentSpec:
+        store, key = self._hosted.store, keys.deployment(name)
+        while True:
+            kv = await store.get(key)
+            if kv is None:
+                raise DeploymentError(f"no deployment named {name!r}")
+            spec = decode(DeploymentSpec, key, kv.value)
+            updated = fn(spec)
+            if updated is None:
+                return spec
+            if (await store.compare_and_swap(kv, updated.encode())).succeeded:
+                return updated
+
+    def export(self) -> str:
+        """Every deployment as a YAML file `deepinfer-nb apply -f` accepts (env values masked:
+        applying the file keeps them)."""
+        return specfile.dump(self.snapshot().deployments.values())
 
     def deployment(self, name: str) -> Deployment:
         """The handle of an existing deployment."""
@@ -353,9 +379,11 @@ class Cluster:
 class Deployment:
     """A handle on one deployment; reads come from the cluster view, writes go to the store."""
 
-    def __init__(self, cluster: Cluster, name: str) -> None:
+    def __init__(self, cluster: Cluster, name: str, *, change: str = "") -> None:
         self.cluster = cluster
         self.name = name
+        self.change = change
+        """What the `deploy()` that made this handle did: created, updated or unchanged."""
         self.history: list[dict[str, str]] = []
         self._rr = itertools.count()
 
@@ -397,7 +425,50 @@ class Deployment:
             time.sleep(poll_s)
         return self
 
+    @property
+    def rollout_status(self) -> dict[str, Any]:
+        """The rollout's state (complete | progressing | halted), replicas updated, reason."""
+        spec = self.spec
+        if spec is None:
+            raise DeploymentError(f"deployment {self.name!r} was removed")
+        return specs.status(spec, self.engines)
+
+    def wait_rollout(self, *, timeout: float = 900.0, poll_s: float = 0.5) -> Deployment:
+        """Block until every replica runs the current settings; a halted rollout raises."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.rollout_status
+            running = sum(e.state is EngineState.RUNNING for e in self.engines)
+            if state["state"] == "complete" and self.spec and running >= self.spec.replicas:
+                return self
+            if state["state"] == "halted":
+                raise DeploymentError(f"{self.name}: rollout halted: {state['reason']}")
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"{self.name}: rollout not done after {timeout:g} s "
+                    f"({state['updated']}/{state['replicas']} updated); "
+                    f"see %deepinfer status {self.name}"
+                )
+            time.sleep(poll_s)
+
     # ---- changes ----
+
+    def rollback(self) -> Deployment:
+        """Return to the engine settings before the last change (the engines roll)."""
+
+        def back(spec: DeploymentSpec) -> DeploymentSpec:
+            previous = specs.rolled_back(spec)
+            if previous is None:
+                raise DeploymentError(f"{self.name} has no earlier settings to roll back to")
+            return previous
+
+        self.cluster.run(self.cluster._modify(self.name, back))
+        return self
+
+    def restart(self) -> Deployment:
+        """Replace every engine, one at a time, each new one Running before an old one stops."""
+        self.cluster.run(self.cluster._modify(self.name, specs.restarted))
+        return self
 
     def scale(self, replicas: int, *, wait: bool = False, timeout: float = 900.0) -> Deployment:
         if replicas < 0:
@@ -565,9 +636,12 @@ class Waiter:
     """The `deploy --wait` check: True once all replicas run; raises with the next step when an
     engine failed or stayed unplaceable for NOFIT_PATIENCE_S; reports stage changes."""
 
-    def __init__(self, name: str, progress: ProgressFn | None) -> None:
+    def __init__(
+        self, name: str, progress: ProgressFn | None, *, command: str = "%deepinfer"
+    ) -> None:
         self.name = name
         self.progress = progress
+        self.command = command  # how hints name the next step: "%deepinfer" or "deepinfer-nb"
         self.start = time.monotonic()
         self._last: tuple[Any, ...] = ()
         self._nofit_since: float | None = None
@@ -584,7 +658,9 @@ class Waiter:
         self._last = key
         for e in engines:
             if e.state is EngineState.FAILED:
-                raise DeploymentError(failure_hint(self.name, e, spec.max_restarts))
+                raise DeploymentError(
+                    failure_hint(self.name, e, spec.max_restarts, command=self.command)
+                )
         stuck = [e for e in engines if e.state is EngineState.PENDING and e.reason]
         if stuck:
             self._nofit_since = self._nofit_since or time.monotonic()
@@ -595,14 +671,16 @@ class Waiter:
         return sum(e.state is EngineState.RUNNING for e in engines) >= spec.replicas
 
 
-def failure_hint(name: str, engine: Engine, max_restarts: int) -> str:
+def failure_hint(
+    name: str, engine: Engine, max_restarts: int, *, command: str = "%deepinfer"
+) -> str:
     cause = (engine.error or engine.reason or "no error recorded").strip().splitlines()[-1]
     retry = (
         f"it restarts automatically ({engine.restarts}/{max_restarts})"
         if engine.restarts < max_restarts
         else "it will not be restarted"
     )
-    return f"{engine.id} failed: {cause}; {retry}. See %deepinfer logs {name}"
+    return f"{engine.id} failed: {cause}; {retry}. See {command} logs {name}"
 
 
 def nofit_hint(reason: str) -> str:

@@ -216,6 +216,20 @@ def gpus_text(snap: Snapshot) -> str:
     return text_table(gpu_rows(snap), GPU_COLUMNS, empty="no nodes registered")
 
 
+def rollout_line(snap: Snapshot, name: str) -> str:
+    """ "" when the deployment runs its current settings everywhere; else the rollout's state."""
+    from .. import specs
+
+    spec = snap.deployments.get(name)
+    if spec is None:
+        return ""
+    state = specs.status(spec, snap.engines_of(name))
+    if state["state"] == "complete":
+        return ""
+    line = f"rollout {state['state']}: {state['updated']}/{state['replicas']} updated"
+    return line + (f" · {state['reason']}" if state["reason"] else "")
+
+
 def audit_text(spec: DeploymentSpec | None) -> str:
     """ " · created by X" (and ", changed by Y" when someone else changed it last)."""
     if spec is None or not spec.created_by:
@@ -230,6 +244,8 @@ def deployment_text(snap: Snapshot, name: str) -> str:
     spec = snap.deployments.get(name)
     model = spec.model if spec else "?"
     head = f"Deployment {name!r}: {model} · {status_of(snap, name)}{audit_text(spec)}"
+    if rollout_line(snap, name):
+        head += "\n" + rollout_line(snap, name)
     rows = engine_rows(snap, name)
     return head + ("\n" + text_table(rows, ENGINE_COLUMNS, empty="") if rows else "")
 
@@ -242,6 +258,7 @@ def deployment_html(snap: Snapshot, name: str) -> str:
         f"<div><b>Deployment</b> <code>{html.escape(name)}</code> · {model} · "
         f"{badge(status.split()[0])} {html.escape(' '.join(status.split()[1:]))}"
         f"{html.escape(audit_text(spec))}"
+        f"{_rollout_html(snap, name)}"
         f"{engines_html(snap, name) if engine_rows(snap, name) else ''}</div>"
     )
 
@@ -267,3 +284,8 @@ def cluster_html(cluster: ClusterInfo) -> str:
         f"<div><b>Cluster</b> <code>{html.escape(cluster.store_url)}</code> · "
         f"{len(snap.nodes)} node(s) · gateway {link}{engines_html(snap)}</div>"
     )
+
+
+def _rollout_html(snap: Snapshot, name: str) -> str:
+    line = rollout_line(snap, name)
+    return f"<div style='color:#8d6e63'>{html.escape(line)}</div>" if line else ""

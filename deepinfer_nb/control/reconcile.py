@@ -10,6 +10,7 @@ store and returns what the leader should write (see the engine record protocol i
 - replicas beyond `spec.replicas`, or of a deleted deployment: engines holding a process ->
   Stopping (highest replica first), records without one (Pending, Scheduled before its claim,
   Failed, Lost, Stopped) deleted;
+- a changed spec rolls the replicas (control/rollout.py decides which slot moves when);
 - a Failed engine waits `min(backoff * 2**restarts, cap)` and stays Failed for good once
   `restarts >= spec.max_restarts` (the worker zeroes the count of an engine that failed after
   running `restart_reset_s`, so only a crash loop uses the budget up), and at once when the
@@ -25,8 +26,9 @@ import dataclasses
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from .. import specs
 from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node
-from . import scheduler
+from . import rollout, scheduler
 from .memory_need import engine_memory_need
 from .scheduler import Assignment, NoFit, PlacementRequest, Strategy
 
@@ -138,17 +140,24 @@ def decide(
         slots: dict[int, list[Engine]] = {}
         for e in by_deployment.get(spec.name, []):
             slots.setdefault(e.replica, []).append(e)
+        current = specs.spec_hash(spec)
+        rolls = rollout.plan(
+            spec, {r: [e for e in es if e.id not in touched] for r, es in slots.items()}
+        )
         for replica in range(spec.replicas):
             engines_in_slot = [e for e in slots.get(replica, []) if e.id not in touched]
-            if not slots.get(replica):
-                pending = Engine(
-                    id=new_id(spec.name, replica),
-                    deployment=spec.name,
-                    replica=replica,
-                    state=S.PENDING,
-                    reason="waiting for placement",
-                )
-                actions.append(CreateEngine(pending.transition(S.PENDING, pending.reason)))
+            roll = rolls.get(replica)
+            if roll is not None:
+                for e in roll.retire:
+                    action = _retire_outdated(e, roll.reason)
+                    if action is not None:
+                        actions.append(action)
+                    touched.add(e.id)
+                if roll.create:
+                    actions.append(_create(spec, replica, current, new_id, roll.reason))
+                engines_in_slot = [e for e in engines_in_slot if e.id not in touched]
+            elif not slots.get(replica):
+                actions.append(_create(spec, replica, current, new_id, "waiting for placement"))
                 continue
             for e in engines_in_slot:
                 action, snaps = _advance(
@@ -164,6 +173,28 @@ def decide(
                 if action is not None:
                     actions.append(action)
     return Decision(actions, min(wake) if wake else None)
+
+
+def _create(
+    spec: DeploymentSpec, replica: int, spec_hash: str, new_id: Callable[[str, int], str], why: str
+) -> CreateEngine:
+    pending = Engine(
+        id=new_id(spec.name, replica),
+        deployment=spec.name,
+        replica=replica,
+        state=S.PENDING,
+        reason=why,
+        spec_hash=spec_hash,
+    )
+    return CreateEngine(pending.transition(S.PENDING, why))
+
+
+def _retire_outdated(e: Engine, why: str) -> Action | None:
+    if e.state in HOLDS_PROCESS:
+        return StopEngine(e.transition(S.STOPPING, why))
+    if e.state == S.STOPPING:
+        return None
+    return DeleteEngine(e, why)
 
 
 def _wanted(e: Engine, deployments: Mapping[str, DeploymentSpec]) -> bool:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 
-from .. import gpu
+from .. import gpu, specs
 from .._proto import engine_service_pb2 as pb
 from .._version import __version__
 from ..config import Settings
@@ -207,6 +207,10 @@ class Worker:
         path = self.launcher.log_path(engine_id)
         size = path.stat().st_size if path.exists() else 0
         return LogTail(path, offset=max(0, size - 256 * 1024)).lines(lines)
+
+    def log_path(self, engine_id: str) -> Path:
+        """Where this node writes the engine's output (the gateway's log route reads it)."""
+        return self.launcher.log_path(engine_id)
 
     @property
     def engines(self) -> dict[str, EngineProcess]:
@@ -482,6 +486,7 @@ class Worker:
                             "pid_start_time": proc.start_time,
                             "endpoint": proc.endpoint,
                             "auth_token": token,
+                            "spec_hash": specs.spec_hash(spec),  # what it really runs
                             "updated_at": time.time(),
                         }
                     )

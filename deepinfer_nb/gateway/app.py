@@ -17,7 +17,7 @@ from ..config import ApiKey, Settings
 from ..engine.client import EngineClient
 from ..engine.policy import LaunchPolicy
 from ..store import MetaStore
-from . import cluster_routes, deployments, openai_routes
+from . import cluster_routes, deployments, engine_logs, openai_routes
 from .errors import install_handlers
 from .metrics import GatewayMetrics
 from .openapi import openapi_schema
@@ -55,10 +55,11 @@ def build_app(
     app.state.metrics = metrics
     app.state.serving = OpenAIServing(table, metrics)
     app.state.auth_enabled = bool(keys)
+    app.state.log_source = None  # a worker in the same process sets itself (engine_logs)
     app.state.policy = LaunchPolicy.from_settings(settings.agent)
     install_handlers(app)
     app.router.routes[:0] = openai_routes.GENERATION_ROUTES  # first: they are matched most
-    for module in (openai_routes, deployments, cluster_routes):
+    for module in (openai_routes, deployments, cluster_routes, engine_logs):
         app.include_router(module.router)
     app.add_middleware(
         SecurityMiddleware,

@@ -1,27 +1,37 @@
-"""The deployments API: create, list, inspect, scale and delete `deployments/{name}` records.
+"""The deployments API: create, list, inspect, change and delete `deployments/{name}` records.
 
-The gateway writes only deployment records (the controller turns them into engines). POST takes
-the original deepinfer body as is (`{"model", "engine", "device", "tensor_parallel_size",
-"gpu_memory_utilization"}`) plus our fields (name, replicas, placement, engine_args, ...);
-an invalid or unknown field is a 422 naming it, and so is a spec the launch policy refuses
-(`engine/policy.py`; code "launch_policy", the message names the rule; the workers enforce the
-same rules on whatever reaches the store). Creating is idempotent by name: the same spec
-again answers 200 with the existing deployment, a different one 409. Records carry who created
-and last changed them (`created_by` / `updated_by`: the API key's name). Responses show the
-deployment with its engines' states, read from the store (not the routing table) so a client
-sees its own write at once. Engine auth tokens, env values and secret flag values are never
+The gateway writes only deployment records (the controller turns them into engines and rolls
+them when their engine settings change: specs.py, control/rollout.py). POST takes the original
+deepinfer body as is (`{"model", "engine", "device", "tensor_parallel_size",
+"gpu_memory_utilization"}`) plus our fields (name, replicas, placement, engine_args, ...); an
+invalid or unknown field is a 422 naming it, and so is a spec the launch policy refuses
+(`engine/policy.py`; code "launch_policy"; the workers enforce the same rules). Records carry
+who created and last changed them (`created_by` / `updated_by`: the API key's name).
+
+    POST   /v1/deployments               create (201); the same spec again 200 "unchanged";
+                                         other settings 200 "updated"; another model 409
+    PUT    /v1/deployments/{name}        create or replace with exactly this spec (apply)
+    PATCH  /v1/deployments/{name}        change the given fields
+    POST   /v1/deployments/{name}/rollback   back to the engine settings before the last change
+    POST   /v1/deployments/{name}/restart    replace every engine, one at a time
+
+Changing answers carry `"change": "created" | "updated" | "unchanged"`. Responses show the
+deployment with its engines' states and its `rollout_status`, read from the store (not the
+routing table) so a client sees its own write at once. Engine auth tokens and env values are never
 returned.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from .. import specs
 from ..engine import policy
 from ..models import DeploymentSpec, Engine, EngineState
 from ..store import MetaStore, decode_record, keys
@@ -31,8 +41,11 @@ from .routing import unavailable_reason
 router = APIRouter(tags=["deployments"])
 JSONBody = Annotated[dict[str, Any], Body()]
 
-_SERVER_FIELDS = frozenset({"created_at", "created_by", "updated_by", "schema_version"})
-_PATCHABLE = frozenset({"replicas", "max_restarts", "placement"})
+MASK = policy.REDACTED
+"""How env values (secrets) are shown."""
+_SERVER_FIELDS = frozenset(
+    {"created_at", "created_by", "updated_by", "schema_version", "previous", "restart_generation"}
+)
 _ENGINE_HIDDEN = frozenset({"auth_token", "schema_version"})
 
 
@@ -91,8 +104,11 @@ def engine_view(engine: Engine) -> dict[str, Any]:
 
 def deployment_view(spec: DeploymentSpec, engines: list[Engine]) -> dict[str, Any]:
     out = spec.model_dump(mode="json", exclude={"schema_version"})
-    out["env"] = {k: policy.REDACTED for k in spec.env}
+    out["env"] = {k: MASK for k in spec.env}
+    if spec.previous is not None and "env" in spec.previous:
+        out["previous"]["env"] = {k: MASK for k in spec.previous["env"]}
     out["engine_args"] = policy.redact_args(spec.engine_args)
+    out["rollout_status"] = specs.status(spec, engines)
     ready = sum(1 for e in engines if e.state is EngineState.RUNNING)
     out["model_name"] = spec.model_name
     out["ready_replicas"] = ready
@@ -139,6 +155,20 @@ async def list_deployments(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
+@router.post("/v1/deployments")
+async def create_deployment(request: Request, body: JSONBody) -> JSONResponse:
+    spec = parse_spec(body)
+    return await _put(request, spec, keep_model=True)
+
+
+@router.put("/v1/deployments/{name}")
+async def replace_deployment(name: str, request: Request, body: JSONBody) -> JSONResponse:
+    if body.get("name", name) != name:
+        raise APIError(422, f"name: {body['name']!r} differs from the URL's {name!r}", param="name")
+    spec = parse_spec({**body, "name": name})
+    return await _put(request, spec, keep_model=False)
+
+
 def _principal(request: Request) -> str:
     return str(getattr(request.state, "principal", "anonymous"))
 
@@ -150,27 +180,46 @@ def _admit(request: Request, spec: DeploymentSpec) -> None:
         raise APIError(422, str(exc), param=exc.param, code="launch_policy") from None
 
 
-@router.post("/v1/deployments")
-async def create_deployment(request: Request, body: JSONBody) -> JSONResponse:
+async def _put(request: Request, spec: DeploymentSpec, *, keep_model: bool) -> JSONResponse:
+    """Create `spec`, or change the existing deployment to it (rolling its engines)."""
     store = _store(request)
-    spec = parse_spec(body)
-    _admit(request, spec)
     who = _principal(request)
     spec = spec.model_copy(update={"created_by": who, "updated_by": who})
     key = keys.deployment(spec.name)
-    if await store.create(key, spec.encode()):
-        return JSONResponse(deployment_view(spec, []), status_code=201)
-    _, existing = await _get_spec(store, spec.name)
-    if _desired(existing) != _desired(spec):
-        raise APIError(
-            409,
-            f"deployment {spec.name} exists with another spec: PATCH it "
-            "(replicas) or DELETE it first",
-            param="name",
-            code="deployment_exists",
-        )
-    engines = await _engines(store, spec.name)
-    return JSONResponse(deployment_view(existing, engines), status_code=200)
+    while True:
+        _admit(request, spec)
+        if await store.create(key, spec.encode()):
+            return _changed(spec, [], "created", status=201)
+        kv, existing = await _get_spec(store, spec.name)
+        if keep_model and existing.model != spec.model:
+            raise APIError(
+                409,
+                f"deployment {spec.name} serves {existing.model}, not {spec.model}: pick another "
+                "name, PUT/PATCH it to change its model, or DELETE it first",
+                param="name",
+                code="deployment_exists",
+            )
+        updated = specs.change(existing, _unmasked(spec, existing))
+        if updated is not None:
+            _admit(request, updated)
+        if updated is None:
+            return _changed(existing, await _engines(store, spec.name), "unchanged")
+        if (await store.compare_and_swap(kv, updated.encode())).succeeded:
+            return _changed(updated, await _engines(store, spec.name), "updated")
+        # someone wrote it meanwhile: re-read and compare again
+
+
+def _unmasked(spec: DeploymentSpec, existing: DeploymentSpec) -> DeploymentSpec:
+    """`spec` with each env value "***" (as views and `export` show secrets) meaning: keep the
+    deployment's own value, so an exported file applies back unchanged."""
+    env = {k: existing.env.get(k, v) if v == MASK else v for k, v in spec.env.items()}
+    return spec.model_copy(update={"env": env})
+
+
+def _changed(
+    spec: DeploymentSpec, engines: list[Engine], change: str, *, status: int = 200
+) -> JSONResponse:
+    return JSONResponse({**deployment_view(spec, engines), "change": change}, status_code=status)
 
 
 @router.get("/v1/deployments/{name}")
@@ -181,24 +230,62 @@ async def get_deployment(name: str, request: Request) -> dict[str, Any]:
 
 
 @router.patch("/v1/deployments/{name}")
-async def update_deployment(name: str, request: Request, body: JSONBody) -> dict[str, Any]:
-    store = _store(request)
+async def update_deployment(name: str, request: Request, body: JSONBody) -> JSONResponse:
     _unknown(
         set(body),
-        _PATCHABLE,
-        why="cannot be changed in place (patchable: max_restarts, placement, replicas)",
+        set(DeploymentSpec.model_fields) - _SERVER_FIELDS - {"name"},
+        why="unknown field (or one that cannot be changed)",
     )
+    if "engine_args" in body:
+        body = {**body, "engine_args": engine_args(body["engine_args"])}
+    return await _modify(request, name, lambda spec: _patched(spec, body))
+
+
+def _patched(spec: DeploymentSpec, body: dict[str, Any]) -> DeploymentSpec | None:
+    try:
+        wanted = DeploymentSpec.model_validate({**spec.model_dump(), **body})
+    except ValidationError as exc:
+        raise validation_error(exc, status=422) from None
+    return specs.change(spec, wanted)
+
+
+@router.post("/v1/deployments/{name}/rollback")
+async def rollback_deployment(name: str, request: Request) -> JSONResponse:
+    def back(spec: DeploymentSpec) -> DeploymentSpec:
+        previous = specs.rolled_back(spec)
+        if previous is None:
+            raise APIError(
+                409,
+                f"deployment {name} has no earlier engine settings to roll back to",
+                param="name",
+                code="nothing_to_roll_back",
+            )
+        return previous
+
+    return await _modify(request, name, back)
+
+
+@router.post("/v1/deployments/{name}/restart")
+async def restart_deployment(name: str, request: Request) -> JSONResponse:
+    return await _modify(request, name, specs.restarted)
+
+
+async def _modify(
+    request: Request, name: str, fn: Callable[[DeploymentSpec], DeploymentSpec | None]
+) -> JSONResponse:
+    """Apply `fn` to the stored spec by compare-and-swap (None from `fn`: nothing to change);
+    the launch policy admits the result, which records who changed it."""
+    store = _store(request)
     while True:
         kv, spec = await _get_spec(store, name)
-        try:
-            updated = DeploymentSpec.model_validate(
-                {**spec.model_dump(), **body, "updated_by": _principal(request)}
-            )
-        except ValidationError as exc:
-            raise validation_error(exc, status=422) from None
+        updated = fn(spec)
+        if updated is None:
+            return _changed(spec, await _engines(store, name), "unchanged")
+        _admit(request, updated)
+        updated = updated.model_copy(update={"updated_by": _principal(request)})
         if (await store.compare_and_swap(kv, updated.encode())).succeeded:
-            break  # else someone wrote it meanwhile: re-read and apply the patch again
-    return deployment_view(updated, await _engines(store, name))
+            return _changed(updated, await _engines(store, name), "updated")
+        # else someone wrote it meanwhile: re-read and apply again
 
 
 @router.delete("/v1/deployments/{name}")
@@ -209,7 +296,3 @@ async def delete_deployment(name: str, request: Request) -> dict[str, Any]:
             404, f"deployment {name} does not exist", param="name", code="deployment_not_found"
         )
     return {"name": name, "deleted": True}
-
-
-def _desired(spec: DeploymentSpec) -> dict[str, Any]:
-    return spec.model_dump(exclude=set(_SERVER_FIELDS))

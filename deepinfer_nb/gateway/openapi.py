@@ -41,7 +41,10 @@ _ERRORS: dict[str, tuple[str, ...]] = {
     "/v1/models/{model}": ("401", "404"),
     # 400: the body is not JSON; 422: it is, but not a valid deployment
     "/v1/deployments": ("400", "401", "409", "413", "422", "503"),
-    "/v1/deployments/{name}": ("400", "401", "404", "413", "422", "503"),
+    "/v1/deployments/{name}": ("400", "401", "404", "409", "413", "422", "503"),
+    "/v1/deployments/{name}/rollback": ("401", "404", "409", "422", "503"),
+    "/v1/deployments/{name}/restart": ("401", "404", "422", "503"),
+    "/v1/engines/{engine_id}/logs": ("400", "401", "404", "503"),
     "/health": ("503",),
 }
 _DEFAULT_ERRORS = ("401", "503")

@@ -79,6 +79,7 @@ class GatewayServer:
         self.port = settings.server.port if port is None else port
         check_bind(self.host, ["set"] if self.app.state.auth_enabled else [])
         self._log_level = log_level
+        self._max_connections = settings.server.max_connections
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._sock = sock
@@ -100,6 +101,9 @@ class GatewayServer:
             lifespan="on",
             timeout_graceful_shutdown=5,
             timeout_keep_alive=30,
+            # [server] max_connections: uvicorn answers 503 once a request finds the limit
+            # reached, counting its own connection: +1 serves exactly max_connections
+            limit_concurrency=self._max_connections + 1 if self._max_connections else None,
         )
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))

@@ -218,7 +218,11 @@ class DeepInferMagics(Magics, Configurable):
             ns.model, name=ns.name, gpus=ns.gpus, replicas=ns.replicas, device=device, **kwargs
         )
         self.handles.setdefault(dep.name, dep)
-        if ns.wait:
+        if dep.change != "created":
+            print(f"{dep.name}: {dep.change}")  # a re-run with other arguments rolls the engines
+        if ns.wait and dep.change == "updated":
+            dep.wait_rollout(timeout=ns.timeout or self.wait_timeout)
+        elif ns.wait:
             self._wait(dep, ns.timeout or self.wait_timeout)
         return self.handles[dep.name]
 
@@ -257,6 +261,29 @@ class DeepInferMagics(Magics, Configurable):
         if ns.wait and ns.replicas > 0:
             self._wait(dep, self.wait_timeout)
         return dep
+
+    def _cmd_rollback(self, ns: Any) -> Any:
+        dep = self._dep(ns.name).rollback()
+        print(f"{dep.name}: rolling back")
+        if ns.wait:
+            dep.wait_rollout(timeout=self.wait_timeout)
+        return dep
+
+    def _cmd_restart(self, ns: Any) -> Any:
+        dep = self._dep(ns.name).restart()
+        print(f"{dep.name}: rolling restart")
+        if ns.wait:
+            dep.wait_rollout(timeout=self.wait_timeout)
+        return dep
+
+    def _cmd_export(self, ns: Any) -> None:
+        text = self._need().export()
+        if ns.file is None:
+            print(text, end="")
+            return
+        with open(ns.file, "w") as f:
+            f.write(text)
+        print(f"deployments written to {ns.file} (apply with: deepinfer-nb apply -f {ns.file})")
 
     def _cmd_gpus(self, ns: Any) -> Any:
         return GpuTable(self._need().snapshot())

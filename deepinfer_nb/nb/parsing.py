@@ -86,6 +86,21 @@ COMMAND_TABLE: tuple[Command, ...] = (
         "change the number of replicas",
         (NAME, arg("replicas", type=int), arg("--wait", action="store_true")),
     ),
+    Command(
+        "rollback",
+        "back to the settings before the last change (the engines roll)",
+        (NAME, arg("--wait", action="store_true")),
+    ),
+    Command(
+        "restart",
+        "replace every engine, one at a time (no outage)",
+        (NAME, arg("--wait", action="store_true")),
+    ),
+    Command(
+        "export",
+        "deployments as a file `deepinfer-nb apply -f` accepts",
+        (arg("file", nargs="?", default=None, metavar="FILE"),),
+    ),
     Command("gpus", "GPUs per node (or why a node has none)"),
     Command(
         "monitor", "live engine (and GPU) monitor widget", (arg("--gpus", action="store_true"),)

@@ -111,6 +111,13 @@ class EngineMonitor(_Snapshotting):
             f"{len(snap.nodes)} node(s) · {len(snap.engines)} engine(s), "
             f"{running} running"
         )
+        rollouts = [
+            f"{html.escape(n)}: {html.escape(line)}"
+            for n in sorted(snap.deployments)
+            if (line := render.rollout_line(snap, n))
+        ]
+        if rollouts:  # a rollout under way (or halted) shows under the header
+            self._header.value += "<br>" + "<br>".join(rollouts)
         self._table.value = self.snapshot_html()
         names = sorted(snap.deployments)
         if list(self._choice.options) != names:
@@ -154,17 +161,9 @@ class EngineMonitor(_Snapshotting):
     def _on_restart(self, _button: Any) -> None:
         name = self._choice.value
         if name:
-            self._status.value = f"restarting {html.escape(name)}…"
-            self._cluster.runtime.submit(self._restart_dep(name))
-
-    async def _restart_dep(self, name: str) -> None:
-        spec = self._cluster.snapshot().deployments.get(name)
-        if spec is None:
-            return
-        await self._cluster.set_replicas_async(name, 0)
-        await self._cluster.view.wait_for(lambda s: not s.engines_of(name))
-        await self._cluster.set_replicas_async(name, spec.replicas)
-        self._status.value = f"{html.escape(name)} restarted"
+            # a rolling restart: each new engine is Running before an old one stops (no outage)
+            self._cluster.deployment(name).restart()
+            self._status.value = f"{html.escape(name)}: rolling restart under way"
 
     def close(self) -> None:
         self._cluster.view.remove_listener(self._on_change)

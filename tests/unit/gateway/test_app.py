@@ -283,7 +283,11 @@ async def test_deployments_api(gw: GatewayServer, cluster: Any) -> None:
         assert d["engines"] == [] and "Pending" in d["message"]
         assert (await http.post("/v1/deployments", json=original)).status_code == 200
         r = await http.post("/v1/deployments", json={**original, "replicas": 3})
-        assert r.status_code == 409
+        assert r.status_code == 200 and r.json()["change"] == "updated"
+        r = await http.post(
+            "/v1/deployments", json={**original, "model": "other", "name": d["name"]}
+        )
+        assert r.status_code == 409 and "serves Qwen/Qwen2.5-0.5B-Instruct" in r.text
         for body, field in (
             ({**original, "replicas": -1}, "replicas"),
             ({**original, "device": "tpu"}, "device"),
@@ -312,7 +316,7 @@ async def test_deployments_api(gw: GatewayServer, cluster: Any) -> None:
         assert r.status_code == 200 and r.json()["replicas"] == 3
         assert r.json()["ready_replicas"] == 2
         assert all("auth_token" not in e for e in r.json()["engines"])
-        assert (await http.patch("/v1/deployments/smol", json={"model": "x"})).status_code == 422
+        assert (await http.patch("/v1/deployments/smol", json={"name": "x"})).status_code == 422
         assert (await http.patch("/v1/deployments/nope", json={"replicas": 1})).status_code == 404
         names = [d["name"] for d in (await http.get("/v1/deployments")).json()["data"]]
         assert names == ["qwen", "qwen2.5-0.5b-instruct", "smol", "x2"]

@@ -28,8 +28,11 @@ def test_connect_reuses_and_refuses_another_store(cluster) -> None:
 
 def test_deploy_scale_stop(cluster) -> None:
     dep = cluster.deploy("smollm2-135m-instruct", name="a", device="cpu", max_num_seqs=2)
-    assert cluster.deploy("smollm2-135m-instruct", name="a", device="cpu").name == "a"
+    again = cluster.deploy("smollm2-135m-instruct", name="a", device="cpu", max_num_seqs=2)
+    assert (again.name, again.change, dep.change) == ("a", "unchanged", "created")
     assert dep.spec.engine_args == ["--max-num-seqs", "2"]
+    other = cluster.deploy("smollm2-135m-instruct", name="a", device="cpu")  # other arguments
+    assert other.change == "updated" and dep.spec.engine_args == []
     dep.scale(3)
     assert dep.spec.replicas == 3
     assert "Deployment 'a'" in repr(dep) and "<div>" in dep._repr_html_()

@@ -45,6 +45,8 @@ def magic(sh, line: str, cell: str | None = None):
         ("gateway open", "invalid choice"),
         ("snippet a --lang rust", "invalid choice"),
         ("chat a --max-tokens 0", "--max-tokens must be >= 1"),
+        ("rollback", "required: name"),
+        ("export a b", "unrecognized arguments"),
     ],
 )
 def test_parse_errors_are_short_usage_errors(shell, line: str, message: str) -> None:
@@ -164,6 +166,42 @@ class TestWithCluster:
             magic(shell, "deploy /etc --name escape --device cpu")
         assert "http://127.0.0.1:" in repr(magic(shell, "snippet demo"))
         assert "Authorization" not in repr(magic(shell, "snippet demo --lang curl"))
+
+    def test_rerun_with_other_args_updates_and_rolls_back(self, shell, capsys, tmp_path) -> None:
+        import yaml
+
+        first = magic(shell, "deploy smollm2-135m-instruct --name upd --device cpu")
+        capsys.readouterr()
+        magic(shell, "deploy smollm2-135m-instruct --name upd --device cpu")
+        assert "upd: unchanged" in capsys.readouterr().out
+        magic(shell, "deploy smollm2-135m-instruct --name upd --device cpu -- --max-num-seqs 4")
+        assert "upd: updated" in capsys.readouterr().out
+        assert first.spec.engine_args == ["--max-num-seqs", "4"]
+        assert first.spec.previous is not None and first.spec.previous["engine_args"] == []
+        magic(shell, "rollback upd")
+        assert first.spec.engine_args == [] and "upd: rolling back" in capsys.readouterr().out
+        magic(shell, "restart upd")
+        assert first.spec.restart_generation == 1
+        monitor = magic(shell, "monitor")
+        monitor._choice.value = "upd"
+        monitor._on_restart(None)  # the monitor's Restart button: a rolling restart too
+        assert first.spec.restart_generation == 2 and first.spec.replicas == 1
+        with pytest.raises(UsageError, match="no earlier settings"):
+            magic(shell, "deploy smollm2-135m-instruct --name fresh --device cpu")
+            magic(shell, "rollback fresh")
+        out = tmp_path / "deps.yaml"
+        magic(shell, f"export {out}")
+        entries = {d["name"]: d for d in yaml.safe_load(out.read_text())["deployments"]}
+        assert entries["upd"] == {
+            "name": "upd",
+            "model": "smollm2-135m-instruct",
+            "device": "cpu",
+            "max_model_len": 2048,
+            "enforce_eager": True,
+            "env": {"VLLM_CPU_KVCACHE_SPACE": "***"},
+        }
+        magic(shell, "rm upd")
+        magic(shell, "rm fresh")
 
     def test_unknown_deployment(self, shell) -> None:
         for line in ("status nope", "logs nope", "stop nope", "scale nope 1", "snippet nope"):
