@@ -75,6 +75,9 @@ class DeploymentSpec(Record):
 
     name: str = Field(pattern=NAME_PATTERN)
     model: str = Field(min_length=1, description="hub id, local folder or a local model alias")
+    revision: str = Field(
+        default="main", min_length=1, description="hub branch, tag or commit (hub ids only)"
+    )
     served_model_name: str = ""
     engine: Literal["vllm"] = "vllm"
     replicas: int = Field(default=1, ge=0, le=64)
@@ -113,6 +116,7 @@ class DeploymentSpec(Record):
 class EngineState(str, enum.Enum):
     PENDING = "Pending"
     SCHEDULED = "Scheduled"
+    DOWNLOADING = "Downloading"
     STARTING = "Starting"
     RUNNING = "Running"
     STOPPING = "Stopping"
@@ -125,6 +129,7 @@ class EngineState(str, enum.Enum):
         """Holds (or is about to hold) resources on a node."""
         return self in (
             EngineState.SCHEDULED,
+            EngineState.DOWNLOADING,
             EngineState.STARTING,
             EngineState.RUNNING,
             EngineState.STOPPING,
@@ -135,6 +140,22 @@ class Transition(BaseModel):
     state: EngineState
     reason: str = ""
     at: float = Field(default_factory=now)
+
+
+class DownloadProgress(BaseModel):
+    """A hub download in progress (engine state Downloading), refreshed about once a second."""
+
+    repo: str
+    revision: str = "main"
+    done: int = 0  # bytes fetched so far
+    total: int = 0  # bytes to fetch (0: not known yet)
+    rate: float = 0.0  # bytes/s over the last few seconds
+    files: int = 0  # files to fetch
+    waiting: bool = False  # another engine of the node is downloading the same repository
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
 
 
 class Engine(Record):
@@ -155,6 +176,9 @@ class Engine(Record):
     pid_start_time: float = 0.0
     restarts: int = 0
     error: str = ""
+    permanent: bool = False
+    """Failed for a reason no restart can fix (not found, gated, bad args): never restarted."""
+    download: DownloadProgress | None = None
     next_restart_at: float = 0.0
     started_at: float = 0.0
     updated_at: float = Field(default_factory=now)

@@ -73,9 +73,17 @@ PR_SET_PDEATHSIG = 1
 
 
 def build_command(
-    engine: Engine, spec: DeploymentSpec, *, python: str, port: int, bind_host: str, grace_s: float
+    engine: Engine,
+    spec: DeploymentSpec,
+    *,
+    python: str,
+    port: int,
+    bind_host: str,
+    grace_s: float,
+    model_path: str = "",
 ) -> list[str]:
-    """The shim's argv for one engine placed by the scheduler."""
+    """The shim's argv for one engine placed by the scheduler; `model_path` (a downloaded
+    snapshot) replaces `spec.model` as what the engine loads."""
     flags = [
         "--served-model-name",
         spec.model_name,
@@ -97,7 +105,7 @@ def build_command(
     if spec.enforce_eager:
         flags.append("--enforce-eager")
     return shim_command(
-        model=spec.model,
+        model=model_path or spec.model,
         port=port,
         host=bind_host,
         token_env=TOKEN_ENV,
@@ -182,6 +190,10 @@ class EngineProcess:
         if self.popen is not None:
             return self.popen.poll() is None
         return _same_process(self.pid, self.start_time)
+
+    def exit_code(self) -> int | None:
+        """The exit status (None: running, or adopted so unknown)."""
+        return self.popen.poll() if self.popen is not None else None
 
     def exit_description(self) -> str:
         """How the process ended, for the Failed reason."""
@@ -319,14 +331,27 @@ class Launcher:
     # -- launch and adopt
 
     def launch(
-        self, engine: Engine, spec: DeploymentSpec, *, advertise_host: str, grace_s: float = 10.0
+        self,
+        engine: Engine,
+        spec: DeploymentSpec,
+        *,
+        advertise_host: str,
+        grace_s: float = 10.0,
+        model_path: str = "",
     ) -> tuple[EngineProcess, str]:
-        """Start the shim for `engine`; returns the process and its auth token."""
+        """Start the shim for `engine` (loading `model_path` if given, else `spec.model`);
+        returns the process and its auth token."""
         bind_host = advertise_host if advertise_host in LOOPBACK else "0.0.0.0"
         port = free_port(bind_host if bind_host != "0.0.0.0" else "")
         token = secrets.token_urlsafe(32)
         cmd = build_command(
-            engine, spec, python=self.python, port=port, bind_host=bind_host, grace_s=grace_s
+            engine,
+            spec,
+            python=self.python,
+            port=port,
+            bind_host=bind_host,
+            grace_s=grace_s,
+            model_path=model_path,
         )
         env = build_env(engine, spec, token=token, base=os.environ)
         path = self.log_path(engine.id)
