@@ -75,6 +75,12 @@ def from_download(
     before this failed (so a network error now is a blip mid-download, not "no hub")."""
     from huggingface_hub import errors as hf
 
+    # huggingface_hub wraps the hub's answer (DryRunError, LocalEntryNotFoundError ... from it).
+    chain = _chain(exc)
+    exc = next(
+        (e for e in chain if isinstance(e, (hf.RepositoryNotFoundError, hf.RevisionNotFoundError))),
+        exc,
+    )
     if isinstance(exc, hf.GatedRepoError):
         if token_set:
             text = (
@@ -115,19 +121,18 @@ def _unreachable(exc: BaseException) -> bool:
     """A connection that never happened (refused, DNS, timeout), anywhere in the chain."""
     from huggingface_hub import errors as hf
 
-    seen: list[BaseException] = []
+    unreachable = (hf.LocalEntryNotFoundError, ConnectionError, TimeoutError)
+    names = ("ConnectError", "ConnectTimeout", "TimeoutException")
+    return any(isinstance(e, unreachable) or type(e).__name__ in names for e in _chain(exc))
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
     cur: BaseException | None = exc
-    while cur is not None and cur not in seen:
-        seen.append(cur)
-        name = type(cur).__name__
-        if isinstance(cur, (hf.LocalEntryNotFoundError, ConnectionError, TimeoutError)) or name in (
-            "ConnectError",
-            "ConnectTimeout",
-            "TimeoutException",
-        ):
-            return True
+    while cur is not None and cur not in out:
+        out.append(cur)
         cur = cur.__cause__ or cur.__context__
-    return False
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
