@@ -86,7 +86,9 @@ class DeploymentSpec(Record):
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     max_model_len: int | None = Field(default=None, ge=16)
     dtype: str = "auto"
-    enforce_eager: bool = False
+    enforce_eager: bool | None = Field(
+        default=None, description="None: the device's default (eager on CPU; see defaults.py)"
+    )
     engine_args: list[str] = Field(default_factory=list, description="extra vLLM CLI args")
     env: dict[str, str] = Field(default_factory=dict)
     placement: Placement = Field(default_factory=Placement)
@@ -158,6 +160,18 @@ class DownloadProgress(BaseModel):
         return min(1.0, self.done / self.total) if self.total else 0.0
 
 
+class EngineSettings(BaseModel):
+    """What an engine runs with, after the device defaults (shown in API responses and status)."""
+
+    device: Literal["cpu", "cuda"]
+    dtype: str
+    """"auto" until a node resolves it (the model's dtype on GPU; the CPU's best on CPU)."""
+    enforce_eager: bool
+    mode: Literal["eager", "compiled"]
+    max_model_len: int | None
+    """None: the model's own maximum context."""
+
+
 class Engine(Record):
     """One replica of a deployment: `engines/{id}`."""
 
@@ -179,6 +193,8 @@ class Engine(Record):
     permanent: bool = False
     """Failed for a reason no restart can fix (not found, gated, bad args): never restarted."""
     download: DownloadProgress | None = None
+    settings: EngineSettings | None = None
+    """The effective engine settings, written by the node that launches it."""
     next_restart_at: float = 0.0
     started_at: float = 0.0
     updated_at: float = Field(default_factory=now)

@@ -16,8 +16,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..defaults import effective, placed_device
 from ..errors import DeepInferError, EngineUnavailableError
-from ..models import NAME_PATTERN, DeploymentSpec, Engine, EngineState, Placement, decode
+from ..models import (
+    NAME_PATTERN,
+    DeploymentSpec,
+    Engine,
+    EngineSettings,
+    EngineState,
+    Placement,
+    decode,
+)
 from ..store import keys
 from . import runtime as rt
 from .view import ClusterView, Snapshot
@@ -25,7 +34,13 @@ from .view import ClusterView, Snapshot
 if TYPE_CHECKING:
     import pandas as pd
 
-STAGES = [EngineState.PENDING, EngineState.SCHEDULED, EngineState.STARTING, EngineState.RUNNING]
+STAGES = [
+    EngineState.PENDING,
+    EngineState.SCHEDULED,
+    EngineState.DOWNLOADING,
+    EngineState.STARTING,
+    EngineState.RUNNING,
+]
 CALL_TIMEOUT_S = 60.0
 NOFIT_PATIENCE_S = 8.0
 """How long `deploy(wait=True)` lets an engine stay unplaceable before it explains and gives up."""
@@ -43,8 +58,6 @@ SPEC_FIELDS = {
     "env",
     "max_restarts",
 }
-CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "max_model_len": 2048}
-CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 class DeploymentError(DeepInferError):
@@ -114,9 +127,6 @@ def build_spec(
         )
     fields: dict[str, Any] = {}
     extra: list[str] = list(engine_args.pop("extra_args", []) or [])
-    if device == "cpu":
-        fields.update(CPU_DEFAULTS)
-        fields["env"] = dict(CPU_ENV_DEFAULTS)
     for key, value in engine_args.items():
         if key in SPEC_FIELDS:
             fields[key] = {**fields.get("env", {}), **value} if key == "env" else value
@@ -339,6 +349,20 @@ class Deployment:
         spec = self.spec
         return spec.model_name if spec else self.name
 
+    @property
+    def settings(self) -> EngineSettings | None:
+        """The effective engine settings (dtype, eager or compiled, context length): a launched
+        engine's, else what the device defaults give; the same as the HTTP API's `effective`."""
+        snap = self.cluster.snapshot()
+        spec = snap.deployments.get(self.name)
+        if spec is None:
+            return None
+        launched = [e.settings for e in snap.engines_of(self.name) if e.settings is not None]
+        if launched:
+            return launched[0]
+        any_gpu = any(n.gpus for n in snap.nodes.values())
+        return effective(spec, placed_device(spec, any_gpu=any_gpu))
+
     def wait(
         self, *, timeout: float = 900.0, progress: ProgressFn | None = None, poll_s: float = 0.2
     ) -> Deployment:
@@ -536,7 +560,7 @@ class Waiter:
             raise DeploymentError(f"deployment {self.name!r} was removed while waiting")
         engines = [e for e in snap.engines_of(self.name) if e.replica < spec.replicas]
         stage = stage_of(engines, spec.replicas)
-        key = (stage, tuple((e.id, e.state, e.reason, e.node) for e in engines))
+        key = (stage, tuple((e.id, e.state, e.reason, e.node, e.download) for e in engines))
         if self.progress is not None and key != self._last:
             self.progress(stage, time.monotonic() - self.start, engines)
         self._last = key
@@ -581,11 +605,12 @@ def status_of(snap: Snapshot, name: str) -> str:
 
 def failure_hint(name: str, engine: Engine, max_restarts: int) -> str:
     cause = (engine.error or engine.reason or "no error recorded").strip().splitlines()[-1]
-    retry = (
-        f"it restarts automatically ({engine.restarts}/{max_restarts})"
-        if engine.restarts < max_restarts
-        else "it will not be restarted"
-    )
+    if engine.permanent:
+        retry = "no restart can fix this, so it will not be restarted"
+    elif engine.restarts < max_restarts:
+        retry = f"it restarts automatically ({engine.restarts}/{max_restarts})"
+    else:
+        retry = "it will not be restarted"
     return f"{engine.id} failed: {cause}; {retry}. See %deepinfer logs {name}"
 
 

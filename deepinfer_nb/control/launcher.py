@@ -43,6 +43,7 @@ import filelock
 import psutil
 
 from .. import config
+from ..defaults import effective
 from ..engine.process import (
     TOKEN_ENV,
     kill_group,
@@ -84,6 +85,7 @@ def build_command(
 ) -> list[str]:
     """The shim's argv for one engine placed by the scheduler; `model_path` (a downloaded
     snapshot) replaces `spec.model` as what the engine loads."""
+    settings = effective(spec, "cuda" if engine.device == "cuda" else "cpu")
     flags = [
         "--served-model-name",
         spec.model_name,
@@ -94,15 +96,15 @@ def build_command(
         "--grace-period",
         f"{grace_s:g}",
     ]
-    if spec.max_model_len:
-        flags += ["--max-model-len", str(spec.max_model_len)]
+    if settings.max_model_len:
+        flags += ["--max-model-len", str(settings.max_model_len)]
     if engine.device == "cuda":
         # CUDA_VISIBLE_DEVICES carries the assigned GPUs; `cuda:N` would override it.
         fraction = engine.gpu_fraction or spec.gpu_memory_utilization
         flags += ["--device", "cuda", "--gpu-memory-utilization", f"{fraction:g}"]
     else:
         flags += ["--device", "cpu"]
-    if spec.enforce_eager:
+    if settings.enforce_eager:
         flags.append("--enforce-eager")
     return shim_command(
         model=model_path or spec.model,

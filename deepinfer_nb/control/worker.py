@@ -39,7 +39,9 @@ import psutil
 from .. import gpu
 from .._proto import engine_service_pb2 as pb
 from ..config import Settings
+from ..defaults import effective
 from ..engine.client import EngineClient
+from ..engine.cpu_dtype import best_cpu_dtype
 from ..engine.process import poll_ready
 from ..errors import EngineError, StoreError
 from ..logs import ContextAdapter, bind
@@ -514,11 +516,18 @@ class Worker:
                 cached = await asyncio.to_thread(self.downloads.cached, spec.model, spec.revision)
                 path = str(cached) if cached is not None else None
             state = S.STARTING if path is not None else S.DOWNLOADING
+            settings = None
+            if spec is not None:
+                settings = effective(
+                    spec,
+                    "cuda" if record.device == "cuda" else "cpu",
+                    cpu_dtype=best_cpu_dtype(),
+                )
             claimed = await self._update(
                 eid,
                 lambda e: (
                     e.transition(state, f"claimed by node {self.node_id}").model_copy(
-                        update={"download": None}
+                        update={"download": None, "settings": settings}
                     )
                     if e.state == S.SCHEDULED and e.node == self.node_id
                     else None

@@ -18,7 +18,8 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from ..models import DeploymentSpec, Engine, EngineState
+from ..defaults import effective, placed_device
+from ..models import DeploymentSpec, Engine, EngineState, Node
 from ..store import MetaStore, decode_record, keys
 from .errors import APIError, validation_error
 from .routing import unavailable_reason
@@ -84,8 +85,15 @@ def engine_view(engine: Engine) -> dict[str, Any]:
     return engine.model_dump(mode="json", exclude=set(_ENGINE_HIDDEN))
 
 
-def deployment_view(spec: DeploymentSpec, engines: list[Engine]) -> dict[str, Any]:
+def deployment_view(
+    spec: DeploymentSpec, engines: list[Engine], *, any_gpu: bool = False
+) -> dict[str, Any]:
+    """The deployment as clients see it, with `effective`: the engine settings after the device
+    defaults (from a launched engine's record once there is one: its node resolved them)."""
     out = spec.model_dump(mode="json", exclude={"schema_version"})
+    launched = next((e.settings for e in engines if e.settings is not None), None)
+    settings = launched or effective(spec, placed_device(spec, any_gpu=any_gpu))
+    out["effective"] = settings.model_dump(mode="json")
     out["env"] = {k: "***" for k in spec.env}
     ready = sum(1 for e in engines if e.state is EngineState.RUNNING)
     out["model_name"] = spec.model_name
@@ -115,6 +123,17 @@ async def _get_spec(store: MetaStore, name: str) -> tuple[Any, DeploymentSpec]:
     return kv, spec
 
 
+async def _any_gpu(store: MetaStore) -> bool:
+    """Whether some registered node has a GPU (what device "auto" will mean)."""
+    result = await store.range(keys.NODES)
+    for kv in result.items:
+        if keys.name_of(kv.key, keys.NODES):
+            node = decode_record(Node, kv.key, kv.value)
+            if node is not None and node.gpus:
+                return True
+    return False
+
+
 def _store(request: Request) -> MetaStore:
     store: MetaStore = request.app.state.store
     return store
@@ -125,11 +144,16 @@ async def list_deployments(request: Request) -> dict[str, Any]:
     store = _store(request)
     result = await store.range(keys.DEPLOYMENTS)
     engines = await _engines(store)
+    gpu = await _any_gpu(store)
     data = []
     for kv in result.items:
         spec = decode_record(DeploymentSpec, kv.key, kv.value)
         if spec is not None and keys.name_of(kv.key, keys.DEPLOYMENTS):
-            data.append(deployment_view(spec, [e for e in engines if e.deployment == spec.name]))
+            data.append(
+                deployment_view(
+                    spec, [e for e in engines if e.deployment == spec.name], any_gpu=gpu
+                )
+            )
     return {"object": "list", "data": data}
 
 
@@ -139,7 +163,8 @@ async def create_deployment(request: Request, body: JSONBody) -> JSONResponse:
     spec = parse_spec(body)
     key = keys.deployment(spec.name)
     if await store.create(key, spec.encode()):
-        return JSONResponse(deployment_view(spec, []), status_code=201)
+        view = deployment_view(spec, [], any_gpu=await _any_gpu(store))
+        return JSONResponse(view, status_code=201)
     _, existing = await _get_spec(store, spec.name)
     if _desired(existing) != _desired(spec):
         raise APIError(
@@ -150,14 +175,16 @@ async def create_deployment(request: Request, body: JSONBody) -> JSONResponse:
             code="deployment_exists",
         )
     engines = await _engines(store, spec.name)
-    return JSONResponse(deployment_view(existing, engines), status_code=200)
+    view = deployment_view(existing, engines, any_gpu=await _any_gpu(store))
+    return JSONResponse(view, status_code=200)
 
 
 @router.get("/v1/deployments/{name}")
 async def get_deployment(name: str, request: Request) -> dict[str, Any]:
     store = _store(request)
     _, spec = await _get_spec(store, name)
-    return deployment_view(spec, await _engines(store, name))
+    engines = await _engines(store, name)
+    return deployment_view(spec, engines, any_gpu=await _any_gpu(store))
 
 
 @router.patch("/v1/deployments/{name}")
@@ -176,7 +203,8 @@ async def update_deployment(name: str, request: Request, body: JSONBody) -> dict
             raise validation_error(exc, status=422) from None
         if (await store.compare_and_swap(kv, updated.encode())).succeeded:
             break  # else someone wrote it meanwhile: re-read and apply the patch again
-    return deployment_view(updated, await _engines(store, name))
+    engines = await _engines(store, name)
+    return deployment_view(updated, engines, any_gpu=await _any_gpu(store))
 
 
 @router.delete("/v1/deployments/{name}")

@@ -22,7 +22,7 @@ def snap(engines: list[Engine], *, replicas: int = 1, nodes=None, gpus=None) -> 
     )
 
 
-def test_build_spec_cpu_defaults_and_extra_args() -> None:
+def test_build_spec_leaves_defaults_to_the_spec_layer_and_passes_extra_args() -> None:
     spec = api.build_spec(
         "HuggingFaceTB/SmolLM2-135M-Instruct",
         name=None,
@@ -32,8 +32,9 @@ def test_build_spec_cpu_defaults_and_extra_args() -> None:
         engine_args={"max_num_seqs": 4, "trust_remote_code": True},
     )
     assert spec.name == "smollm2-135m-instruct"
-    assert (spec.dtype, spec.enforce_eager, spec.max_model_len) == ("auto", True, 2048)
-    assert spec.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    # unset, as over HTTP: defaults.effective() decides per device, for every entry point
+    assert (spec.dtype, spec.enforce_eager, spec.max_model_len) == ("auto", None, None)
+    assert spec.env == {}
     assert spec.engine_args == ["--max-num-seqs", "4", "--trust-remote-code"]
     gpu = api.build_spec("m", name="x", gpus=2, replicas=1, device="auto", engine_args={})
     assert (gpu.device, gpu.tensor_parallel_size) == ("cuda", 2)
