@@ -70,6 +70,21 @@ class Placement(BaseModel):
     gpus: list[int] = Field(default_factory=list, description="only these GPU indices")
 
 
+class ModelFacts(BaseModel):
+    """What placement needs to know about a model's size, read from its config.json (and the
+    safetensors index) by `control/fit.py` before the deployment is written."""
+
+    params: int = Field(ge=0, description="parameter count")
+    dtype: str = "bfloat16"
+    """The checkpoint's dtype (config.json `torch_dtype`/`dtype`)."""
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    max_position_embeddings: int = 0
+    source: str = "config.json"
+    """Where the numbers come from ("config.json", or "name" when only the id hinted a size)."""
+
+
 class DeploymentSpec(Record):
     """Desired state of one deployment: `deployments/{name}`."""
 
@@ -93,6 +108,9 @@ class DeploymentSpec(Record):
     env: dict[str, str] = Field(default_factory=dict)
     placement: Placement = Field(default_factory=Placement)
     max_restarts: int = Field(default=5, ge=0)
+    facts: ModelFacts | None = Field(
+        default=None, description="model size facts found before writing (None: unknown)"
+    )
     created_at: float = Field(default_factory=now)
 
     @field_validator("device")
@@ -246,6 +264,7 @@ class Node(Record):
     memory_total: int = 0
     gpus: list[GpuInfo] = Field(default_factory=list)
     gpu_error: str = ""  # why there are no GPUs ("no NVIDIA driver"), if none
+    cpu_dtype: str = ""  # what dtype "auto" means for CPU engines here (engine/cpu_dtype.py)
     labels: dict[str, str] = Field(default_factory=dict)
     started_at: float = Field(default_factory=now)
     version: str = ""

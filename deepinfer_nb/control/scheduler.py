@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 from ..models import DeploymentSpec, Engine, GpuInfo, GpuSamples, Node
+from . import fit
 
 Strategy = Literal["spread", "binpack", "idle_first"]
 STRATEGIES: tuple[Strategy, ...] = ("spread", "binpack", "idle_first")
@@ -52,6 +53,8 @@ class NodeSnapshot:
     gpus: tuple[GpuSlot, ...] = ()
     cpu_capable: bool = True
     cpu_engines: int = 0
+    memory_total: int = 0
+    """Host RAM in bytes (0: unknown)."""
     deployments: tuple[str, ...] = ()
     """Deployment of each active engine on this node, GPU or CPU."""
 
@@ -69,10 +72,20 @@ class PlacementRequest:
     gpu_memory_utilization: float = 0.9
     nodes: tuple[str, ...] = ()
     gpu_indices: tuple[int, ...] = ()
+    gpu_bytes: int = 0
+    """Memory one engine needs on each of its GPUs (0: unknown, only fractions are checked)."""
+    cpu_bytes: int = 0
+    """Host RAM one CPU engine needs (0: unknown)."""
 
     @classmethod
     def for_spec(cls, spec: DeploymentSpec, *, replicas: int = 1) -> PlacementRequest:
+        gpu_bytes = cpu_bytes = 0
+        if spec.facts is not None:
+            gpu_bytes = fit.estimate(spec.facts, spec, device="cuda").per_device
+            cpu_bytes = fit.estimate(spec.facts, spec, device="cpu").total
         return cls(
+            gpu_bytes=gpu_bytes,
+            cpu_bytes=cpu_bytes,
             deployment=spec.name,
             replicas=replicas,
             device=spec.device,
@@ -130,6 +143,7 @@ def snapshot(
                 for g in sorted(gpus, key=lambda g: g.index)
             ),
             cpu_capable=cpu_capable,
+            memory_total=node.memory_total,
         )
     for engine in engines:
         snap = snaps.get(engine.node)
@@ -279,7 +293,15 @@ def _place_cpu(
             return (mine, n.cpu_engines, n.id)
         return (n.cpu_engines, mine, n.id)
 
-    best = min(capable, key=key)
+    roomy = [n for n in capable if not n.memory_total or n.memory_total >= request.cpu_bytes]
+    if not roomy:
+        largest = max(capable, key=lambda n: n.memory_total)
+        return NoFit(
+            f"a CPU engine needs ~{_gib(request.cpu_bytes)} GiB; the largest node has "
+            f"{_gib(largest.memory_total)} GiB RAM (node {largest.id}); use a GPU or a "
+            "smaller model"
+        )
+    best = min(roomy, key=key)
     return Assignment(node=best.id, device="cpu")
 
 
@@ -311,14 +333,18 @@ def _place_gpu(
             )
     fraction = request.gpu_memory_utilization
 
-    shape = (request.deployment, fraction, need, pins, strategy)
+    shape = (request.deployment, fraction, need, pins, strategy, request.gpu_bytes)
 
     def gpu_key(g: GpuSlot) -> tuple[float, ...]:
         return _gpu_key(g, request.deployment, strategy)
 
     def best_on(node: NodeSnapshot) -> _NodeBest:
         # The hot path: only a cheap fit test per GPU; refusal texts only when nothing fits.
-        fitting = [g for g in node.gpus if (not pins or g.index in pins) and _fits(g, fraction)]
+        fitting = [
+            g
+            for g in node.gpus
+            if (not pins or g.index in pins) and _fits(g, fraction, request.gpu_bytes)
+        ]
         if len(fitting) < need:
             return None
         chosen = [min(fitting, key=gpu_key)] if need == 1 else sorted(fitting, key=gpu_key)[:need]
@@ -333,11 +359,18 @@ def _place_gpu(
         _, node, chosen = best
         gpus = tuple(sorted(g.index for g in chosen))
         return Assignment(node=node.id, device="cuda", gpus=gpus, gpu_fraction=fraction)
-    return NoFit(_explain(with_gpus, pins=pins, need=need, fraction=fraction))
+    return NoFit(
+        _explain(with_gpus, pins=pins, need=need, fraction=fraction, gpu_bytes=request.gpu_bytes)
+    )
 
 
 def _explain(
-    nodes: Sequence[NodeSnapshot], *, pins: tuple[int, ...], need: int, fraction: float
+    nodes: Sequence[NodeSnapshot],
+    *,
+    pins: tuple[int, ...],
+    need: int,
+    fraction: float,
+    gpu_bytes: int = 0,
 ) -> str:
     refusals: list[str] = []
     for node in nodes:
@@ -346,7 +379,7 @@ def _explain(
             continue
         fitting = 0
         for slot in eligible:
-            why = _refusal(slot, fraction)
+            why = _refusal(slot, fraction, gpu_bytes)
             if why:
                 refusals.append(f"node {node.id} GPU {slot.index}: {why}")
             else:
@@ -362,16 +395,24 @@ def _eligible(node: NodeSnapshot, pins: tuple[int, ...]) -> list[GpuSlot]:
     return [g for g in node.gpus if not pins or g.index in pins]
 
 
-def _fits(slot: GpuSlot, fraction: float) -> bool:
+def _fits(slot: GpuSlot, fraction: float, gpu_bytes: int = 0) -> bool:
     if slot.promised + fraction > 1.0 + EPS:
+        return False
+    if gpu_bytes and slot.memory_total > 0 and slot.memory_total * fraction < gpu_bytes:
         return False
     free, total = slot.memory_free, slot.memory_total
     return free is None or total <= 0 or free >= fraction * total - EPS
 
 
-def _refusal(slot: GpuSlot, fraction: float) -> str:
+def _refusal(slot: GpuSlot, fraction: float, gpu_bytes: int = 0) -> str:
     """Why `slot` cannot take an engine asking for `fraction` of its memory ("" if it can)."""
     total = slot.memory_total
+    if gpu_bytes and total > 0 and total * fraction < gpu_bytes:
+        return (
+            f"the model needs ~{_gib(gpu_bytes)} GiB per GPU, {fraction:.2f} x {_gib(total)} "
+            f"GiB offers {_gib(int(total * fraction))}; try more GPUs (--gpus) or a shorter "
+            "--max-model-len"
+        )
     if slot.promised + fraction > 1.0 + EPS:
         return (
             f"{slot.promised:.2f} of its memory is already promised to {slot.engines} "

@@ -244,6 +244,7 @@ class Worker:
             memory_total=psutil.virtual_memory().total,
             gpus=devices,
             gpu_error=reason,
+            cpu_dtype=best_cpu_dtype(),
             version=_version(),
         )
         await self.store.put(keys.node(self.node_id), node.encode(), lease=lease.id)
