@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..control import preflight
 from ..defaults import effective, placed_device
 from ..errors import DeepInferError, EngineUnavailableError
 from ..models import (
@@ -219,12 +220,24 @@ class Cluster:
         spec = build_spec(
             model, name=name, gpus=gpus, replicas=replicas, device=device, engine_args=engine_args
         )
+        spec = self._preflight(spec)
         self.run(self._apply(spec))
         self._hosted.created.add(spec.name)
         dep = Deployment(self, spec.name)
         if wait:
             dep.wait(timeout=timeout, progress=progress)
         return dep
+
+    def _preflight(self, spec: DeploymentSpec) -> DeploymentSpec:
+        """The spec with the model's size facts, or a DeploymentError saying why no node can
+        run it (the same check as POST /v1/deployments)."""
+        if spec.name in self.snapshot().deployments:
+            return spec  # re-running a deploy cell: idempotent, nothing new to check
+        hub = preflight.Hub.of(self._hosted.settings.agent)
+        result = preflight.run(spec, self.snapshot().nodes.values(), hub=hub)
+        if result.problems:
+            raise DeploymentError(f"cannot deploy {spec.model}: " + "; and ".join(result.problems))
+        return result.spec
 
     async def _apply(self, spec: DeploymentSpec) -> None:
         store, key = self._hosted.store, keys.deployment(spec.name)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from ..defaults import effective
 from ..models import DeploymentSpec, ModelFacts, Node
 
-__all__ = ["Need", "check", "estimate", "facts_from_config", "facts_from_name"]
+__all__ = ["Need", "check", "estimate", "facts_from_config", "facts_from_name", "no_gpu"]
 
 GIB = 1024**3
 DTYPE_BYTES = {
@@ -210,6 +210,21 @@ def _check_gpu(spec: DeploymentSpec, facts: ModelFacts, nodes: list[Node]) -> st
         f"{need.describe()}{split}{_guess(facts)}; the largest GPU offers {offer / GIB:.1f} GiB "
         f"(node {node.id}, GPU {index}, at gpu_memory_utilization {fraction:g}); try "
         f"{', '.join(tips)} or a smaller model"
+    )
+
+
+def no_gpu(spec: DeploymentSpec, facts: ModelFacts, nodes: Iterable[Node]) -> str:
+    """When no node has a GPU and `spec` would therefore run on CPU (device auto): that fact
+    with the numbers, to name beside another cause ("" otherwise)."""
+    nodes = list(nodes)
+    if spec.device != "auto" or not nodes or any(n.gpus for n in nodes):
+        return ""
+    node = max(nodes, key=lambda n: n.memory_total)
+    need = estimate(facts, spec, device="cpu", cpu_dtype=node.cpu_dtype)
+    why = f": {node.gpu_error}" if node.gpu_error else ""
+    return (
+        f"no GPU on any node (node {node.id}{why}), so it would run on CPU: {need.describe()}"
+        f"{_guess(facts)}; node {node.id} has {node.memory_total / GIB:.1f} GiB RAM"
     )
 
 

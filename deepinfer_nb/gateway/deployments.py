@@ -11,6 +11,7 @@ sees its own write at once. Engine auth tokens and env values are never returned
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Annotated, Any
 
@@ -18,6 +19,7 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from ..control import preflight
 from ..defaults import effective, placed_device
 from ..models import DeploymentSpec, Engine, EngineState, Node
 from ..store import MetaStore, decode_record, keys
@@ -27,7 +29,7 @@ from .routing import unavailable_reason
 router = APIRouter(tags=["deployments"])
 JSONBody = Annotated[dict[str, Any], Body()]
 
-_SERVER_FIELDS = frozenset({"created_at", "schema_version"})
+_SERVER_FIELDS = frozenset({"created_at", "schema_version", "facts"})
 _PATCHABLE = frozenset({"replicas", "max_restarts", "placement"})
 _ENGINE_HIDDEN = frozenset({"auth_token", "schema_version"})
 
@@ -123,6 +125,28 @@ async def _get_spec(store: MetaStore, name: str) -> tuple[Any, DeploymentSpec]:
     return kv, spec
 
 
+async def _preflight(request: Request, spec: DeploymentSpec) -> DeploymentSpec:
+    """The spec with the model's size facts, or a 422 saying why no node can run it."""
+    store = _store(request)
+    result = await store.range(keys.NODES)
+    nodes = [
+        n
+        for kv in result.items
+        if keys.name_of(kv.key, keys.NODES)
+        and (n := decode_record(Node, kv.key, kv.value)) is not None
+    ]
+    hub = preflight.Hub.of(request.app.state.settings.agent)
+    checked = await asyncio.to_thread(preflight.run, spec, nodes, hub=hub)
+    if checked.problems:
+        raise APIError(
+            422,
+            f"cannot deploy {spec.model}: " + "; and ".join(checked.problems),
+            param="model",
+            code="model_cannot_run",
+        )
+    return checked.spec
+
+
 async def _any_gpu(store: MetaStore) -> bool:
     """Whether some registered node has a GPU (what device "auto" will mean)."""
     result = await store.range(keys.NODES)
@@ -160,7 +184,7 @@ async def list_deployments(request: Request) -> dict[str, Any]:
 @router.post("/v1/deployments")
 async def create_deployment(request: Request, body: JSONBody) -> JSONResponse:
     store = _store(request)
-    spec = parse_spec(body)
+    spec = await _preflight(request, parse_spec(body))
     key = keys.deployment(spec.name)
     if await store.create(key, spec.encode()):
         view = deployment_view(spec, [], any_gpu=await _any_gpu(store))
