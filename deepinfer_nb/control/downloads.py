@@ -7,19 +7,24 @@ the node's cache that every engine of the node shares.
     path = downloads.fetch("Qwen/Qwen2.5-0.5B-Instruct", "main", progress)  # blocking: a thread
 
 `fetch` holds a file lock per repository for the whole download, so two deployments of one
-model on one node download it once (the second finds it cached when the lock is free). It uses
-`huggingface_hub.snapshot_download` with its cache layout: an interrupted download (dropped
-connection, worker restart) resumes from the partial `.incomplete` blobs. HF_TOKEN comes from
-this process's environment at download time and goes only to the hub; HF_ENDPOINT (or the
-`hub_endpoint` setting) and HF_HUB_OFFLINE are honoured. Failures are raised as `DownloadFailed`,
-classified by `failures.from_download`. `Progress` is read by the worker about once a second to
-write bytes done/total and the rate into the engine record.
+model on one node download it once (the second finds it cached when the lock is free). It plans
+with `huggingface_hub.snapshot_download(dry_run=True)`, fetches the large files (weights) itself
+into the cache's blobs through partial files with stable names, so an interrupted download
+(dropped connection, worker restart) resumes with a Range request, then lets
+`snapshot_download` fetch the small files and link the snapshot (huggingface_hub's cache layout,
+so other tools find the model). HF_TOKEN comes from this process's environment at download time
+and goes only to the hub; HF_ENDPOINT (or the `hub_endpoint` setting) and HF_HUB_OFFLINE are
+honoured. Failures are raised as `DownloadFailed`,
+classified by `failures.from_download`. `Progress` counts bytes as they are written; the worker
+reads it about once a second into the engine record (done/total and the rate).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
+import logging
 import re
 import threading
 import time
@@ -27,12 +32,15 @@ from pathlib import Path
 from typing import Any
 
 import filelock
+import httpx
 
 from ..config import HubAccess, hub_access
 from ..engine import local_models
 from .failures import DownloadFailed, Failure, from_download, not_cached
 
 __all__ = ["ALLOW_PATTERNS", "Downloads", "Progress", "is_hub_id"]
+
+log = logging.getLogger(__name__)
 
 ALLOW_PATTERNS = [
     "*.json",  # config, generation config, tokenizer config, safetensors index
@@ -48,6 +56,11 @@ and originals in sub-folders are left on the hub."""
 IGNORE_PATTERNS = ["original/*", "*/original/*", "onnx/*", "*.onnx*"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RATE_WINDOW_S = 5.0
+RESUMABLE_MIN = 16 << 20
+"""Files this large (the weights) are fetched by `_fetch_blob`, resumable across restarts."""
+PARTIAL = ".deepinfer-partial"
+STREAM_RETRIES = 5
+"""Failed attempts in a row before a download gives up (the engine's restart resumes it)."""
 
 
 def is_hub_id(model: str) -> bool:
@@ -58,32 +71,32 @@ def is_hub_id(model: str) -> bool:
 
 
 class Progress:
-    """Bytes of one download, measured from the repository's blob folder (thread-safe reads)."""
+    """Bytes of one download, counted as they are written (read from other threads)."""
 
     def __init__(self) -> None:
         self.total = 0
         self.files = 0
         self.waiting = False
         """True while another download of the same repository holds the lock."""
-        self._blobs: Path | None = None
-        self._baseline = 0
-        self._resumed = 0
+        self._done = 0
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
 
-    def begin(self, blobs: Path, *, total: int, files: int) -> None:
-        size, partial = _folder_size(blobs)
+    def begin(self, *, total: int, files: int) -> None:
         with self._lock:
-            self._blobs, self.total, self.files = blobs, total, files
-            self._baseline, self._resumed = size, partial
+            self.total, self.files, self._done = total, files, 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._done += n
+
+    def finish(self) -> None:
+        with self._lock:
+            self._done = self.total
 
     def done(self) -> int:
         with self._lock:
-            blobs, baseline, resumed = self._blobs, self._baseline, self._resumed
-        if blobs is None:
-            return 0
-        size, _ = _folder_size(blobs)
-        return max(0, min(self.total, size - baseline + resumed)) if self.total else 0
+            return max(0, min(self._done, self.total)) if self.total else 0
 
     def sample(self, now: float | None = None) -> tuple[int, float]:
         """Bytes done and the rate (bytes/s) over the last few seconds."""
@@ -95,24 +108,6 @@ class Progress:
         t0, d0 = self._samples[0]
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
         return done, max(0.0, rate)
-
-
-def _folder_size(folder: Path) -> tuple[int, int]:
-    """(all bytes, bytes in .incomplete files) directly inside `folder`."""
-    total = partial = 0
-    try:
-        entries = list(folder.iterdir())
-    except FileNotFoundError:
-        return 0, 0
-    for p in entries:
-        try:
-            size = p.stat().st_size
-        except FileNotFoundError:  # renamed from .incomplete meanwhile
-            continue
-        total += size
-        if p.name.endswith(".incomplete"):
-            partial += size
-    return total, partial
 
 
 @dataclasses.dataclass
@@ -187,15 +182,78 @@ class Downloads:
             plan = snapshot_download(repo, dry_run=True, **kwargs)
             planned = True
             todo = [f for f in plan if f.will_download]
-            progress.begin(
-                self.cache / _folder(repo) / "blobs",
-                total=sum(f.file_size or 0 for f in todo),
-                files=len(todo),
-            )
+            progress.begin(total=sum(f.file_size or 0 for f in todo), files=len(todo))
+            big = [f for f in todo if (f.file_size or 0) >= RESUMABLE_MIN]
+            with concurrent.futures.ThreadPoolExecutor(self.max_workers) as pool:
+                for _ in pool.map(lambda f: self._fetch_blob(repo, f, access, progress), big):
+                    pass
+            # The small files, and the snapshot's links to the blobs fetched above.
             path = snapshot_download(repo, max_workers=self.max_workers, **kwargs)
         except Exception as exc:
             raise DownloadFailed(self._classify(exc, repo, revision, access, planned)) from exc
+        progress.finish()
         return Path(path)
+
+    def _fetch_blob(self, repo: str, file: Any, access: HubAccess, progress: Progress) -> None:
+        """One large file into the cache's blob, resumable: the bytes go to a partial file with
+        a stable name, so a later attempt (another process after a worker restart included)
+        asks only for the rest. huggingface_hub's own partial files are unique per process and
+        deleted on failure, so they cannot resume across a restart."""
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+        url = hf_hub_url(repo, file.filename, revision=file.commit_hash, endpoint=access.endpoint)
+        meta = get_hf_file_metadata(url, token=access.token or False, endpoint=access.endpoint)
+        if not meta.etag or meta.size is None:
+            return  # nothing to resume by: huggingface_hub downloads it
+        blob = self.cache / _folder(repo) / "blobs" / meta.etag
+        part = blob.with_name(meta.etag + PARTIAL)
+        if blob.exists():
+            progress.add(meta.size)
+            return
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        have = part.stat().st_size if part.exists() else 0
+        if have > meta.size:
+            part.unlink()
+            have = 0
+        progress.add(have)
+        failures = 0
+        while have < meta.size:
+            try:
+                have = self._stream(url, part, have, access, progress)
+                failures = 0
+            except (httpx.TransportError, OSError) as exc:
+                failures += 1
+                if failures > STREAM_RETRIES:
+                    raise OSError(f"{file.filename}: {exc}") from exc
+                have = part.stat().st_size if part.exists() else 0
+                log.warning("%s: %s; resuming at byte %d", file.filename, exc, have)
+                time.sleep(min(2.0**failures, 10.0))
+        if have != meta.size:
+            raise OSError(f"{file.filename}: got {have} bytes, expected {meta.size}")
+        part.replace(blob)
+
+    @staticmethod
+    def _stream(url: str, part: Path, have: int, access: HubAccess, progress: Progress) -> int:
+        """Append the bytes from `have` on to `part`; returns the new size."""
+        headers = {"Accept-Encoding": "identity"}
+        if access.token:
+            headers["Authorization"] = f"Bearer {access.token}"
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        timeout = httpx.Timeout(30.0, connect=10.0)
+        with httpx.stream("GET", url, headers=headers, follow_redirects=True, timeout=timeout) as r:
+            if r.status_code not in (200, 206):
+                raise OSError(f"HTTP {r.status_code} from {url}")
+            mode = "ab"
+            if have and r.status_code == 200:  # the server ignored the Range: start over
+                progress.add(-have)
+                have, mode = 0, "wb"
+            with part.open(mode) as f:
+                for chunk in r.iter_bytes():  # as received: a drop loses nothing written
+                    f.write(chunk)
+                    have += len(chunk)
+                    progress.add(len(chunk))
+        return have
 
     def _classify(
         self, exc: BaseException, repo: str, revision: str, access: HubAccess, planned: bool
