@@ -85,10 +85,17 @@ class Progress:
     def begin(self, *, total: int, files: int) -> None:
         with self._lock:
             self.total, self.files, self._done = total, files, 0
+            self._samples = collections.deque([(time.monotonic(), 0)])
 
     def add(self, n: int) -> None:
         with self._lock:
             self._done += n
+
+    def resumed(self, n: int) -> None:
+        """`n` bytes found from an earlier attempt: done, but not part of the rate."""
+        with self._lock:
+            self._done += n
+            self._samples = collections.deque((t, d + n) for t, d in self._samples)
 
     def finish(self) -> None:
         with self._lock:
@@ -102,10 +109,11 @@ class Progress:
         """Bytes done and the rate (bytes/s) over the last few seconds."""
         now = time.monotonic() if now is None else now
         done = self.done()
-        self._samples.append((now, done))
-        while len(self._samples) > 2 and now - self._samples[0][0] > RATE_WINDOW_S:
-            self._samples.popleft()
-        t0, d0 = self._samples[0]
+        with self._lock:
+            self._samples.append((now, done))
+            while len(self._samples) > 2 and now - self._samples[0][0] > RATE_WINDOW_S:
+                self._samples.popleft()
+            t0, d0 = self._samples[0]
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
         return done, max(0.0, rate)
 
@@ -208,14 +216,14 @@ class Downloads:
         blob = self.cache / _folder(repo) / "blobs" / meta.etag
         part = blob.with_name(meta.etag + PARTIAL)
         if blob.exists():
-            progress.add(meta.size)
+            progress.resumed(meta.size)
             return
         blob.parent.mkdir(parents=True, exist_ok=True)
         have = part.stat().st_size if part.exists() else 0
         if have > meta.size:
             part.unlink()
             have = 0
-        progress.add(have)
+        progress.resumed(have)
         failures = 0
         while have < meta.size:
             try:
