@@ -26,7 +26,6 @@ import asyncio
 import dataclasses
 import enum
 import functools
-import importlib.metadata
 import logging
 import os
 import socket
@@ -38,6 +37,7 @@ import psutil
 
 from .. import gpu
 from .._proto import engine_service_pb2 as pb
+from .._version import __version__
 from ..config import Settings
 from ..defaults import effective
 from ..engine.client import EngineClient
@@ -101,13 +101,6 @@ class _Local:
     task: asyncio.Task[None] | None = None
     running: bool = False
     """Already recorded Running (a re-adopted engine): no Starting -> Running to write."""
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("deepinfer-nb")
-    except importlib.metadata.PackageNotFoundError:
-        return ""
 
 
 class Worker:
@@ -245,7 +238,7 @@ class Worker:
             gpus=devices,
             gpu_error=reason,
             cpu_dtype=best_cpu_dtype(),
-            version=_version(),
+            version=__version__,
         )
         await self.store.put(keys.node(self.node_id), node.encode(), lease=lease.id)
         samples = GpuSamples(node=self.node_id, gpus=devices, error=reason)

@@ -25,7 +25,7 @@ import grpc
 from .._proto import engine_service_pb2 as pb
 from .._proto import engine_service_pb2_grpc as pb_grpc
 from ..errors import EngineError, EngineUnavailableError, InvalidRequestError
-from ..gcheap import freeze_heap
+from ..procenv import freeze_heap
 from . import validation
 from .backend import ChoiceDelta, EngineBackend, ModelFacts
 from .validation import Sampling
