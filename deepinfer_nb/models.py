@@ -72,7 +72,7 @@ class Placement(BaseModel):
 
 class ModelFacts(BaseModel):
     """What placement needs to know about a model's size, read from its config.json (and the
-    safetensors index) by `control/fit.py` before the deployment is written."""
+    safetensors index) by `hub/fit.py` before the deployment is written."""
 
     params: int = Field(ge=0, description="parameter count")
     dtype: str = "bfloat16"

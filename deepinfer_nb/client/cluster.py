@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..control import preflight
 from ..defaults import effective, placed_device
 from ..errors import DeepInferError, EngineUnavailableError
+from ..hub import preflight
 from ..models import (
     NAME_PATTERN,
     DeploymentSpec,

@@ -24,21 +24,20 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import http.client as http_client
 import logging
-import re
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import filelock
-import httpx
 
 from ..config import HubAccess, hub_access
-from ..engine import local_models
-from .failures import DownloadFailed, Failure, from_download, not_cached
+from ..hub import http
+from ..hub.failures import DownloadFailed, Failure, from_download, not_cached
 
-__all__ = ["ALLOW_PATTERNS", "Downloads", "Progress", "is_hub_id"]
+__all__ = ["ALLOW_PATTERNS", "Downloads", "Progress"]
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +53,14 @@ ALLOW_PATTERNS = [
 """What vLLM loads from a hub repository; weights in other formats (*.bin, *.pth, *.gguf, ONNX)
 and originals in sub-folders are left on the hub."""
 IGNORE_PATTERNS = ["original/*", "*/original/*", "onnx/*", "*.onnx*"]
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RATE_WINDOW_S = 5.0
 RESUMABLE_MIN = 16 << 20
 """Files this large (the weights) are fetched by `_fetch_blob`, resumable across restarts."""
 PARTIAL = ".deepinfer-partial"
+CHUNK = 1 << 20
+STREAM_TIMEOUT_S = 30.0
 STREAM_RETRIES = 5
 """Failed attempts in a row before a download gives up (the engine's restart resumes it)."""
-
-
-def is_hub_id(model: str) -> bool:
-    """`org/name` that is neither a local alias nor an existing path."""
-    if local_models.lookup(model) is not None or model.startswith((".", "/", "~")):
-        return False
-    return bool(_HUB_ID.match(model)) and not Path(model).exists()
 
 
 class Progress:
@@ -226,38 +219,40 @@ class Downloads:
         progress.resumed(have)
         failures = 0
         while have < meta.size:
+            before = have
             try:
                 have = self._stream(url, part, have, access, progress)
-                failures = 0
-            except (httpx.TransportError, OSError) as exc:
-                failures += 1
+                if have < meta.size:
+                    raise OSError(f"connection closed after {have} of {meta.size} bytes")
+            except (OSError, http_client.HTTPException) as exc:
+                have = part.stat().st_size if part.exists() else 0
+                # Attempts without a new byte count; one that made progress resumes at once.
+                failures = 0 if have > before else failures + 1
                 if failures > STREAM_RETRIES:
                     raise OSError(f"{file.filename}: {exc}") from exc
-                have = part.stat().st_size if part.exists() else 0
                 log.warning("%s: %s; resuming at byte %d", file.filename, exc, have)
-                time.sleep(min(2.0**failures, 10.0))
+                time.sleep(min(2.0**failures, 10.0) if failures else 0.0)
         if have != meta.size:
             raise OSError(f"{file.filename}: got {have} bytes, expected {meta.size}")
         part.replace(blob)
 
     @staticmethod
     def _stream(url: str, part: Path, have: int, access: HubAccess, progress: Progress) -> int:
-        """Append the bytes from `have` on to `part`; returns the new size."""
-        headers = {"Accept-Encoding": "identity"}
-        if access.token:
-            headers["Authorization"] = f"Bearer {access.token}"
-        if have:
-            headers["Range"] = f"bytes={have}-"
-        timeout = httpx.Timeout(30.0, connect=10.0)
-        with httpx.stream("GET", url, headers=headers, follow_redirects=True, timeout=timeout) as r:
-            if r.status_code not in (200, 206):
-                raise OSError(f"HTTP {r.status_code} from {url}")
+        """Append the bytes from `have` on to `part`; returns the new size (short of the file's
+        end when the connection dropped: the caller asks again from there)."""
+        with http.get(url, token=access.token, start=have, timeout=STREAM_TIMEOUT_S) as r:
             mode = "ab"
-            if have and r.status_code == 200:  # the server ignored the Range: start over
+            if have and r.status != 206:  # the server ignored the Range: start over
                 progress.add(-have)
                 have, mode = 0, "wb"
             with part.open(mode) as f:
-                for chunk in r.iter_bytes():  # as received: a drop loses nothing written
+                while True:
+                    try:
+                        chunk = r.read1(CHUNK)  # what has arrived: a drop loses nothing written
+                    except http_client.IncompleteRead as exc:
+                        chunk = exc.partial
+                    if not chunk:
+                        break
                     f.write(chunk)
                     have += len(chunk)
                     progress.add(len(chunk))

@@ -13,7 +13,7 @@ store and returns what the leader should write (see the engine record protocol i
 - a Failed engine waits `min(backoff * 2**restarts, cap)` and stays Failed for good once
   `restarts >= spec.max_restarts` (the worker zeroes the count of an engine that failed after
   running `restart_reset_s`, so only a crash loop uses the budget up), or at once when it is
-  `permanent` (see failures.py).
+  `permanent` (see hub/failures.py).
 
 At most one action per engine per round: each is a compare-and-swap on the record as read, so a
 round never races with itself; the next round (triggered by the resulting watch event) continues.

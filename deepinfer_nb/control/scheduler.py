@@ -18,8 +18,8 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
+from ..hub import fit
 from ..models import DeploymentSpec, Engine, GpuInfo, GpuSamples, Node
-from . import fit
 
 Strategy = Literal["spread", "binpack", "idle_first"]
 STRATEGIES: tuple[Strategy, ...] = ("spread", "binpack", "idle_first")

@@ -15,7 +15,7 @@ then claims it (CAS Scheduled -> Downloading for a hub model not yet in the node
 Scheduled -> Starting, so no engine starts twice), downloads it (`downloads.py`; bytes done/total
 and rate written to the record about once a second, then Downloading -> Starting), launches the
 shim, waits for HealthCheck READY (Starting -> Running), and watches exit and health until it
-fails (-> Failed with the cause and `next_restart_at`; `permanent` when `failures.py` says no
+fails (-> Failed with the cause and `next_restart_at`; `permanent` when `hub/failures.py` says no
 restart can help). Every write is read-modify-CAS and re-decided
 on conflict. A per-engine lock keeps the supervisor's writes and the reconciler's kills apart.
 """
@@ -44,12 +44,13 @@ from ..engine.client import EngineClient
 from ..engine.cpu_dtype import best_cpu_dtype
 from ..engine.process import poll_ready
 from ..errors import EngineError, StoreError
+from ..hub.failures import DownloadFailed, from_engine_exit
+from ..hub.preflight import is_hub_id
 from ..logs import ContextAdapter, bind
 from ..models import DeploymentSpec, DownloadProgress, Engine, EngineState, GpuSamples, Node
 from ..store import Lease, MetaStore, RangeResult, WatchEvent, decode_record, keys
 from ..store.follow import follow
-from .downloads import Downloads, Progress, is_hub_id
-from .failures import DownloadFailed, from_engine_exit
+from .downloads import Downloads, Progress
 from .launcher import EngineProcess, Launcher, LogTail
 from .reconcile import Backoff
 

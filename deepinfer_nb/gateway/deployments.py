@@ -19,8 +19,8 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from ..control import preflight
 from ..defaults import effective, placed_device
+from ..hub import preflight
 from ..models import DeploymentSpec, Engine, EngineState, Node
 from ..store import MetaStore, decode_record, keys
 from .errors import APIError, validation_error

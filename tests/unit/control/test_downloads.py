@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from deepinfer_nb.control.downloads import Downloads, Progress, is_hub_id
-from deepinfer_nb.control.failures import DownloadFailed
+from deepinfer_nb.control.downloads import Downloads, Progress
+from deepinfer_nb.hub.failures import DownloadFailed
+from deepinfer_nb.hub.preflight import is_hub_id
 from tests.fixtures.hub import REPO, HubDouble, smollm2_folder
 
 GATED = "org/gated-smol"

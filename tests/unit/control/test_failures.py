@@ -3,9 +3,9 @@ a permanent failure while it restarts a transient one; the device defaults of de
 
 from __future__ import annotations
 
-from deepinfer_nb.control.failures import from_engine_exit
 from deepinfer_nb.control.reconcile import ScheduleEngine, decide
 from deepinfer_nb.defaults import effective
+from deepinfer_nb.hub.failures import from_engine_exit
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState, Node
 
 S = EngineState

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import socket
+import urllib.error
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,14 @@ from typing import Any
 from ..config import AgentSettings, hub_access
 from ..engine import local_models
 from ..models import DeploymentSpec, ModelFacts, Node
-from . import fit
-from .downloads import is_hub_id
+from . import fit, http
 from .failures import not_cached
 
-__all__ = ["Hub", "Result", "run"]
+__all__ = ["Hub", "Result", "is_hub_id", "run"]
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_TIMEOUT_S = 3.0
+MAX_JSON_BYTES = 16 << 20
 INDEX = "model.safetensors.index.json"
 
 
@@ -53,6 +56,13 @@ class Hub:
 class Result:
     spec: DeploymentSpec
     problems: list[str]
+
+
+def is_hub_id(model: str) -> bool:
+    """`org/name` that is neither a local alias nor an existing path."""
+    if local_models.lookup(model) is not None or model.startswith((".", "/", "~")):
+        return False
+    return bool(_HUB_ID.match(model)) and not Path(model).exists()
 
 
 def run(spec: DeploymentSpec, nodes: Iterable[Node], *, hub: Hub | None = None) -> Result:
@@ -127,18 +137,14 @@ def _get(
     endpoint: str, repo: str, revision: str, name: str, token: str | None
 ) -> Mapping[str, Any] | None:
     """One small JSON file from the hub (None: not there or not for us); OSError: no hub."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = f"{endpoint}/{repo}/resolve/{revision}/{name}"
     try:
-        resp = httpx.get(url, headers=headers, timeout=HUB_TIMEOUT_S, follow_redirects=True)
-    except httpx.HTTPError as exc:
-        raise OSError(str(exc)) from exc
-    if resp.status_code != 200:
-        return None
+        with http.get(url, token=token, timeout=HUB_TIMEOUT_S) as resp:
+            body = resp.read(MAX_JSON_BYTES)
+    except urllib.error.HTTPError:
+        return None  # the hub answered: not found, gated, ...
     try:
-        data = resp.json()
+        data = json.loads(body)
     except ValueError:
         return None
     return data if isinstance(data, dict) else None

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from deepinfer_nb.control import fit, scheduler
+from deepinfer_nb.control import scheduler
 from deepinfer_nb.control.scheduler import NoFit, PlacementRequest
+from deepinfer_nb.hub import fit
 from deepinfer_nb.models import DeploymentSpec, GpuInfo, ModelFacts, Node
 
 CONFIGS = Path(__file__).parent / "model_configs"
