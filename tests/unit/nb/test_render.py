@@ -120,3 +120,32 @@ def test_snippets() -> None:
 
 def test_sparkline() -> None:
     assert sparkline([0.0, 50.0, 100.0, None]) == "▁▄█ "
+
+
+def test_download_progress_reaches_wait_and_the_tables() -> None:
+    from deepinfer_nb.models import DownloadProgress, EngineSettings
+
+    def downloading(done: int) -> Engine:
+        return Engine(
+            id="d-0-a",
+            deployment="d",
+            state=EngineState.DOWNLOADING,
+            node="vm",
+            download=DownloadProgress(repo="org/m", done=done, total=200_000_000, rate=4e7),
+        )
+
+    seen: list[str] = []
+    waiter = api.Waiter("d", lambda stage, _t, engines: seen.append(stage))
+    for done in (0, 50_000_000, 100_000_000):
+        assert not waiter(snap([downloading(done)]))
+    assert seen == ["Downloading"] * 3  # every byte count redraws the progress in place
+    row = render.engine_row(downloading(100_000_000))
+    assert row["progress"] == "downloading 100.0/200.0 MB (50%) at 40.0 MB/s"
+    settings = EngineSettings(
+        device="cpu", dtype="float32", enforce_eager=True, mode="eager", max_model_len=2048
+    )
+    running = Engine(
+        id="d-0-a", deployment="d", state=EngineState.RUNNING, node="vm", settings=settings
+    )
+    assert render.engine_row(running)["settings"] == "float32 · eager · context 2048"
+    assert "float32 · eager · context 2048" in render.deployment_text(snap([running]), "d")
