@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -129,6 +130,7 @@ async def cluster() -> AsyncIterator[HubCluster]:
         await asyncio.gather(running, watcher, return_exceptions=True)
         await store.close()
         hub.stop()
+        shutil.rmtree(home, ignore_errors=True)  # its node cache holds a 270 MB model copy
         os.environ.pop("HF_TOKEN", None)
         if saved_token is not None:
             os.environ["HF_TOKEN"] = saved_token
