@@ -37,7 +37,7 @@ from ..config import HubAccess, hub_access
 from ..hub import http
 from ..hub.failures import DownloadFailed, Failure, from_download, not_cached
 
-__all__ = ["ALLOW_PATTERNS", "Downloads", "Progress"]
+__all__ = ["ALLOW_PATTERNS", "Cancelled", "Downloads", "Progress"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,15 @@ class Progress:
         self._done = 0
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
         self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the download to stop at its next chunk (the engine was stopped meanwhile)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
 
     def begin(self, *, total: int, files: int) -> None:
         with self._lock:
@@ -109,6 +118,10 @@ class Progress:
             t0, d0 = self._samples[0]
         rate = (done - d0) / (now - t0) if now > t0 else 0.0
         return done, max(0.0, rate)
+
+
+class Cancelled(Exception):
+    """The download was asked to stop (`Progress.cancel`); the partial file stays for later."""
 
 
 @dataclasses.dataclass
@@ -190,6 +203,8 @@ class Downloads:
                     pass
             # The small files, and the snapshot's links to the blobs fetched above.
             path = snapshot_download(repo, max_workers=self.max_workers, **kwargs)
+        except Cancelled:
+            raise
         except Exception as exc:
             raise DownloadFailed(self._classify(exc, repo, revision, access, planned)) from exc
         progress.finish()
@@ -253,6 +268,8 @@ class Downloads:
                         chunk = exc.partial
                     if not chunk:
                         break
+                    if progress.cancelled:
+                        raise Cancelled(f"download of {url} stopped")
                     f.write(chunk)
                     have += len(chunk)
                     progress.add(len(chunk))

@@ -50,7 +50,7 @@ from ..logs import ContextAdapter, bind
 from ..models import DeploymentSpec, DownloadProgress, Engine, EngineState, GpuSamples, Node
 from ..store import Lease, MetaStore, RangeResult, WatchEvent, decode_record, keys
 from ..store.follow import follow
-from .downloads import Downloads, Progress
+from .downloads import Cancelled, Downloads, Progress
 from .launcher import EngineProcess, Launcher, LogTail
 from .reconcile import Backoff
 
@@ -550,6 +550,11 @@ class Worker:
             path = await asyncio.to_thread(
                 self.downloads.fetch, spec.model, spec.revision, progress
             )
+        except asyncio.CancelledError:
+            progress.cancel()  # the thread stops at its next chunk and frees the repo's lock
+            raise
+        except Cancelled:
+            return None
         except DownloadFailed as exc:
             async with self._lock(eid):
                 self._local.pop(eid, None)

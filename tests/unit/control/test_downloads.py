@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from deepinfer_nb.control.downloads import Downloads, Progress
+from deepinfer_nb.control.downloads import Cancelled, Downloads, Progress
 from deepinfer_nb.hub.failures import DownloadFailed
 from deepinfer_nb.hub.preflight import is_hub_id
 from tests.fixtures.hub import REPO, HubDouble, smollm2_folder
@@ -182,3 +182,33 @@ def test_a_killed_download_resumes_in_the_next_process(tmp_path: Path) -> None:
         (resume,) = hub.file_gets("model.safetensors")
         assert resume.startswith("bytes=") and int(resume[6:-1]) >= 30_000_000
         assert hub.bytes_sent < SIZE - 30_000_000
+
+
+def test_a_cancelled_download_stops_soon_and_resumes_later(tmp_path: Path) -> None:
+    """An engine stopped while Downloading: the thread stops at its next chunk, frees the
+    repository's lock, and keeps the partial file for the next attempt."""
+    with HubDouble(repos={REPO: smollm2_folder()}, bytes_per_s=40e6) as hub:
+        d = downloads(hub, tmp_path)
+        progress = Progress()
+        outcome: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                d.fetch(REPO, "main", progress)
+            except BaseException as exc:  # the outcome is the assertion
+                outcome.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while progress.done() < 30_000_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        progress.cancel()
+        cancelled_at = time.monotonic()
+        thread.join(10)
+        assert not thread.is_alive() and time.monotonic() - cancelled_at < 3
+        assert [type(e) for e in outcome] == [Cancelled]
+        hub.reset_counters()
+        d.fetch(REPO, "main", Progress())  # not blocked by a lock, and resumes
+        (resume,) = hub.file_gets("model.safetensors")
+        assert int(resume[6:-1]) >= 30_000_000
