@@ -106,12 +106,19 @@ class DeploymentSpec(Record):
     )
     engine_args: list[str] = Field(default_factory=list, description="extra vLLM CLI args")
     env: dict[str, str] = Field(default_factory=dict)
+    secrets: list[str] = Field(
+        default_factory=list,
+        description="names of secret env vars (HF_TOKEN) the worker fills in from its own "
+        "environment or secrets file; their values are never in the store",
+    )
     placement: Placement = Field(default_factory=Placement)
     max_restarts: int = Field(default=5, ge=0)
     facts: ModelFacts | None = Field(
         default=None, description="model size facts found before writing (None: unknown)"
     )
     created_at: float = Field(default_factory=now)
+    created_by: str = Field(default="", description='key name, "notebook" or "anonymous"')
+    updated_by: str = Field(default="", description="who last changed it (as created_by)")
 
     @field_validator("device")
     @classmethod
@@ -209,7 +216,8 @@ class Engine(Record):
     restarts: int = 0
     error: str = ""
     permanent: bool = False
-    """Failed for a reason no restart can fix (not found, gated, bad args): never restarted."""
+    """Failed for a reason no restart can fix (not found, gated, bad args, the launch policy
+    refused the spec): never restarted."""
     download: DownloadProgress | None = None
     settings: EngineSettings | None = None
     """The effective engine settings, written by the node that launches it."""

@@ -12,7 +12,8 @@ with `huggingface_hub.snapshot_download(dry_run=True)`, fetches the large files 
 into the cache's blobs through partial files with stable names, so an interrupted download
 (dropped connection, worker restart) resumes with a Range request, then lets
 `snapshot_download` fetch the small files and link the snapshot (huggingface_hub's cache layout,
-so other tools find the model). HF_TOKEN comes from this process's environment at download time
+so other tools find the model). HF_TOKEN comes from the deployment's `secrets` (resolved by the
+worker from its environment or secrets file) or this process's environment at download time
 and goes only to the hub; HF_ENDPOINT (or the `hub_endpoint` setting) and HF_HUB_OFFLINE are
 honoured. Failures are raised as `DownloadFailed`,
 classified by `failures.from_download`. `Progress` counts bytes as they are written; the worker
@@ -162,8 +163,12 @@ class Downloads:
         except (LocalEntryNotFoundError, ValueError, OSError):
             return None
 
-    def fetch(self, repo: str, revision: str, progress: Progress) -> Path:
-        """Download (or find cached) the files vLLM needs; blocking. Raises DownloadFailed."""
+    def fetch(
+        self, repo: str, revision: str, progress: Progress, *, token: str | None = None
+    ) -> Path:
+        """Download (or find cached) the files vLLM needs; blocking. Raises DownloadFailed.
+        `token`: the deployment's HF_TOKEN secret (resolved by the worker), else HF_TOKEN of this
+        process."""
         lock_path = self.cache / ".deepinfer-locks" / f"{_folder(repo)}.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         lock = filelock.FileLock(str(lock_path))
@@ -173,12 +178,16 @@ class Downloads:
             path = self.cached(repo, revision)
             if path is not None:
                 return path
-            return self._download(repo, revision, progress)
+            return self._download(repo, revision, progress, token)
 
-    def _download(self, repo: str, revision: str, progress: Progress) -> Path:
+    def _download(
+        self, repo: str, revision: str, progress: Progress, token: str | None = None
+    ) -> Path:
         from huggingface_hub import snapshot_download
 
         access = hub_access(endpoint=self.endpoint)
+        if token:
+            access = dataclasses.replace(access, token=token)
         if access.offline:
             raise DownloadFailed(
                 not_cached(repo=repo, node=self.node_id, endpoint=access.endpoint, offline=True)

@@ -12,8 +12,8 @@ store and returns what the leader should write (see the engine record protocol i
   Failed, Lost, Stopped) deleted;
 - a Failed engine waits `min(backoff * 2**restarts, cap)` and stays Failed for good once
   `restarts >= spec.max_restarts` (the worker zeroes the count of an engine that failed after
-  running `restart_reset_s`, so only a crash loop uses the budget up), or at once when it is
-  `permanent` (see hub/failures.py).
+  running `restart_reset_s`, so only a crash loop uses the budget up), or at once when the
+  worker marked it `permanent` (see hub/failures.py; the launch policy refused the spec).
 
 At most one action per engine per round: each is a compare-and-swap on the record as read, so a
 round never races with itself; the next round (triggered by the resulting watch event) continues.

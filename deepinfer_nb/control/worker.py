@@ -40,6 +40,7 @@ from .._proto import engine_service_pb2 as pb
 from .._version import __version__
 from ..config import Settings
 from ..defaults import effective
+from ..engine import policy
 from ..engine.client import EngineClient
 from ..engine.cpu_dtype import best_cpu_dtype
 from ..engine.process import poll_ready
@@ -102,6 +103,8 @@ class _Local:
     task: asyncio.Task[None] | None = None
     running: bool = False
     """Already recorded Running (a re-adopted engine): no Starting -> Running to write."""
+    secrets: tuple[str, ...] = ()
+    """Secret values handed to the process: redacted from every cause written or logged."""
 
 
 class Worker:
@@ -128,6 +131,7 @@ class Worker:
             cache_dir=Path(self.agent.hub_cache).expanduser() if self.agent.hub_cache else None,
             endpoint=self.agent.hub_endpoint,
         )
+        self.policy = policy.LaunchPolicy.from_settings(self.agent)
         self.backoff = Backoff(
             self.settings.scheduler.restart_backoff_s, self.settings.scheduler.restart_backoff_max_s
         )
@@ -440,6 +444,7 @@ class Worker:
                 if self._local.get(eid) is local:
                     await self.launcher.terminate(proc)
                     self._local.pop(eid)
+                    cause = policy.redact_text(cause, local.secrets)
                     permanent = failure.permanent and not was_running
                     await self._fail(eid, pid=proc.pid, cause=cause, permanent=permanent)
         except asyncio.CancelledError:
@@ -449,13 +454,14 @@ class Worker:
             raise
 
     async def _launch(self, eid: str, local: _Local, elog: ContextAdapter) -> bool:
-        """Claim the engine, fetch its model if it is a hub id not yet cached, start the shim."""
+        """Claim the engine (refused for good if the launch policy says no), fetch its model if
+        it is a hub id not yet cached, start the shim."""
         claim = await self._claim(eid, local)
         if claim is None:
             return False
-        claimed, spec, model_path = claim
+        claimed, spec, model_path, secrets = claim
         if model_path is None:  # Downloading: outside the lock, so a stop can cancel the wait
-            model_path = await self._download(eid, claimed, spec, elog)
+            model_path = await self._download(eid, claimed, spec, secrets, elog)
             if model_path is None:
                 return False
         async with self._lock(eid):
@@ -467,7 +473,9 @@ class Worker:
                 advertise_host=self.advertise_host,
                 grace_s=self.agent.stop_grace_s,
                 model_path=model_path,
+                secret_env=secrets,
             )
+            local.secrets = tuple(secrets.values())
             local.proc, local.token = proc, token
             elog.info(
                 "launched pid %d on %s (%s%s)",
@@ -497,17 +505,25 @@ class Worker:
 
     async def _claim(
         self, eid: str, local: _Local
-    ) -> tuple[Engine, DeploymentSpec, str | None] | None:
+    ) -> tuple[Engine, DeploymentSpec, str | None, dict[str, str]] | None:
         """CAS Scheduled -> Starting (model at hand: its path, "" for the shim to resolve) or ->
-        Downloading (path None); None if the record moved on or the deployment is gone."""
+        Downloading (path None), with the spec's resolved secrets; None if the record moved on,
+        the deployment is gone or the launch policy refused it (checked before any download)."""
         async with self._lock(eid):
             record = self._records.get(eid)
             if self._local.get(eid) is not local or record is None:
                 self._local.pop(eid, None)
                 return None
             spec = await self._deployment(record.deployment)
+            refused: policy.PolicyError | None = None
+            secrets: dict[str, str] = {}
+            if spec is not None:
+                try:
+                    secrets = self._admit(spec)
+                except policy.PolicyError as exc:
+                    refused = exc
             path: str | None = ""
-            if spec is not None and is_hub_id(spec.model):
+            if spec is not None and refused is None and is_hub_id(spec.model):
                 cached = await asyncio.to_thread(self.downloads.cached, spec.model, spec.revision)
                 path = str(cached) if cached is not None else None
             state = S.STARTING if path is not None else S.DOWNLOADING
@@ -535,20 +551,33 @@ class Worker:
                 self._local.pop(eid, None)
                 await self._fail(eid, pid=0, cause=f"deployment {claimed.deployment} not found")
                 return None
-            return claimed, spec, path
+            if refused is not None:
+                self._local.pop(eid, None)
+                await self._refuse(eid, refused)
+                return None
+            return claimed, spec, path, secrets
 
     async def _download(
-        self, eid: str, claimed: Engine, spec: DeploymentSpec, elog: ContextAdapter
+        self,
+        eid: str,
+        claimed: Engine,
+        spec: DeploymentSpec,
+        secrets: dict[str, str],
+        elog: ContextAdapter,
     ) -> str | None:
-        """Fetch the model while writing progress; Downloading -> Starting with its path, or
-        Failed (None)."""
+        """Fetch the model while writing progress (with the spec's HF_TOKEN secret, if it names
+        one, else the worker's own); Downloading -> Starting with its path, or Failed (None)."""
         progress = Progress()
         started = time.monotonic()
         elog.info("downloading %s@%s", spec.model, spec.revision)
         reporter = asyncio.create_task(self._report_progress(eid, spec, progress))
         try:
             path = await asyncio.to_thread(
-                self.downloads.fetch, spec.model, spec.revision, progress
+                self.downloads.fetch,
+                spec.model,
+                spec.revision,
+                progress,
+                token=secrets.get("HF_TOKEN"),
             )
         except asyncio.CancelledError:
             progress.cancel()  # the thread stops at its next chunk and frees the repo's lock
@@ -558,7 +587,8 @@ class Worker:
         except DownloadFailed as exc:
             async with self._lock(eid):
                 self._local.pop(eid, None)
-                await self._fail(eid, pid=0, cause=str(exc), permanent=exc.failure.permanent)
+                cause = policy.redact_text(str(exc), secrets.values())
+                await self._fail(eid, pid=0, cause=cause, permanent=exc.failure.permanent)
             return None
         finally:
             reporter.cancel()
@@ -603,6 +633,42 @@ class Worker:
                 await self._update(eid, functools.partial(self._with_progress, status=status))
             except StoreError as exc:  # progress is best effort; the download goes on
                 self.log.warning("engine %s: progress not recorded: %s", eid, exc)
+
+    def _admit(self, spec: DeploymentSpec) -> dict[str, str]:
+        """Check `spec` against this worker's launch policy (whoever wrote it) and resolve its
+        secrets; a `PolicyError` means it must not run here."""
+        policy.check(spec, self.policy)
+        if not spec.secrets:
+            return {}
+        path = self.agent.secrets_file
+        text = None
+        if path:
+            try:
+                text = Path(path).expanduser().read_text()
+            except OSError as exc:
+                raise policy.PolicyError(
+                    "secrets.missing",
+                    "secrets",
+                    f"cannot read [agent] secrets_file {path}: {exc.strerror}",
+                ) from None
+        return policy.resolve_secrets(spec.secrets, env=os.environ, file_text=text, file_name=path)
+
+    async def _refuse(self, eid: str, exc: policy.PolicyError) -> None:
+        """Starting -> Failed for good (no process was started): the spec needs changing, a
+        restart would be refused again."""
+        cause = str(exc)[:MAX_REASON]
+        refused = await self._update(
+            eid,
+            lambda e: (
+                e.transition(S.FAILED, cause).model_copy(
+                    update={"error": cause, "permanent": True, "next_restart_at": 0.0}
+                )
+                if e.state == S.STARTING and e.node == self.node_id
+                else None
+            ),
+        )
+        if refused is not None:
+            bind(self.log, engine=eid).warning("engine refused: %s", cause)
 
     async def _deployment(self, name: str) -> DeploymentSpec | None:
         kv = await self.store.get(keys.deployment(name))
