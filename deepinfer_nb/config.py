@@ -78,6 +78,11 @@ class AgentSettings:
     stop_grace_s: float = 20.0
     engine_python: str = ""
     """Python interpreter for engine processes ("" = this one)."""
+    hub_cache: str = ""
+    """Where the node keeps hub models ("" = huggingface_hub's cache: HF_HUB_CACHE, HF_HOME or
+    ~/.cache/huggingface/hub), shared by every engine of the node."""
+    hub_endpoint: str = ""
+    """The hub to download from ("" = HF_ENDPOINT, else https://huggingface.co)."""
     model_dirs: list[str] = dataclasses.field(default_factory=list)
     """Launch policy: the only folders local model paths may resolve into ([] = <home>/models)."""
     allow_code_loading: bool = False
@@ -271,6 +276,26 @@ def _line_hint(text: str, section: str, key: str) -> str:
         elif current == section and key_line.match(line):
             return f" (line {number})"
     return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class HubAccess:
+    """How this process reaches the Hugging Face Hub, from the standard HF_* variables."""
+
+    endpoint: str
+    token: str | None
+    """HF_TOKEN (or the older HUGGING_FACE_HUB_TOKEN): read where the download runs and never
+    written anywhere else."""
+    offline: bool
+
+
+def hub_access(env: Mapping[str, str] | None = None, *, endpoint: str = "") -> HubAccess:
+    """The hub settings of this process; `endpoint` (a setting) wins over HF_ENDPOINT."""
+    env = os.environ if env is None else env
+    token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None
+    offline = env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    url = endpoint or env.get("HF_ENDPOINT") or "https://huggingface.co"
+    return HubAccess(endpoint=url.rstrip("/"), token=token, offline=offline)
 
 
 def default_config_path() -> Path:

@@ -91,11 +91,29 @@ class RolloutPolicy(BaseModel):
         return self
 
 
+class ModelFacts(BaseModel):
+    """What placement needs to know about a model's size, read from its config.json (and the
+    safetensors index) by `hub/fit.py` before the deployment is written."""
+
+    params: int = Field(ge=0, description="parameter count")
+    dtype: str = "bfloat16"
+    """The checkpoint's dtype (config.json `torch_dtype`/`dtype`)."""
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    max_position_embeddings: int = 0
+    source: str = "config.json"
+    """Where the numbers come from ("config.json", or "name" when only the id hinted a size)."""
+
+
 class DeploymentSpec(Record):
     """Desired state of one deployment: `deployments/{name}`."""
 
     name: str = Field(pattern=NAME_PATTERN)
     model: str = Field(min_length=1, description="hub id, local folder or a local model alias")
+    revision: str = Field(
+        default="main", min_length=1, description="hub branch, tag or commit (hub ids only)"
+    )
     served_model_name: str = ""
     engine: EngineName = Field(
         default="auto", description="vllm | llama.cpp | auto (llama.cpp for a GGUF, else vLLM)"
@@ -106,7 +124,9 @@ class DeploymentSpec(Record):
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     max_model_len: int | None = Field(default=None, ge=16)
     dtype: str = "auto"
-    enforce_eager: bool = False
+    enforce_eager: bool | None = Field(
+        default=None, description="None: the device's default (eager on CPU; see defaults.py)"
+    )
     engine_args: list[str] = Field(default_factory=list, description="extra vLLM CLI args")
     env: dict[str, str] = Field(default_factory=dict)
     secrets: list[str] = Field(
@@ -122,6 +142,9 @@ class DeploymentSpec(Record):
     )
     previous: dict[str, Any] | None = Field(
         default=None, description="the engine settings before the last change (for rollback)"
+    )
+    facts: ModelFacts | None = Field(
+        default=None, description="model size facts found before writing (None: unknown)"
     )
     created_at: float = Field(default_factory=now)
     created_by: str = Field(default="", description='key name, "notebook" or "anonymous"')
@@ -161,6 +184,7 @@ class DeploymentSpec(Record):
 class EngineState(str, enum.Enum):
     PENDING = "Pending"
     SCHEDULED = "Scheduled"
+    DOWNLOADING = "Downloading"
     STARTING = "Starting"
     RUNNING = "Running"
     STOPPING = "Stopping"
@@ -173,6 +197,7 @@ class EngineState(str, enum.Enum):
         """Holds (or is about to hold) resources on a node."""
         return self in (
             EngineState.SCHEDULED,
+            EngineState.DOWNLOADING,
             EngineState.STARTING,
             EngineState.RUNNING,
             EngineState.STOPPING,
@@ -183,6 +208,34 @@ class Transition(BaseModel):
     state: EngineState
     reason: str = ""
     at: float = Field(default_factory=now)
+
+
+class DownloadProgress(BaseModel):
+    """A hub download in progress (engine state Downloading), refreshed about once a second."""
+
+    repo: str
+    revision: str = "main"
+    done: int = 0  # bytes fetched so far
+    total: int = 0  # bytes to fetch (0: not known yet)
+    rate: float = 0.0  # bytes/s over the last few seconds
+    files: int = 0  # files to fetch
+    waiting: bool = False  # another engine of the node is downloading the same repository
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done / self.total) if self.total else 0.0
+
+
+class EngineSettings(BaseModel):
+    """What an engine runs with, after the device defaults (shown in API responses and status)."""
+
+    device: Literal["cpu", "cuda"]
+    dtype: str
+    """"auto" until a node resolves it (the model's dtype on GPU; the CPU's best on CPU)."""
+    enforce_eager: bool
+    mode: Literal["eager", "compiled"]
+    max_model_len: int | None
+    """None: the model's own maximum context."""
 
 
 class Engine(Record):
@@ -205,7 +258,11 @@ class Engine(Record):
     restarts: int = 0
     error: str = ""
     permanent: bool = False
-    """Failed for a reason no restart can fix (the launch policy refused the spec)."""
+    """Failed for a reason no restart can fix (not found, gated, bad args, the launch policy
+    refused the spec): never restarted."""
+    download: DownloadProgress | None = None
+    settings: EngineSettings | None = None
+    """The effective engine settings, written by the node that launches it."""
     next_restart_at: float = 0.0
     started_at: float = 0.0
     updated_at: float = Field(default_factory=now)
@@ -257,6 +314,7 @@ class Node(Record):
     memory_total: int = 0
     gpus: list[GpuInfo] = Field(default_factory=list)
     gpu_error: str = ""  # why there are no GPUs ("no NVIDIA driver"), if none
+    cpu_dtype: str = ""  # what dtype "auto" means for CPU engines here (engine/cpu_dtype.py)
     labels: dict[str, str] = Field(default_factory=dict)
     started_at: float = Field(default_factory=now)
     version: str = ""

@@ -27,6 +27,7 @@ IN_PLACE = frozenset(
         "placement",
         "rollout",
         "previous",
+        "facts",
         "created_at",
         "created_by",
         "updated_by",
@@ -79,7 +80,9 @@ def status(spec: DeploymentSpec, engines: Iterable[Engine]) -> dict[str, Any]:
     }
 
 
-SERVER_FIELDS = frozenset({"created_at", "created_by", "updated_by", "schema_version", "previous"})
+SERVER_FIELDS = frozenset(
+    {"created_at", "created_by", "updated_by", "schema_version", "previous", "facts"}
+)
 
 
 def desired(spec: DeploymentSpec) -> dict[str, Any]:

@@ -18,9 +18,19 @@ from typing import TYPE_CHECKING, Any
 
 from .. import specs
 from ..control import specfile
+from ..defaults import effective, placed_device
 from ..engine import policy
 from ..errors import DeepInferError, DeploymentError, EngineUnavailableError
-from ..models import NAME_PATTERN, DeploymentSpec, Engine, EngineState, Placement, decode
+from ..hub import preflight
+from ..models import (
+    NAME_PATTERN,
+    DeploymentSpec,
+    Engine,
+    EngineSettings,
+    EngineState,
+    Placement,
+    decode,
+)
 from ..store import keys
 from . import runtime as rt
 from .view import ClusterView, Snapshot, stage_of, status_of
@@ -46,8 +56,6 @@ SPEC_FIELDS = {
     "env",
     "max_restarts",
 }
-CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "max_model_len": 2048}
-CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 NOTEBOOK = "notebook"
 """Who the audit fields of deployment records name for writes made from a kernel."""
 
@@ -115,9 +123,6 @@ def build_spec(
         )
     fields: dict[str, Any] = {}
     extra: list[str] = list(engine_args.pop("extra_args", []) or [])
-    if device == "cpu":
-        fields.update(CPU_DEFAULTS)
-        fields["env"] = dict(CPU_ENV_DEFAULTS)
     for key, value in engine_args.items():
         if key in SPEC_FIELDS:
             fields[key] = {**fields.get("env", {}), **value} if key == "env" else value
@@ -247,6 +252,7 @@ class Cluster:
             policy.check(spec, policy.LaunchPolicy.from_settings(self._hosted.settings.agent))
         except policy.PolicyError as exc:
             raise DeploymentError(str(exc)) from None
+        spec = self._preflight(spec)
         spec = spec.model_copy(update={"created_by": NOTEBOOK, "updated_by": NOTEBOOK})
         change = self.run(self._apply(spec))
         self._hosted.created.add(spec.name)
@@ -256,6 +262,19 @@ class Cluster:
         elif wait:
             dep.wait(timeout=timeout, progress=progress)
         return dep
+
+    def _preflight(self, spec: DeploymentSpec) -> DeploymentSpec:
+        """The spec with the model's size facts, or a DeploymentError saying why no node can
+        run it (the same check as POST /v1/deployments)."""
+        existing = self.snapshot().deployments.get(spec.name)
+        if existing is not None and existing.model == spec.model and existing.facts is not None:
+            # re-running a deploy cell: the model was checked when it was written
+            return spec.model_copy(update={"facts": existing.facts})
+        hub = preflight.Hub.of(self._hosted.settings.agent)
+        result = preflight.run(spec, self.snapshot().nodes.values(), hub=hub)
+        if result.problems:
+            raise DeploymentError(f"cannot deploy {spec.model}: " + "; and ".join(result.problems))
+        return result.spec
 
     async def _apply(self, spec: DeploymentSpec) -> str:
         """Create the deployment or change it to `spec` (its engines roll): "created",
@@ -406,6 +425,20 @@ class Deployment:
     def model_name(self) -> str:
         spec = self.spec
         return spec.model_name if spec else self.name
+
+    @property
+    def settings(self) -> EngineSettings | None:
+        """The effective engine settings (dtype, eager or compiled, context length): a launched
+        engine's, else what the device defaults give; the same as the HTTP API's `effective`."""
+        snap = self.cluster.snapshot()
+        spec = snap.deployments.get(self.name)
+        if spec is None:
+            return None
+        launched = [e.settings for e in snap.engines_of(self.name) if e.settings is not None]
+        if launched:
+            return launched[0]
+        any_gpu = any(n.gpus for n in snap.nodes.values())
+        return effective(spec, placed_device(spec, any_gpu=any_gpu))
 
     def wait(
         self, *, timeout: float = 900.0, progress: ProgressFn | None = None, poll_s: float = 0.2
@@ -652,7 +685,7 @@ class Waiter:
             raise DeploymentError(f"deployment {self.name!r} was removed while waiting")
         engines = [e for e in snap.engines_of(self.name) if e.replica < spec.replicas]
         stage = stage_of(engines, spec.replicas)
-        key = (stage, tuple((e.id, e.state, e.reason, e.node) for e in engines))
+        key = (stage, tuple((e.id, e.state, e.reason, e.node, e.download) for e in engines))
         if self.progress is not None and key != self._last:
             self.progress(stage, time.monotonic() - self.start, engines)
         self._last = key
@@ -675,11 +708,12 @@ def failure_hint(
     name: str, engine: Engine, max_restarts: int, *, command: str = "%deepinfer"
 ) -> str:
     cause = (engine.error or engine.reason or "no error recorded").strip().splitlines()[-1]
-    retry = (
-        f"it restarts automatically ({engine.restarts}/{max_restarts})"
-        if engine.restarts < max_restarts
-        else "it will not be restarted"
-    )
+    if engine.permanent:
+        retry = "no restart can fix this, so it will not be restarted"
+    elif engine.restarts < max_restarts:
+        retry = f"it restarts automatically ({engine.restarts}/{max_restarts})"
+    else:
+        retry = "it will not be restarted"
     return f"{engine.id} failed: {cause}; {retry}. See {command} logs {name}"
 
 

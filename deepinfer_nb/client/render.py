@@ -10,7 +10,7 @@ import html
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..models import DeploymentSpec, Engine, EngineState
+from ..models import DeploymentSpec, DownloadProgress, Engine, EngineSettings, EngineState
 from .view import Snapshot, status_of
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ class ClusterInfo(Protocol):
 STATE_COLOURS = {
     EngineState.PENDING: "#9e9e9e",
     EngineState.SCHEDULED: "#5c6bc0",
+    EngineState.DOWNLOADING: "#0288d1",
     EngineState.STARTING: "#f9a825",
     EngineState.RUNNING: "#2e7d32",
     EngineState.STOPPING: "#8d6e63",
@@ -49,6 +50,8 @@ ENGINE_COLUMNS = [
     "endpoint",
     "restarts",
     "uptime",
+    "settings",
+    "progress",
     "error",
 ]
 GPU_COLUMNS = [
@@ -75,6 +78,28 @@ def uptime(engine: Engine, now: float | None = None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def settings_text(s: EngineSettings | None) -> str:
+    """ "float32 · eager · context 2048": what the engine runs with."""
+    if s is None:
+        return ""
+    ctx = f"context {s.max_model_len}" if s.max_model_len else "model's full context"
+    return f"{s.dtype} · {s.mode} · {ctx}"
+
+
+def download_text(d: DownloadProgress | None) -> str:
+    """ "downloading 120.3/269.1 MB (45%) at 42.0 MB/s", or waiting for another engine."""
+    if d is None:
+        return ""
+    if d.waiting:
+        return f"waiting for another download of {d.repo} on this node"
+    if not d.total:
+        return f"downloading {d.repo}: listing files"
+    return (
+        f"downloading {d.done / 1e6:.1f}/{d.total / 1e6:.1f} MB ({d.fraction:.0%}) "
+        f"at {d.rate / 1e6:.1f} MB/s"
+    )
+
+
 def engine_row(e: Engine) -> dict[str, Any]:
     devices = e.device + (":" + ",".join(map(str, e.gpus)) if e.gpus else "")
     last = (
@@ -95,6 +120,8 @@ def engine_row(e: Engine) -> dict[str, Any]:
         "endpoint": e.endpoint,
         "restarts": e.restarts,
         "uptime": uptime(e),
+        "settings": settings_text(e.settings),
+        "progress": download_text(e.download) if e.state is EngineState.DOWNLOADING else "",
         "error": last.splitlines()[-1][:160] if last else "",
     }
 
@@ -243,7 +270,10 @@ def audit_text(spec: DeploymentSpec | None) -> str:
 def deployment_text(snap: Snapshot, name: str) -> str:
     spec = snap.deployments.get(name)
     model = spec.model if spec else "?"
-    head = f"Deployment {name!r}: {model} · {status_of(snap, name)}{audit_text(spec)}"
+    head = (
+        f"Deployment {name!r}: {model} · {status_of(snap, name)}"
+        f"{_settings(snap, name)}{audit_text(spec)}"
+    )
     if rollout_line(snap, name):
         head += "\n" + rollout_line(snap, name)
     rows = engine_rows(snap, name)
@@ -257,10 +287,15 @@ def deployment_html(snap: Snapshot, name: str) -> str:
     return (
         f"<div><b>Deployment</b> <code>{html.escape(name)}</code> · {model} · "
         f"{badge(status.split()[0])} {html.escape(' '.join(status.split()[1:]))}"
-        f"{html.escape(audit_text(spec))}"
+        f"{html.escape(_settings(snap, name))}{html.escape(audit_text(spec))}"
         f"{_rollout_html(snap, name)}"
         f"{engines_html(snap, name) if engine_rows(snap, name) else ''}</div>"
     )
+
+
+def _settings(snap: Snapshot, name: str) -> str:
+    launched = [e.settings for e in snap.engines_of(name) if e.settings is not None]
+    return f" · {settings_text(launched[0])}" if launched else ""
 
 
 def cluster_text(cluster: ClusterInfo) -> str:

@@ -163,7 +163,13 @@ class ClusterView:
 
 # ---- deployment progress (pure; for reprs, waits and widgets)
 
-STAGES = [EngineState.PENDING, EngineState.SCHEDULED, EngineState.STARTING, EngineState.RUNNING]
+STAGES = [
+    EngineState.PENDING,
+    EngineState.SCHEDULED,
+    EngineState.DOWNLOADING,
+    EngineState.STARTING,
+    EngineState.RUNNING,
+]
 
 
 def stage_of(engines: list[Engine], replicas: int) -> str:

@@ -43,6 +43,7 @@ import filelock
 import psutil
 
 from .. import config, procenv
+from ..defaults import effective
 from ..engine.policy import redact_args
 from ..engine.process import (
     TOKEN_ENV,
@@ -73,9 +74,18 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def build_command(
-    engine: Engine, spec: DeploymentSpec, *, python: str, port: int, bind_host: str, grace_s: float
+    engine: Engine,
+    spec: DeploymentSpec,
+    *,
+    python: str,
+    port: int,
+    bind_host: str,
+    grace_s: float,
+    model_path: str = "",
 ) -> list[str]:
-    """The shim's argv for one engine placed by the scheduler."""
+    """The shim's argv for one engine placed by the scheduler; `model_path` (a downloaded
+    snapshot) replaces `spec.model` as what the engine loads."""
+    settings = effective(spec, "cuda" if engine.device == "cuda" else "cpu")
     flags = [
         "--backend",
         spec.backend,
@@ -88,8 +98,8 @@ def build_command(
         "--grace-period",
         f"{grace_s:g}",
     ]
-    if spec.max_model_len:
-        flags += ["--max-model-len", str(spec.max_model_len)]
+    if settings.max_model_len:
+        flags += ["--max-model-len", str(settings.max_model_len)]
     if engine.device == "cuda" and spec.backend == "llama.cpp":
         flags += ["--device", "cuda"]  # llama.cpp takes no memory fraction
     elif engine.device == "cuda":
@@ -98,10 +108,10 @@ def build_command(
         flags += ["--device", "cuda", "--gpu-memory-utilization", f"{fraction:g}"]
     else:
         flags += ["--device", "cpu"]
-    if spec.enforce_eager and spec.backend == "vllm":
+    if settings.enforce_eager and spec.backend == "vllm":
         flags.append("--enforce-eager")
     return shim_command(
-        model=spec.model,
+        model=model_path or spec.model,
         port=port,
         host=bind_host,
         token_env=TOKEN_ENV,
@@ -194,6 +204,10 @@ class EngineProcess:
         if self.popen is not None:
             return self.popen.poll() is None
         return _same_process(self.pid, self.start_time)
+
+    def exit_code(self) -> int | None:
+        """The exit status (None: running, or adopted so unknown)."""
+        return self.popen.poll() if self.popen is not None else None
 
     def exit_description(self) -> str:
         """How the process ended, for the Failed reason."""
@@ -317,15 +331,22 @@ class Launcher:
         *,
         advertise_host: str,
         grace_s: float = 10.0,
+        model_path: str = "",
         secret_env: Mapping[str, str] | None = None,
     ) -> tuple[EngineProcess, str]:
-        """Start the shim for `engine` (with `secret_env` added to its environment); returns the
-        process and its auth token."""
+        """Start the shim for `engine` (loading `model_path` if given, else `spec.model`, with
+        `secret_env` added to its environment); returns the process and its auth token."""
         bind_host = advertise_host if advertise_host in LOOPBACK else "0.0.0.0"
         port = free_port(bind_host if bind_host != "0.0.0.0" else "")
         token = secrets.token_urlsafe(32)
         cmd = build_command(
-            engine, spec, python=self.python, port=port, bind_host=bind_host, grace_s=grace_s
+            engine,
+            spec,
+            python=self.python,
+            port=port,
+            bind_host=bind_host,
+            grace_s=grace_s,
+            model_path=model_path,
         )
         env = build_env(engine, spec, token=token, base=os.environ, secrets=secret_env)
         path = self.log_path(engine.id)

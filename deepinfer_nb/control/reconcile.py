@@ -13,8 +13,8 @@ store and returns what the leader should write (see the engine record protocol i
 - a changed spec rolls the replicas (control/rollout.py decides which slot moves when);
 - a Failed engine waits `min(backoff * 2**restarts, cap)` and stays Failed for good once
   `restarts >= spec.max_restarts` (the worker zeroes the count of an engine that failed after
-  running `restart_reset_s`, so only a crash loop uses the budget up), and at once when the
-  worker marked the failure `permanent` (the launch policy refused the spec).
+  running `restart_reset_s`, so only a crash loop uses the budget up), or at once when the
+  worker marked it `permanent` (see hub/failures.py; the launch policy refused the spec).
 
 At most one action per engine per round: each is a compare-and-swap on the record as read, so a
 round never races with itself; the next round (triggered by the resulting watch event) continues.
@@ -33,8 +33,8 @@ from .memory_need import engine_memory_need
 from .scheduler import Assignment, NoFit, PlacementRequest, Strategy
 
 S = EngineState
-HOLDS_PROCESS = (S.STARTING, S.RUNNING)
-ON_NODE = (S.SCHEDULED, S.STARTING, S.RUNNING, S.STOPPING)
+HOLDS_PROCESS = (S.DOWNLOADING, S.STARTING, S.RUNNING)
+ON_NODE = (S.SCHEDULED, S.DOWNLOADING, S.STARTING, S.RUNNING, S.STOPPING)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +265,7 @@ def _advance(
             "restarts": restarts,
             "error": e.error if e.state == S.FAILED else "",
             "permanent": False,
+            "download": None,
             "endpoint": "",
             "auth_token": "",
             "pid": 0,

@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
+from ..hub import fit
 from ..models import DeploymentSpec, Engine, GpuInfo, GpuSamples, Node
 
 Strategy = Literal["spread", "binpack", "idle_first"]
@@ -71,19 +72,29 @@ class PlacementRequest:
     gpu_memory_utilization: float = 0.9
     nodes: tuple[str, ...] = ()
     gpu_indices: tuple[int, ...] = ()
-    memory_bytes: int = 0
-    """RAM a CPU engine needs (llama.cpp: weights + KV cache; 0: not known, not checked)."""
+    gpu_bytes: int = 0
+    """Memory one engine needs on each of its GPUs (0: unknown, only fractions are checked)."""
+    cpu_bytes: int = 0
+    """Host RAM one CPU engine needs (0: unknown, not checked)."""
 
     @classmethod
     def for_spec(
         cls, spec: DeploymentSpec, *, replicas: int = 1, memory_bytes: int = 0
     ) -> PlacementRequest:
+        """`memory_bytes`: what the engine's own file says it needs (llama.cpp's GGUF header);
+        else the estimate from the model's facts (hub/fit.py), when known."""
         device = spec.device
         if device == "auto" and spec.backend == "llama.cpp":
             # The controller cannot see whether a worker's llama-cpp-python was built with CUDA;
             # ask for cuda explicitly to place a llama.cpp engine on a GPU.
             device = "cpu"
+        gpu_bytes, cpu_bytes = 0, memory_bytes
+        if spec.facts is not None:
+            gpu_bytes = fit.estimate(spec.facts, spec, device="cuda").per_device
+            cpu_bytes = cpu_bytes or fit.estimate(spec.facts, spec, device="cpu").total
         return cls(
+            gpu_bytes=gpu_bytes,
+            cpu_bytes=cpu_bytes,
             deployment=spec.name,
             replicas=replicas,
             device=device,
@@ -91,7 +102,6 @@ class PlacementRequest:
             gpu_memory_utilization=spec.gpu_memory_utilization,
             nodes=tuple(spec.placement.nodes),
             gpu_indices=tuple(spec.placement.gpus),
-            memory_bytes=memory_bytes,
         )
 
 
@@ -283,18 +293,6 @@ def _place_cpu(
             f"device cpu: no CPU-capable node among {_names(nodes)} (GPU nodes run "
             f"CPU engines only with the label {CPU_LABEL}=true); use --device cuda"
         )
-    need = request.memory_bytes
-    # The node's total RAM, not what is free: other processes and engines come and go.
-    roomy = [n for n in capable if not need or not n.memory_total or n.memory_total >= need]
-    if not roomy:
-        sizes = ", ".join(
-            f"{n.id} has {n.memory_total / GIB:.1f} GiB" for n in capable[:MAX_DETAILS]
-        )
-        return NoFit(
-            f"device cpu: the engine needs {need / GIB:.1f} GiB of memory (weights + KV cache) "
-            f"and {sizes}; lower max_model_len or pick a smaller model file"
-        )
-    capable = roomy
 
     def key(n: NodeSnapshot) -> tuple[int, int, str]:
         mine = n.deployments.count(request.deployment)
@@ -304,7 +302,16 @@ def _place_cpu(
             return (mine, n.cpu_engines, n.id)
         return (n.cpu_engines, mine, n.id)
 
-    best = min(capable, key=key)
+    # The node's total RAM, not what is free: other processes and engines come and go.
+    roomy = [n for n in capable if not n.memory_total or n.memory_total >= request.cpu_bytes]
+    if not roomy:
+        largest = max(capable, key=lambda n: n.memory_total)
+        return NoFit(
+            f"a CPU engine needs ~{_gib(request.cpu_bytes)} GiB (weights + KV cache); the largest "
+            f"node has {_gib(largest.memory_total)} GiB RAM (node {largest.id}); use a GPU, a "
+            "lower max_model_len or a smaller model"
+        )
+    best = min(roomy, key=key)
     return Assignment(node=best.id, device="cpu")
 
 
@@ -336,14 +343,18 @@ def _place_gpu(
             )
     fraction = request.gpu_memory_utilization
 
-    shape = (request.deployment, fraction, need, pins, strategy)
+    shape = (request.deployment, fraction, need, pins, strategy, request.gpu_bytes)
 
     def gpu_key(g: GpuSlot) -> tuple[float, ...]:
         return _gpu_key(g, request.deployment, strategy)
 
     def best_on(node: NodeSnapshot) -> _NodeBest:
         # The hot path: only a cheap fit test per GPU; refusal texts only when nothing fits.
-        fitting = [g for g in node.gpus if (not pins or g.index in pins) and _fits(g, fraction)]
+        fitting = [
+            g
+            for g in node.gpus
+            if (not pins or g.index in pins) and _fits(g, fraction, request.gpu_bytes)
+        ]
         if len(fitting) < need:
             return None
         chosen = [min(fitting, key=gpu_key)] if need == 1 else sorted(fitting, key=gpu_key)[:need]
@@ -358,11 +369,18 @@ def _place_gpu(
         _, node, chosen = best
         gpus = tuple(sorted(g.index for g in chosen))
         return Assignment(node=node.id, device="cuda", gpus=gpus, gpu_fraction=fraction)
-    return NoFit(_explain(with_gpus, pins=pins, need=need, fraction=fraction))
+    return NoFit(
+        _explain(with_gpus, pins=pins, need=need, fraction=fraction, gpu_bytes=request.gpu_bytes)
+    )
 
 
 def _explain(
-    nodes: Sequence[NodeSnapshot], *, pins: tuple[int, ...], need: int, fraction: float
+    nodes: Sequence[NodeSnapshot],
+    *,
+    pins: tuple[int, ...],
+    need: int,
+    fraction: float,
+    gpu_bytes: int = 0,
 ) -> str:
     refusals: list[str] = []
     for node in nodes:
@@ -371,7 +389,7 @@ def _explain(
             continue
         fitting = 0
         for slot in eligible:
-            why = _refusal(slot, fraction)
+            why = _refusal(slot, fraction, gpu_bytes)
             if why:
                 refusals.append(f"node {node.id} GPU {slot.index}: {why}")
             else:
@@ -387,16 +405,24 @@ def _eligible(node: NodeSnapshot, pins: tuple[int, ...]) -> list[GpuSlot]:
     return [g for g in node.gpus if not pins or g.index in pins]
 
 
-def _fits(slot: GpuSlot, fraction: float) -> bool:
+def _fits(slot: GpuSlot, fraction: float, gpu_bytes: int = 0) -> bool:
     if slot.promised + fraction > 1.0 + EPS:
+        return False
+    if gpu_bytes and slot.memory_total > 0 and slot.memory_total * fraction < gpu_bytes:
         return False
     free, total = slot.memory_free, slot.memory_total
     return free is None or total <= 0 or free >= fraction * total - EPS
 
 
-def _refusal(slot: GpuSlot, fraction: float) -> str:
+def _refusal(slot: GpuSlot, fraction: float, gpu_bytes: int = 0) -> str:
     """Why `slot` cannot take an engine asking for `fraction` of its memory ("" if it can)."""
     total = slot.memory_total
+    if gpu_bytes and total > 0 and total * fraction < gpu_bytes:
+        return (
+            f"the model needs ~{_gib(gpu_bytes)} GiB per GPU, {fraction:.2f} x {_gib(total)} "
+            f"GiB offers {_gib(int(total * fraction))}; try more GPUs (--gpus) or a shorter "
+            "--max-model-len"
+        )
     if slot.promised + fraction > 1.0 + EPS:
         return (
             f"{slot.promised:.2f} of its memory is already promised to {slot.engines} "

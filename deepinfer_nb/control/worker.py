@@ -11,9 +11,12 @@ within `heartbeat_ttl_s` and the controller re-places its engines.
 
 Engine records are followed with `store.follow` (a watch, re-read when compacted). For each record a
 pure `decide_local()` says what this node must do with it; one supervisor task per launched engine
-then claims it (CAS Scheduled -> Starting, so no engine starts twice), launches the shim, waits
-for HealthCheck READY (Starting -> Running), and watches exit and health until it fails
-(-> Failed with the cause and `next_restart_at`). Every write is read-modify-CAS and re-decided
+then claims it (CAS Scheduled -> Downloading for a hub model not yet in the node's cache, else
+Scheduled -> Starting, so no engine starts twice), downloads it (`downloads.py`; bytes done/total
+and rate written to the record about once a second, then Downloading -> Starting), launches the
+shim, waits for HealthCheck READY (Starting -> Running), and watches exit and health until it
+fails (-> Failed with the cause and `next_restart_at`; `permanent` when `hub/failures.py` says no
+restart can help). Every write is read-modify-CAS and re-decided
 on conflict. A per-engine lock keeps the supervisor's writes and the reconciler's kills apart.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 import os
 import socket
@@ -35,14 +39,19 @@ from .. import gpu, specs
 from .._proto import engine_service_pb2 as pb
 from .._version import __version__
 from ..config import Settings
+from ..defaults import effective
 from ..engine import policy
 from ..engine.client import EngineClient
+from ..engine.cpu_dtype import best_cpu_dtype
 from ..engine.process import poll_ready
 from ..errors import EngineError, StoreError
+from ..hub.failures import DownloadFailed, from_engine_exit
+from ..hub.preflight import is_hub_id
 from ..logs import ContextAdapter, bind
-from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node
+from ..models import DeploymentSpec, DownloadProgress, Engine, EngineState, GpuSamples, Node
 from ..store import Lease, MetaStore, RangeResult, WatchEvent, decode_record, keys
 from ..store.follow import follow
+from .downloads import Cancelled, Downloads, Progress
 from .launcher import EngineProcess, Launcher, LogTail
 from .reconcile import Backoff
 
@@ -55,6 +64,8 @@ STORE_RETRY_S = 30.0
 """How long a record write keeps retrying while the store is unreachable (not once stopping)."""
 EXIT_POLL_S = 0.5
 READY_POLL_S = 0.25
+PROGRESS_S = 1.0
+"""How often a download's progress is written to the engine record."""
 """How often a starting engine is asked whether it is ready (loopback; cheap)."""
 MAX_REASON = 500
 
@@ -75,7 +86,7 @@ def decide_local(record: Engine | None, *, node_id: str, has_local: bool) -> Loc
     state = record.state
     if state == S.SCHEDULED:
         return LocalAction.NOTHING if has_local else LocalAction.START
-    if state in (S.STARTING, S.RUNNING):
+    if state in (S.DOWNLOADING, S.STARTING, S.RUNNING):
         return LocalAction.NOTHING if has_local else LocalAction.MARK_GONE
     if state == S.STOPPING:
         return LocalAction.STOP
@@ -114,6 +125,11 @@ class Worker:
         self.advertise_host = advertise_host
         self.launcher = Launcher(
             node_id=node_id, home=home, engine_python=engine_python or self.agent.engine_python
+        )
+        self.downloads = Downloads(
+            node_id=node_id,
+            cache_dir=Path(self.agent.hub_cache).expanduser() if self.agent.hub_cache else None,
+            endpoint=self.agent.hub_endpoint,
         )
         self.policy = policy.LaunchPolicy.from_settings(self.agent)
         self.backoff = Backoff(
@@ -230,6 +246,7 @@ class Worker:
             memory_total=psutil.virtual_memory().total,
             gpus=devices,
             gpu_error=reason,
+            cpu_dtype=best_cpu_dtype(),
             version=__version__,
         )
         await self.store.put(keys.node(self.node_id), node.encode(), lease=lease.id)
@@ -410,25 +427,30 @@ class Worker:
     # ---- one engine ---------------------------------------------------------------------------
 
     async def _supervise(self, eid: str, local: _Local) -> None:
-        """Claim, launch, wait ready, then watch until the process fails."""
+        """Claim, download, launch, wait ready, then watch until the process fails."""
         elog = bind(self.log, engine=eid)
         try:
             if local.proc is None and not await self._launch(eid, local, elog):
                 return
             proc = local.proc
             assert proc is not None
+            was_running = local.running
             async with EngineClient(proc.endpoint, token=local.token) as client:
                 cause = await self._wait_ready(proc, client)
                 if cause is None:
                     if not local.running and not await self._mark_running(eid, proc, elog):
                         return  # the record moved on; the reconciler decides
+                    was_running = True
                     cause = await self._monitor(proc, client)
+            # Only a start-up failure can be permanent: a crash after Running may not recur.
+            failure = from_engine_exit(cause, exit_code=None if was_running else proc.exit_code())
             async with self._lock(eid):
                 if self._local.get(eid) is local:
                     await self.launcher.terminate(proc)
                     self._local.pop(eid)
                     cause = policy.redact_text(cause, local.secrets)
-                    await self._fail(eid, pid=proc.pid, cause=cause)
+                    permanent = failure.permanent and not was_running
+                    await self._fail(eid, pid=proc.pid, cause=cause, permanent=permanent)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -436,36 +458,25 @@ class Worker:
             raise
 
     async def _launch(self, eid: str, local: _Local, elog: ContextAdapter) -> bool:
+        """Claim the engine (refused for good if the launch policy says no), fetch its model if
+        it is a hub id not yet cached, start the shim."""
+        claim = await self._claim(eid, local)
+        if claim is None:
+            return False
+        claimed, spec, model_path, secrets = claim
+        if model_path is None:  # Downloading: outside the lock, so a stop can cancel the wait
+            model_path = await self._download(eid, claimed, spec, secrets, elog)
+            if model_path is None:
+                return False
         async with self._lock(eid):
             if self._local.get(eid) is not local:
-                return False
-            claimed = await self._update(
-                eid,
-                lambda e: (
-                    e.transition(S.STARTING, f"claimed by node {self.node_id}")
-                    if e.state == S.SCHEDULED and e.node == self.node_id
-                    else None
-                ),
-            )
-            if claimed is None:
-                self._local.pop(eid, None)  # lost the race or the record moved on
-                return False
-            spec = await self._deployment(claimed.deployment)
-            if spec is None:
-                self._local.pop(eid, None)
-                await self._fail(eid, pid=0, cause=f"deployment {claimed.deployment} not found")
-                return False
-            try:
-                secrets = self._admit(spec)
-            except policy.PolicyError as exc:
-                self._local.pop(eid, None)
-                await self._refuse(eid, exc)
                 return False
             proc, token = self.launcher.launch(
                 claimed,
                 spec,
                 advertise_host=self.advertise_host,
                 grace_s=self.agent.stop_grace_s,
+                model_path=model_path,
                 secret_env=secrets,
             )
             local.secrets = tuple(secrets.values())
@@ -496,6 +507,137 @@ class Worker:
             )
             # If the record moved on (e.g. Stopping), the reconciler stops the process.
             return recorded is not None
+
+    async def _claim(
+        self, eid: str, local: _Local
+    ) -> tuple[Engine, DeploymentSpec, str | None, dict[str, str]] | None:
+        """CAS Scheduled -> Starting (model at hand: its path, "" for the shim to resolve) or ->
+        Downloading (path None), with the spec's resolved secrets; None if the record moved on,
+        the deployment is gone or the launch policy refused it (checked before any download)."""
+        async with self._lock(eid):
+            record = self._records.get(eid)
+            if self._local.get(eid) is not local or record is None:
+                self._local.pop(eid, None)
+                return None
+            spec = await self._deployment(record.deployment)
+            refused: policy.PolicyError | None = None
+            secrets: dict[str, str] = {}
+            if spec is not None:
+                try:
+                    secrets = self._admit(spec)
+                except policy.PolicyError as exc:
+                    refused = exc
+            path: str | None = ""
+            if spec is not None and refused is None and is_hub_id(spec.model):
+                cached = await asyncio.to_thread(self.downloads.cached, spec.model, spec.revision)
+                path = str(cached) if cached is not None else None
+            state = S.STARTING if path is not None else S.DOWNLOADING
+            settings = None
+            if spec is not None:
+                settings = effective(
+                    spec,
+                    "cuda" if record.device == "cuda" else "cpu",
+                    cpu_dtype=best_cpu_dtype(),
+                )
+            claimed = await self._update(
+                eid,
+                lambda e: (
+                    e.transition(state, f"claimed by node {self.node_id}").model_copy(
+                        update={"download": None, "settings": settings}
+                    )
+                    if e.state == S.SCHEDULED and e.node == self.node_id
+                    else None
+                ),
+            )
+            if claimed is None:
+                self._local.pop(eid, None)  # lost the race or the record moved on
+                return None
+            if spec is None:
+                self._local.pop(eid, None)
+                await self._fail(eid, pid=0, cause=f"deployment {claimed.deployment} not found")
+                return None
+            if refused is not None:
+                self._local.pop(eid, None)
+                await self._refuse(eid, refused)
+                return None
+            return claimed, spec, path, secrets
+
+    async def _download(
+        self,
+        eid: str,
+        claimed: Engine,
+        spec: DeploymentSpec,
+        secrets: dict[str, str],
+        elog: ContextAdapter,
+    ) -> str | None:
+        """Fetch the model while writing progress (with the spec's HF_TOKEN secret, if it names
+        one, else the worker's own); Downloading -> Starting with its path, or Failed (None)."""
+        progress = Progress()
+        started = time.monotonic()
+        elog.info("downloading %s@%s", spec.model, spec.revision)
+        reporter = asyncio.create_task(self._report_progress(eid, spec, progress))
+        try:
+            path = await asyncio.to_thread(
+                self.downloads.fetch,
+                spec.model,
+                spec.revision,
+                progress,
+                token=secrets.get("HF_TOKEN"),
+            )
+        except asyncio.CancelledError:
+            progress.cancel()  # the thread stops at its next chunk and frees the repo's lock
+            raise
+        except Cancelled:
+            return None
+        except DownloadFailed as exc:
+            async with self._lock(eid):
+                self._local.pop(eid, None)
+                cause = policy.redact_text(str(exc), secrets.values())
+                await self._fail(eid, pid=0, cause=cause, permanent=exc.failure.permanent)
+            return None
+        finally:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
+        elapsed = time.monotonic() - started
+        fetched = progress.done()
+        why = (
+            f"downloaded {fetched / 1e6:.1f} MB in {elapsed:.1f}s"
+            if fetched
+            else "found in the node's cache"
+        )
+        started_rec = await self._update(
+            eid,
+            lambda e: (
+                e.transition(S.STARTING, why).model_copy(update={"download": None})
+                if e.state == S.DOWNLOADING and e.node == self.node_id
+                else None
+            ),
+        )
+        elog.info("%s %s", spec.model, why)
+        return str(path) if started_rec is not None else None
+
+    def _with_progress(self, e: Engine, *, status: DownloadProgress) -> Engine | None:
+        if e.state != S.DOWNLOADING or e.node != self.node_id:
+            return None
+        return e.model_copy(update={"download": status, "updated_at": time.time()})
+
+    async def _report_progress(self, eid: str, spec: DeploymentSpec, progress: Progress) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_S)
+            done, rate = progress.sample()
+            status = DownloadProgress(
+                repo=spec.model,
+                revision=spec.revision,
+                done=done,
+                total=progress.total,
+                rate=rate,
+                files=progress.files,
+                waiting=progress.waiting,
+            )
+            try:
+                await self._update(eid, functools.partial(self._with_progress, status=status))
+            except StoreError as exc:  # progress is best effort; the download goes on
+                self.log.warning("engine %s: progress not recorded: %s", eid, exc)
 
     def _admit(self, spec: DeploymentSpec) -> dict[str, str]:
         """Check `spec` against this worker's launch policy (whoever wrote it) and resolve its
@@ -601,14 +743,17 @@ class Worker:
             f"{proc.exit_description()}; last output: {last}" if last else proc.exit_description()
         )
 
-    async def _fail(self, eid: str, *, pid: int | None, cause: str) -> None:
-        """Starting/Running here -> Failed with `cause` and the backoff's next restart time. An
-        engine that had been Running for `restart_reset_s` starts its restart count afresh."""
+    async def _fail(
+        self, eid: str, *, pid: int | None, cause: str, permanent: bool = False
+    ) -> None:
+        """Downloading/Starting/Running here -> Failed with `cause` and the backoff's next restart
+        time (`permanent`: never restarted). An engine that had been Running for
+        `restart_reset_s` starts its restart count afresh."""
         cause = cause[:MAX_REASON]
         reset_after = self.settings.scheduler.restart_reset_s
 
         def change(e: Engine) -> Engine | None:
-            if e.node != self.node_id or e.state not in (S.STARTING, S.RUNNING):
+            if e.node != self.node_id or e.state not in (S.DOWNLOADING, S.STARTING, S.RUNNING):
                 return None
             if pid is not None and e.pid not in (0, pid):
                 return None  # a newer launch of the same engine: not this failure's record
@@ -619,13 +764,17 @@ class Worker:
             return e.transition(S.FAILED, cause).model_copy(
                 update={
                     "error": cause,
+                    "permanent": permanent,
+                    "download": None,
                     "restarts": restarts,
                     "next_restart_at": now + self.backoff.delay(restarts),
                 }
             )
 
         if await self._update(eid, change) is not None:
-            bind(self.log, engine=eid).warning("engine failed: %s", cause)
+            bind(self.log, engine=eid).warning(
+                "engine failed%s: %s", " (permanent: no restart)" if permanent else "", cause
+            )
 
     # ---- record writes ------------------------------------------------------------------------
 

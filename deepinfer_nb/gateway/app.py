@@ -51,6 +51,7 @@ def build_app(
 
     app = FastAPI(title="deepinfer-nb gateway", version=__version__, lifespan=lifespan)
     app.state.store = store
+    app.state.settings = settings
     app.state.table = table
     app.state.metrics = metrics
     app.state.serving = OpenAIServing(table, metrics)

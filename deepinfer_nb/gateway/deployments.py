@@ -23,6 +23,7 @@ returned.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -32,8 +33,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from .. import specs
+from ..defaults import effective, placed_device
 from ..engine import policy
-from ..models import DeploymentSpec, Engine, EngineState
+from ..hub import preflight
+from ..models import DeploymentSpec, Engine, EngineState, Node
 from ..store import MetaStore, decode_record, keys
 from .errors import APIError, validation_error
 from .routing import unavailable_reason
@@ -44,7 +47,15 @@ JSONBody = Annotated[dict[str, Any], Body()]
 MASK = policy.REDACTED
 """How env values (secrets) are shown."""
 _SERVER_FIELDS = frozenset(
-    {"created_at", "created_by", "updated_by", "schema_version", "previous", "restart_generation"}
+    {
+        "created_at",
+        "created_by",
+        "updated_by",
+        "schema_version",
+        "previous",
+        "restart_generation",
+        "facts",
+    }
 )
 _ENGINE_HIDDEN = frozenset({"auth_token", "schema_version"})
 
@@ -102,8 +113,15 @@ def engine_view(engine: Engine) -> dict[str, Any]:
     return engine.model_dump(mode="json", exclude=set(_ENGINE_HIDDEN))
 
 
-def deployment_view(spec: DeploymentSpec, engines: list[Engine]) -> dict[str, Any]:
+def deployment_view(
+    spec: DeploymentSpec, engines: list[Engine], *, any_gpu: bool = False
+) -> dict[str, Any]:
+    """The deployment as clients see it, with `effective`: the engine settings after the device
+    defaults (from a launched engine's record once there is one: its node resolved them)."""
     out = spec.model_dump(mode="json", exclude={"schema_version"})
+    launched = next((e.settings for e in engines if e.settings is not None), None)
+    settings = launched or effective(spec, placed_device(spec, any_gpu=any_gpu))
+    out["effective"] = settings.model_dump(mode="json")
     out["env"] = {k: MASK for k in spec.env}
     if spec.previous is not None and "env" in spec.previous:
         out["previous"]["env"] = {k: MASK for k in spec.previous["env"]}
@@ -137,6 +155,39 @@ async def _get_spec(store: MetaStore, name: str) -> tuple[Any, DeploymentSpec]:
     return kv, spec
 
 
+async def _preflight(request: Request, spec: DeploymentSpec) -> DeploymentSpec:
+    """The spec with the model's size facts, or a 422 saying why no node can run it."""
+    store = _store(request)
+    result = await store.range(keys.NODES)
+    nodes = [
+        n
+        for kv in result.items
+        if keys.name_of(kv.key, keys.NODES)
+        and (n := decode_record(Node, kv.key, kv.value)) is not None
+    ]
+    hub = preflight.Hub.of(request.app.state.settings.agent)
+    checked = await asyncio.to_thread(preflight.run, spec, nodes, hub=hub)
+    if checked.problems:
+        raise APIError(
+            422,
+            f"cannot deploy {spec.model}: " + "; and ".join(checked.problems),
+            param="model",
+            code="model_cannot_run",
+        )
+    return checked.spec
+
+
+async def _any_gpu(store: MetaStore) -> bool:
+    """Whether some registered node has a GPU (what device "auto" will mean)."""
+    result = await store.range(keys.NODES)
+    for kv in result.items:
+        if keys.name_of(kv.key, keys.NODES):
+            node = decode_record(Node, kv.key, kv.value)
+            if node is not None and node.gpus:
+                return True
+    return False
+
+
 def _store(request: Request) -> MetaStore:
     store: MetaStore = request.app.state.store
     return store
@@ -147,11 +198,16 @@ async def list_deployments(request: Request) -> dict[str, Any]:
     store = _store(request)
     result = await store.range(keys.DEPLOYMENTS)
     engines = await _engines(store)
+    gpu = await _any_gpu(store)
     data = []
     for kv in result.items:
         spec = decode_record(DeploymentSpec, kv.key, kv.value)
         if spec is not None and keys.name_of(kv.key, keys.DEPLOYMENTS):
-            data.append(deployment_view(spec, [e for e in engines if e.deployment == spec.name]))
+            data.append(
+                deployment_view(
+                    spec, [e for e in engines if e.deployment == spec.name], any_gpu=gpu
+                )
+            )
     return {"object": "list", "data": data}
 
 
@@ -185,11 +241,12 @@ async def _put(request: Request, spec: DeploymentSpec, *, keep_model: bool) -> J
     store = _store(request)
     who = _principal(request)
     spec = spec.model_copy(update={"created_by": who, "updated_by": who})
+    spec = await _preflight(request, spec)
     key = keys.deployment(spec.name)
     while True:
         _admit(request, spec)
         if await store.create(key, spec.encode()):
-            return _changed(spec, [], "created", status=201)
+            return await _changed(store, spec, "created", status=201)
         kv, existing = await _get_spec(store, spec.name)
         if keep_model and existing.model != spec.model:
             raise APIError(
@@ -203,9 +260,9 @@ async def _put(request: Request, spec: DeploymentSpec, *, keep_model: bool) -> J
         if updated is not None:
             _admit(request, updated)
         if updated is None:
-            return _changed(existing, await _engines(store, spec.name), "unchanged")
+            return await _changed(store, existing, "unchanged")
         if (await store.compare_and_swap(kv, updated.encode())).succeeded:
-            return _changed(updated, await _engines(store, spec.name), "updated")
+            return await _changed(store, updated, "updated")
         # someone wrote it meanwhile: re-read and compare again
 
 
@@ -216,17 +273,20 @@ def _unmasked(spec: DeploymentSpec, existing: DeploymentSpec) -> DeploymentSpec:
     return spec.model_copy(update={"env": env})
 
 
-def _changed(
-    spec: DeploymentSpec, engines: list[Engine], change: str, *, status: int = 200
+async def _changed(
+    store: MetaStore, spec: DeploymentSpec, change: str, *, status: int = 200
 ) -> JSONResponse:
-    return JSONResponse({**deployment_view(spec, engines), "change": change}, status_code=status)
+    engines = await _engines(store, spec.name)
+    view = deployment_view(spec, engines, any_gpu=await _any_gpu(store))
+    return JSONResponse({**view, "change": change}, status_code=status)
 
 
 @router.get("/v1/deployments/{name}")
 async def get_deployment(name: str, request: Request) -> dict[str, Any]:
     store = _store(request)
     _, spec = await _get_spec(store, name)
-    return deployment_view(spec, await _engines(store, name))
+    engines = await _engines(store, name)
+    return deployment_view(spec, engines, any_gpu=await _any_gpu(store))
 
 
 @router.patch("/v1/deployments/{name}")
@@ -280,11 +340,11 @@ async def _modify(
         kv, spec = await _get_spec(store, name)
         updated = fn(spec)
         if updated is None:
-            return _changed(spec, await _engines(store, name), "unchanged")
+            return await _changed(store, spec, "unchanged")
         _admit(request, updated)
         updated = updated.model_copy(update={"updated_by": _principal(request)})
         if (await store.compare_and_swap(kv, updated.encode())).succeeded:
-            return _changed(updated, await _engines(store, name), "updated")
+            return await _changed(store, updated, "updated")
         # else someone wrote it meanwhile: re-read and apply again
 
 

@@ -231,7 +231,8 @@ class DeepInferMagics(Magics, Configurable):
 
         def progress(stage: str, elapsed: float, engines: list[Any]) -> None:
             where = ", ".join(f"{e.id} on {e.node}" for e in engines if e.node)
-            handle.update(_Progress(dep.name, stage, elapsed, where))
+            fetching = [render.download_text(e.download) for e in engines if e.download]
+            handle.update(_Progress(dep.name, stage, elapsed, "; ".join([*fetching, where])))
 
         start = time.monotonic()
         dep.wait(timeout=timeout, progress=progress)

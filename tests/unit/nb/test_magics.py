@@ -3,11 +3,14 @@ subcommands that need a cluster but no engine (memory store, no worker: nothing 
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from deepinfer_nb.client import cluster as api
+from deepinfer_nb.control.launcher import build_command
+from deepinfer_nb.models import Engine
 from deepinfer_nb.nb import parsing
 
 
@@ -196,12 +199,48 @@ class TestWithCluster:
             "name": "upd",
             "model": "smollm2-135m-instruct",
             "device": "cpu",
-            "max_model_len": 2048,
-            "enforce_eager": True,
-            "env": {"VLLM_CPU_KVCACHE_SPACE": "***"},
         }
         magic(shell, "rm upd")
         magic(shell, "rm fresh")
+
+    def test_one_set_of_defaults_for_magic_python_api_and_http(self, shell) -> None:
+        """The same deployment through the magic, the Python API and POST /v1/deployments gets
+        the same effective settings (shown in the API response) and the same engine flags."""
+        cluster = shell.magics_manager.registry["DeepInferMagics"].cluster
+        magic(shell, "deploy smollm2-135m-instruct --name via-magic --device cpu")
+        cluster.deploy("smollm2-135m-instruct", name="via-api", device="cpu")
+        headers = {"Authorization": f"Bearer {cluster.api_key}"} if cluster.api_key else {}
+        body = {"model": "smollm2-135m-instruct", "name": "via-http", "device": "cpu"}
+        created = httpx.post(
+            cluster.gateway_url + "/v1/deployments", json=body, headers=headers, timeout=10
+        )
+        assert created.status_code == 201, created.text
+        expected = {
+            "device": "cpu",
+            "dtype": "auto",
+            "enforce_eager": True,
+            "mode": "eager",
+            "max_model_len": 2048,
+        }
+        assert created.json()["effective"] == expected
+        flags = {}
+        for name in ("via-magic", "via-api", "via-http"):
+            shown = httpx.get(
+                f"{cluster.gateway_url}/v1/deployments/{name}", headers=headers, timeout=10
+            ).json()
+            assert shown["effective"] == expected, name
+            assert cluster.deployment(name).settings.model_dump() == expected
+            spec = cluster.deployment(name).spec
+            engine = Engine(id=f"{name}-0-x", deployment=name, device="cpu")
+            cmd = build_command(
+                engine, spec, python="python", port=1, bind_host="127.0.0.1", grace_s=1
+            )
+            flags[name] = [w for w in cmd if w != name]  # the served name differs, nothing else
+        assert flags["via-magic"] == flags["via-api"] == flags["via-http"]
+        assert "--enforce-eager" in flags["via-http"]
+        assert flags["via-http"][flags["via-http"].index("--max-model-len") + 1] == "2048"
+        for name in ("via-magic", "via-api", "via-http"):
+            magic(shell, f"rm {name}")
 
     def test_unknown_deployment(self, shell) -> None:
         for line in ("status nope", "logs nope", "stop nope", "scale nope 1", "snippet nope"):

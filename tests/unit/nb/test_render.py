@@ -22,7 +22,7 @@ def snap(engines: list[Engine], *, replicas: int = 1, nodes=None, gpus=None) -> 
     )
 
 
-def test_build_spec_cpu_defaults_and_extra_args() -> None:
+def test_build_spec_leaves_defaults_to_the_spec_layer_and_passes_extra_args() -> None:
     spec = api.build_spec(
         "HuggingFaceTB/SmolLM2-135M-Instruct",
         name=None,
@@ -32,8 +32,9 @@ def test_build_spec_cpu_defaults_and_extra_args() -> None:
         engine_args={"max_num_seqs": 4, "trust_remote_code": True},
     )
     assert spec.name == "smollm2-135m-instruct"
-    assert (spec.dtype, spec.enforce_eager, spec.max_model_len) == ("auto", True, 2048)
-    assert spec.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    # unset, as over HTTP: defaults.effective() decides per device, for every entry point
+    assert (spec.dtype, spec.enforce_eager, spec.max_model_len) == ("auto", None, None)
+    assert spec.env == {}
     assert spec.engine_args == ["--max-num-seqs", "4", "--trust-remote-code"]
     gpu = api.build_spec("m", name="x", gpus=2, replicas=1, device="auto", engine_args={})
     assert (gpu.device, gpu.tensor_parallel_size) == ("cuda", 2)
@@ -124,3 +125,32 @@ def test_snippets() -> None:
 
 def test_sparkline() -> None:
     assert sparkline([0.0, 50.0, 100.0, None]) == "▁▄█ "
+
+
+def test_download_progress_reaches_wait_and_the_tables() -> None:
+    from deepinfer_nb.models import DownloadProgress, EngineSettings
+
+    def downloading(done: int) -> Engine:
+        return Engine(
+            id="d-0-a",
+            deployment="d",
+            state=EngineState.DOWNLOADING,
+            node="vm",
+            download=DownloadProgress(repo="org/m", done=done, total=200_000_000, rate=4e7),
+        )
+
+    seen: list[str] = []
+    waiter = api.Waiter("d", lambda stage, _t, engines: seen.append(stage))
+    for done in (0, 50_000_000, 100_000_000):
+        assert not waiter(snap([downloading(done)]))
+    assert seen == ["Downloading"] * 3  # every byte count redraws the progress in place
+    row = render.engine_row(downloading(100_000_000))
+    assert row["progress"] == "downloading 100.0/200.0 MB (50%) at 40.0 MB/s"
+    settings = EngineSettings(
+        device="cpu", dtype="float32", enforce_eager=True, mode="eager", max_model_len=2048
+    )
+    running = Engine(
+        id="d-0-a", deployment="d", state=EngineState.RUNNING, node="vm", settings=settings
+    )
+    assert render.engine_row(running)["settings"] == "float32 · eager · context 2048"
+    assert "float32 · eager · context 2048" in render.deployment_text(snap([running]), "d")
