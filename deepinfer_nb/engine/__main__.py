@@ -3,6 +3,7 @@
     python -m deepinfer_nb.engine --model M --port P [--host 127.0.0.1] [--served-model-name N]
         [--dtype D] [--max-model-len L] [--tensor-parallel-size T] [--gpu-memory-utilization F]
         [--device cuda:N|cpu] [--enforce-eager] [--auth-token-env VAR] [--grace-period S]
+        [--task auto|generate|embed] [--tool-call-parser auto|none|NAME]
         [-- extra vLLM engine args]
 
 The port is bound first and answers HealthCheck with STARTING while the model loads. Exit codes:
@@ -67,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="cuda:N or cpu (default: what vLLM finds)")
     p.add_argument("--enforce-eager", action="store_true", help="no compilation/CUDA graphs")
     p.add_argument(
+        "--task",
+        choices=("auto", "generate", "embed"),
+        default="auto",
+        help="generate (chat, completions) or embed (embeddings; vLLM's pooling runner); "
+        "auto: what the model is",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        help="vLLM tool parser for tool_choice auto (e.g. hermes, llama3_json); auto: the "
+        "model family's where vLLM has one; none: no parser",
+    )
+    p.add_argument(
         "--auth-token-env",
         default="",
         help="environment variable holding the token every RPC must present",
@@ -107,6 +121,8 @@ def vllm_argv(args: argparse.Namespace, model_path: str, extra: list[str]) -> li
         out += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if args.enforce_eager:
         out.append("--enforce-eager")
+    if args.task != "auto":
+        out += ["--runner", "pooling" if args.task == "embed" else "generate"]
     return out + extra
 
 
@@ -312,7 +328,7 @@ def run(args: argparse.Namespace, eargs: Any, *, token: str, tail: StderrTail) -
     try:
         return aio.run(
             serve(
-                VllmBackend(eargs),
+                VllmBackend(eargs, tool_call_parser=args.tool_call_parser),
                 host=args.host,
                 port=args.port,
                 model_name=name,

@@ -31,6 +31,11 @@ __all__ = ["EngineClient", "error_from_rpc"]
 
 _ERRORS: dict[grpc.StatusCode, type[EngineError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    # client-caused too: the request asks what this engine does not serve (embeddings of a chat
+    # model); another replica of the same deployment would answer the same
+    grpc.StatusCode.FAILED_PRECONDITION: InvalidRequestError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
+    grpc.StatusCode.UNIMPLEMENTED: InvalidRequestError,
     grpc.StatusCode.UNAVAILABLE: EngineUnavailableError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.DEADLINE_EXCEEDED: EngineTimeoutError,

@@ -180,6 +180,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             tensor_parallel_size=f.tensor_parallel_size,
             device=f.device,
             engine_version=f.engine_version,
+            tool_call_parser=f.tool_call_parser,
         )
 
     @_unary

@@ -202,6 +202,10 @@ class DeepInferMagics(Magics, Configurable):
         cluster = self._need()
         device = ns.device or self.default_device
         kwargs: dict[str, Any] = {"extra_args": ns.extra} if ns.extra else {}
+        if ns.task:
+            kwargs["task"] = ns.task
+        if ns.tool_call_parser:
+            kwargs["tool_call_parser"] = ns.tool_call_parser
         dep = cluster.deploy(
             ns.model, name=ns.name, gpus=ns.gpus, replicas=ns.replicas, device=device, **kwargs
         )

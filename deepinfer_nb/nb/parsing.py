@@ -15,6 +15,7 @@ from IPython.core.error import UsageError
 HELP = """\
 %deepinfer up [--store memory://|etcd|etcd://H:P] [--gateway-port N] [--no-worker] [--node ID]
 %deepinfer deploy MODEL [--name N] [--gpus N] [--replicas R] [--device auto|cpu|cuda|cuda:N]
+                        [--task auto|generate|embed] [--tool-call-parser NAME]
                         [--wait] [--timeout S] [-- extra vLLM args]
 %deepinfer ls                      deployments and their engines
 %deepinfer status [NAME]           one deployment (or the cluster)
@@ -78,6 +79,8 @@ def _build() -> dict[str, _Parser]:
     dep.add_argument("--gpus", type=int, default=0)
     dep.add_argument("--replicas", type=int, default=1)
     dep.add_argument("--device", default=None)
+    dep.add_argument("--task", default=None, choices=["auto", "generate", "embed"])
+    dep.add_argument("--tool-call-parser", default=None)
     dep.add_argument("--wait", action="store_true")
     dep.add_argument("--timeout", type=float, default=None)
 

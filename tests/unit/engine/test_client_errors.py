@@ -28,7 +28,7 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
         (grpc.StatusCode.UNAUTHENTICATED, AuthenticationError),
         (grpc.StatusCode.DEADLINE_EXCEEDED, EngineTimeoutError),
         (grpc.StatusCode.CANCELLED, RequestCancelledError),
-        (grpc.StatusCode.FAILED_PRECONDITION, EngineError),
+        (grpc.StatusCode.FAILED_PRECONDITION, InvalidRequestError),
         (grpc.StatusCode.INTERNAL, EngineError),
     ],
 )
