@@ -13,7 +13,10 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
+
 from deepinfer_nb._proto import engine_service_pb2 as pb
+from deepinfer_nb.engine.client import error_from_rpc
 from deepinfer_nb.errors import EngineError, EngineUnavailableError, InvalidRequestError
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState
 from deepinfer_nb.store import MetaStore, keys
@@ -21,7 +24,7 @@ from deepinfer_nb.store import MetaStore, keys
 
 @dataclasses.dataclass
 class Behaviour:
-    mode: str = "ok"  # ok | unavailable | invalid | fail_mid | hang
+    mode: str = "ok"  # ok | unavailable | invalid | precondition | fail_mid | hang
     words: tuple[str, ...] = ("The", " capital", " of", " France", " is", " Paris", ".")
 
 
@@ -54,6 +57,15 @@ class FakeClient:
             raise EngineUnavailableError(f"connection refused (engine {self.endpoint})")
         if b.mode == "invalid":
             raise InvalidRequestError("max_tokens 5000 exceeds the context window")
+        if b.mode == "precondition":  # through the real gRPC translation table
+            raise error_from_rpc(
+                grpc.aio.AioRpcError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details="model 'smollm2' serves generate, not embeddings",
+                )
+            )
         return b
 
     def _choices(self, request: Any, b: Behaviour) -> list[pb.Choice]:

@@ -167,6 +167,25 @@ async def test_wrong_task_is_a_400_that_reaches_no_engine(gw: GatewayServer, clu
     assert sum(fleet.calls.values()) == 0
 
 
+@pytest.mark.parametrize("mode", ["invalid", "precondition"])
+async def test_client_caused_engine_errors_are_400_and_not_retried(
+    gw: GatewayServer, cluster: Any, mode: str
+) -> None:
+    """INVALID_ARGUMENT and FAILED_PRECONDITION from an engine: a 400 invalid_request_error,
+    from the one replica asked; the other replica (which would answer) is never tried."""
+    _, fleet = cluster
+    fleet.behaviour["10.0.0.1:5000"] = Behaviour(mode=mode)
+    fleet.behaviour["10.0.0.2:5000"] = Behaviour(mode=mode)
+    async with _oai(gw) as client:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as bad:
+                await client.chat.completions.create(
+                    model="smollm2", messages=[{"role": "user", "content": "hi"}], stream=stream
+                )
+            assert bad.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    assert sum(fleet.calls.values()) == 2  # one engine call per request
+
+
 async def test_models_list_only_serving_deployments(gw: GatewayServer, cluster: Any) -> None:
     await _embedding_deployment(cluster[0])
     async with _oai(gw) as client:
