@@ -4,7 +4,8 @@ Both sides serve the locally built all-MiniLM-L6-v2 with vLLM's pooling runner a
 (--enforce-eager --dtype D, VLLM_CPU_KVCACHE_SPACE=1; D as the shim picks it for CPU; the
 model's own 256-token window). The gateway side is the product as a user runs it:
 `deepinfer-nb up` (memory store, controller, worker and gateway in one process) and a
-deployment created with POST /v1/deployments. The client is aiohttp (light, as in serve.py), one request at a time.
+deployment created with POST /v1/deployments. The client is aiohttp (light, as in serve.py),
+one request at a time.
 
 For batches of 1, 32 and 256 short texts per request: embeddings/s (texts embedded over the time
 spent in requests) and p50 request latency, per side, after one unmeasured warm-up request per
