@@ -6,6 +6,9 @@ that mapping on the app so no router formats an error itself.
 
     status  type                     when
     400     invalid_request_error    bad parameters (OpenAI routes), engine rejected arguments
+                                     (INVALID_ARGUMENT, FAILED_PRECONDITION: e.g. embeddings of a
+                                     chat model), tool_choice auto without a tool parser;
+                                     never retried on another replica
     401     authentication_error     missing or wrong API key
     404     invalid_request_error    unknown model / deployment / route
     409     invalid_request_error    deployment exists with another spec
