@@ -6,8 +6,10 @@
 - our gateway on a real uvicorn, in front of an in-process controller and worker over the memory
   store, with two deployments of the same two models (one shim + vLLM engine each).
 
-Same models and flags on both sides: eager, the CPU's best dtype, max_model_len 2048 for chat,
-VLLM_CPU_KVCACHE_SPACE=1. `Server` tells a test where to go and which model names to use.
+Same models and flags on both sides: eager, the CPU's best dtype, max_model_len 2048 for chat, and
+small KV caches (--kv-cache-memory-bytes: 256 MiB for chat, 64 MiB for the encoder) instead of
+VLLM_CPU_KVCACHE_SPACE's whole GiB each: four engines share a busy machine's memory. `Server`
+tells a test where to go and which model names to use.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ CHAT = "smollm2"  # the served model names, the same on both sides
 EMBED = "minilm"
 API_KEY = "sk-clients-test"
 START_TIMEOUT_S = 600.0
-ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+# empty: vLLM then takes --kv-cache-memory-bytes (the variable, when set, overrides the flag)
+ENV = {"VLLM_CPU_KVCACHE_SPACE": ""}
+CHAT_KV = ["--kv-cache-memory-bytes", str(256 << 20)]
+EMBED_KV = ["--kv-cache-memory-bytes", str(64 << 20)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,9 +183,17 @@ async def gateway_cluster() -> AsyncIterator[tuple[str, Worker, MemoryStore]]:
             enforce_eager=True,
             max_model_len=2048,
             env=ENV,
+            engine_args=CHAT_KV,
         ),
         # an encoder keeps its own window (256 tokens for MiniLM), on vLLM's server too
-        DeploymentSpec(name=EMBED, model=EMBED_ALIAS, device="cpu", enforce_eager=True, env=ENV),
+        DeploymentSpec(
+            name=EMBED,
+            model=EMBED_ALIAS,
+            device="cpu",
+            enforce_eager=True,
+            env=ENV,
+            engine_args=EMBED_KV,
+        ),
     ):
         await store.put(keys.deployment(spec.name), spec.encode())
     server = GatewayServer(
@@ -203,15 +216,26 @@ async def servers() -> AsyncIterator[Servers]:
     chat_dir = str(local_models.build(local_models.CATALOG[CHAT_ALIAS]))
     embed_dir = str(local_models.build(local_models.CATALOG[EMBED_ALIAS]))
     async with contextlib.AsyncExitStack() as stack:
-        chat, embed, (gw, worker, store) = await asyncio.gather(
+        # all at once; every start ends (and is registered for clean-up) before a failure of one
+        # of them fails the fixture
+        started = await asyncio.gather(
             stack.enter_async_context(
-                vllm_openai_server(chat_dir, served=CHAT, extra=["--max-model-len", "2048"])
+                vllm_openai_server(
+                    chat_dir, served=CHAT, extra=["--max-model-len", "2048", *CHAT_KV]
+                )
             ),
             stack.enter_async_context(
-                vllm_openai_server(embed_dir, served=EMBED, extra=["--runner", "pooling"])
+                vllm_openai_server(
+                    embed_dir, served=EMBED, extra=["--runner", "pooling", *EMBED_KV]
+                )
             ),
             stack.enter_async_context(gateway_cluster()),
+            return_exceptions=True,
         )
+        for outcome in started:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        chat, embed, (gw, worker, store) = started  # type: ignore[misc]
         yield Servers(
             vllm=Server("vllm", chat, embed),
             gateway=Server("gateway", gw, gw),
