@@ -1,7 +1,7 @@
 """Embeddings through the gateway (+ shim + vLLM) against vLLM's own OpenAI server.
 
 Both sides serve the locally built all-MiniLM-L6-v2 with vLLM's pooling runner and the same flags
-(--enforce-eager --dtype D --kv-cache-memory-bytes 64 MiB; D as the shim picks it for CPU; the
+(--enforce-eager --dtype D, VLLM_CPU_KVCACHE_SPACE=1; D as the shim picks it for CPU; the
 model's own 256-token window). The gateway side is the product as a user runs it:
 `deepinfer-nb up` (memory store, controller, worker and gateway in one process) and a
 deployment created with POST /v1/deployments. The client is aiohttp (light, as in serve.py),
@@ -47,8 +47,7 @@ from deepinfer_nb.netutil import free_port  # noqa: E402
 
 SERVED = "minilm"
 ALIAS = "all-minilm-l6-v2"
-ENV = {"VLLM_CPU_KVCACHE_SPACE": ""}  # set, it would override --kv-cache-memory-bytes
-KV = ["--kv-cache-memory-bytes", str(64 << 20)]
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 DTYPE = best_cpu_dtype()
 REQUESTS = {1: 50, 32: 10, 256: 2}  # batch size -> requests per side and round
 TEXTS = [
@@ -78,7 +77,6 @@ async def vllm_side(folder: str, work: Path) -> AsyncIterator[str]:
         "--enforce-eager",
         "--dtype",
         DTYPE,
-        *KV,
     ]
     proc = spawn(cmd, log, ENV)
     try:
@@ -116,7 +114,6 @@ async def gateway_side(work: Path) -> AsyncIterator[str]:
             "dtype": DTYPE,
             "enforce_eager": True,
             "task": "embed",
-            "engine_args": KV,
             "env": ENV,
         }
         async with (

@@ -6,10 +6,10 @@
 - our gateway on a real uvicorn, in front of an in-process controller and worker over the memory
   store, with two deployments of the same two models (one shim + vLLM engine each).
 
-Same models and flags on both sides: eager, the CPU's best dtype, max_model_len 2048 for chat, and
-small KV caches (--kv-cache-memory-bytes: 256 MiB for chat, 64 MiB for the encoder) instead of
-VLLM_CPU_KVCACHE_SPACE's whole GiB each: four engines share a busy machine's memory. `Server`
-tells a test where to go and which model names to use.
+Same models and flags on both sides: eager, the CPU's best dtype, max_model_len 2048 for chat,
+VLLM_CPU_KVCACHE_SPACE=1 (whole GiB only: an empty value breaks vLLM's CPU worker, and when set
+it overrides --kv-cache-memory-bytes). `Server` tells a test where to go and which model names
+to use.
 """
 
 from __future__ import annotations
@@ -47,10 +47,7 @@ CHAT = "smollm2"  # the served model names, the same on both sides
 EMBED = "minilm"
 API_KEY = "sk-clients-test"
 START_TIMEOUT_S = 600.0
-# empty: vLLM then takes --kv-cache-memory-bytes (the variable, when set, overrides the flag)
-ENV = {"VLLM_CPU_KVCACHE_SPACE": ""}
-CHAT_KV = ["--kv-cache-memory-bytes", str(256 << 20)]
-EMBED_KV = ["--kv-cache-memory-bytes", str(64 << 20)]
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +180,6 @@ async def gateway_cluster() -> AsyncIterator[tuple[str, Worker, MemoryStore]]:
             enforce_eager=True,
             max_model_len=2048,
             env=ENV,
-            engine_args=CHAT_KV,
         ),
         # an encoder keeps its own window (256 tokens for MiniLM), on vLLM's server too
         DeploymentSpec(
@@ -192,7 +188,6 @@ async def gateway_cluster() -> AsyncIterator[tuple[str, Worker, MemoryStore]]:
             device="cpu",
             enforce_eager=True,
             env=ENV,
-            engine_args=EMBED_KV,
         ),
     ):
         await store.put(keys.deployment(spec.name), spec.encode())
@@ -220,14 +215,10 @@ async def servers() -> AsyncIterator[Servers]:
         # of them fails the fixture
         started = await asyncio.gather(
             stack.enter_async_context(
-                vllm_openai_server(
-                    chat_dir, served=CHAT, extra=["--max-model-len", "2048", *CHAT_KV]
-                )
+                vllm_openai_server(chat_dir, served=CHAT, extra=["--max-model-len", "2048"])
             ),
             stack.enter_async_context(
-                vllm_openai_server(
-                    embed_dir, served=EMBED, extra=["--runner", "pooling", *EMBED_KV]
-                )
+                vllm_openai_server(embed_dir, served=EMBED, extra=["--runner", "pooling"])
             ),
             stack.enter_async_context(gateway_cluster()),
             return_exceptions=True,
