@@ -9,11 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import grpc_env
-
-grpc_env.apply()  # before any module imports grpc
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__", "connect", "load_ipython_extension", "unload_ipython_extension"]
 

@@ -11,6 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from .. import procenv
 from ..errors import DeepInferError
 
 COMMANDS = ["models", "demo", "etcd", "controller", "gateway", "worker", "up", "serve"]
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    procenv.apply_grpc_experiments()  # our own process: before any command imports grpc
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

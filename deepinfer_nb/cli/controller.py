@@ -8,15 +8,12 @@ Ctrl-C resigns leadership (a standby takes over at once) and exits.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 from typing import Any
 
-from .. import aio, logs
+from .. import logs, procenv
 from ..config import Settings
-from ..control.controller import Controller
-from ..store import open_store
+from ..services import ServiceSet, serve_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -82,25 +79,13 @@ def _run(args: argparse.Namespace) -> int:
             "memory:// store: only this process sees it; workers cannot join "
             "(use etcd://HOST:PORT, or `deepinfer-nb up` for one machine)"
         )
-    aio.run(_serve(settings, identity=args.identity))
-    return 0
+    return procenv.run(_serve(settings, identity=args.identity))
 
 
-async def _serve(settings: Settings, *, identity: str) -> None:
-    store = open_store(settings.storage.url, **settings.storage.store_options())
-    controller = Controller(store, settings=settings.scheduler, identity=identity)
-    stopping: list[asyncio.Task[None]] = []
-
-    def stop() -> None:
-        store.fail_fast()  # etcd may be what went away: stop in seconds, not minutes
-        stopping.append(asyncio.create_task(controller.stop()))
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
-    log.info("controller %s on %s", controller.identity, store.url)
-    try:
-        await controller.run()
-    finally:
-        await asyncio.gather(*stopping, return_exceptions=True)  # the resignation
-        await store.close()
+async def _serve(settings: Settings, *, identity: str) -> int:
+    async with ServiceSet(settings) as services:
+        store = await services.open_store()
+        controller = await services.start_controller(identity=identity)
+        return await serve_until_signalled(
+            services, ready=f"controller {controller.identity} on {store.url}"
+        )

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import aio
+from .. import procenv
 from .._proto import engine_service_pb2 as pb
 from ..engine import local_models, process
 from ..errors import DeepInferError
@@ -46,7 +46,7 @@ def _demo(args: argparse.Namespace) -> int:
     shim = process.spawn_shim(model=MODEL, token=secrets.token_hex(16), log_path=log_path)
     _say(f"starting the engine shim on {shim.endpoint} (log: {log_path})")
     try:
-        return aio.run(_session(args, shim))
+        return procenv.run(_session(args, shim))
     finally:
         if shim.process.poll() is None:  # only after a failure: a clean run has already exited
             shim.kill()

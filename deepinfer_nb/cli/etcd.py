@@ -1,17 +1,21 @@
 """`deepinfer-nb etcd`: run a local etcd for durability and remote workers, no set-up by hand.
 
 Data lives under the user's deepinfer directory (`config.home_dir()/etcd`); it listens on loopback
-unless `--listen` says otherwise. It runs in the foreground until Ctrl-C.
+unless `--listen` says otherwise. It runs in the foreground until Ctrl-C or SIGTERM, which stop
+the server; if the command is killed outright, the server dies with it (parent-death signal), so
+the next start on the same data directory finds its port free.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
-import time
 from typing import Any
 
-from .. import config
+from .. import config, procenv
+from ..errors import StoreUnavailableError
+from ..services import ServiceSet, serve_until_signalled
 from ..store.local_etcd import LocalEtcd
 
 
@@ -19,7 +23,7 @@ def register(sub: Any) -> None:
     parser = sub.add_parser(
         "etcd",
         help="run a local etcd server (data under the deepinfer directory)",
-        description="Run a single-member etcd server in the foreground until Ctrl-C.",
+        description="Run a single-member etcd server in the foreground until Ctrl-C or SIGTERM.",
     )
     parser.add_argument(
         "--data-dir", default=None, help="etcd data directory (default: DEEPINFER_HOME/etcd)"
@@ -39,27 +43,37 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    return procenv.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or str(config.home_dir() / "etcd")
-    server = LocalEtcd(
-        data_dir,
-        port=args.port,
-        host=args.listen,
-        peer_port=args.peer_port or args.port + 1,
-        log_path=f"{data_dir}.log",
-    )
-    server.start()
-    print(
-        f"etcd is running: --store {server.url}\n  data: {server.data_dir}\n"
-        f"  log:  {server.log_path}\nPress Ctrl-C to stop.",
-        file=sys.stderr,
-    )
-    try:
-        while server.running:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("stopping etcd", file=sys.stderr)
-        server.stop()
-        return 0
-    code = server.process.returncode if server.process else 1
-    print(f"etcd exited with status {code} (log: {server.log_path})", file=sys.stderr)
-    return 1
+    async with ServiceSet() as services:
+        server = await services.start_local_etcd(
+            data_dir,
+            port=args.port,
+            host=args.listen,
+            peer_port=args.peer_port or args.port + 1,
+            log_path=f"{data_dir}.log",
+        )
+        print(
+            f"etcd is running: --store {server.url}\n  data: {server.data_dir}\n"
+            f"  log:  {server.log_path}\nPress Ctrl-C to stop.",
+            file=sys.stderr,
+            flush=True,
+        )
+        services.tasks.append(asyncio.create_task(_exited(server), name="etcd"))
+        code = await serve_until_signalled(services)
+    if code:
+        status = server.process.returncode if server.process else "unknown"
+        print(f"etcd exited with status {status} (log: {server.log_path})", file=sys.stderr)
+    else:
+        print("etcd stopped", file=sys.stderr)
+    return code
+
+
+async def _exited(server: LocalEtcd) -> None:
+    """Ends (raising) when the etcd server exits by itself."""
+    if server.process is not None:
+        await asyncio.to_thread(server.process.wait)
+    raise StoreUnavailableError("etcd exited")

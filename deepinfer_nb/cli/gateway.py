@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Any
 
-from .. import aio, logs
+from .. import logs, procenv
 from ..config import Settings, read_api_keys
 from ..gateway.security import check_bind
-from ..gateway.server import serve
+from ..services import ServiceSet, serve_until_signalled
 from .controller import add_common_flags, settings_from
 
 log = logging.getLogger(__name__)
@@ -86,13 +87,18 @@ def _run(args: argparse.Namespace) -> int:
             "memory:// store: only this process sees it, so no engine will ever run "
             "behind this gateway (use etcd://HOST:PORT, or `deepinfer-nb up`)"
         )
-    aio.run(
-        serve(
-            settings.storage.url,
-            host=settings.server.host,
-            port=settings.server.port,
-            api_keys=keys,
-            settings=settings,
+    return procenv.run(_serve(settings, api_keys=keys))
+
+
+async def _serve(settings: Settings, *, api_keys: list[str]) -> int:
+    async with ServiceSet(settings) as services:
+        store = await services.open_store()
+        gateway = await services.start_gateway(api_keys=api_keys, log_level="info")
+        auth = "API key required" if api_keys else "no API key"
+        # stderr, not the log: scripts wait for this line
+        print(
+            f"deepinfer-nb gateway on {gateway.url} (store {store.url}, {auth})",
+            file=sys.stderr,
+            flush=True,
         )
-    )
-    return 0
+        return await serve_until_signalled(services)

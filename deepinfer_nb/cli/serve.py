@@ -10,17 +10,12 @@ gateway stops, the controller resigns and the store closes.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 from typing import Any
 
-from .. import aio, logs
+from .. import logs, procenv
 from ..config import Settings
-from ..control.controller import Controller
-from ..gateway.server import GatewayServer
-from ..gcheap import freeze_heap
-from ..store import open_store
+from ..services import ServiceSet, serve_until_signalled
 from .controller import add_common_flags, settings_from
 from .gateway import add_gateway_flags, gateway_settings
 
@@ -47,33 +42,16 @@ def _run(args: argparse.Namespace) -> int:
             "memory:// store: no worker can join this process (use etcd://HOST:PORT, "
             "or `deepinfer-nb up` for one machine)"
         )
-    aio.run(_serve(settings, api_keys=api_keys))
-    return 0
+    return procenv.run(_serve(settings, api_keys=api_keys))
 
 
-async def _serve(settings: Settings, *, api_keys: list[str]) -> None:
-    store = open_store(settings.storage.url, **settings.storage.store_options())
-    controller = Controller(store, settings=settings.scheduler)
-    running = asyncio.create_task(controller.run())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        gateway = GatewayServer(store, settings=settings, api_keys=api_keys)
-        await gateway.start()
-        log.info(
-            "serve: controller %s and gateway on %s (store %s)",
-            controller.identity,
-            gateway.url,
-            store.url,
+async def _serve(settings: Settings, *, api_keys: list[str]) -> int:
+    async with ServiceSet(settings) as services:
+        store = await services.open_store()
+        controller = await services.start_controller()
+        gateway = await services.start_gateway(api_keys=api_keys)
+        return await serve_until_signalled(
+            services,
+            ready=f"serve: controller {controller.identity} and gateway on {gateway.url} "
+            f"(store {store.url})",
         )
-        freeze_heap()
-        try:
-            await stop.wait()
-        finally:
-            await gateway.stop()
-    finally:
-        await controller.stop()
-        await asyncio.gather(running, return_exceptions=True)
-        await store.close()

@@ -11,19 +11,16 @@ disappears at once), then it exits.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import re
-import signal
 import socket
 from typing import Any
 
-from .. import aio, logs
+from .. import logs, procenv
 from ..config import Settings
-from ..control.worker import Worker
 from ..errors import ConfigError
 from ..models import NAME_PATTERN
-from ..store import open_store
+from ..services import ServiceSet, serve_until_signalled
 from .controller import add_common_flags, settings_from
 
 log = logging.getLogger(__name__)
@@ -84,22 +81,11 @@ def _run(args: argparse.Namespace) -> int:
             "a standalone worker needs a shared store: --store etcd://HOST:PORT "
             "(or run `deepinfer-nb up` for one machine)"
         )
-    aio.run(_serve(settings, node=node, advertise_host=args.advertise_host))
-    return 0
+    return procenv.run(_serve(settings, node=node, advertise_host=args.advertise_host))
 
 
-async def _serve(settings: Settings, *, node: str, advertise_host: str) -> None:
-    store = open_store(settings.storage.url, **settings.storage.store_options())
-    worker = Worker(store, node_id=node, settings=settings, advertise_host=advertise_host)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await worker.start()
-        await stop.wait()
-        log.info("draining", extra={"node": node})
-        store.fail_fast()  # etcd may be what went away: stop in seconds, not minutes
-    finally:
-        await worker.stop()
-        await store.close()
+async def _serve(settings: Settings, *, node: str, advertise_host: str) -> int:
+    async with ServiceSet(settings) as services:
+        await services.open_store()
+        await services.start_worker(node=node, advertise_host=advertise_host)
+        return await serve_until_signalled(services, ready=f"worker {node} running")

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from .._proto import engine_service_pb2 as pb
-    from .runtime import Runtime
+
+T = TypeVar("T")
+
+
+class Runner(Protocol):
+    """Runs a coroutine on the runtime loop and waits for it (`runtime.Runtime`; chat never
+    imports it)."""
+
+    def run(self, coro: Coroutine[Any, Any, T], *, timeout: float | None = None) -> T: ...
 
 
 @dataclasses.dataclass
@@ -98,7 +106,7 @@ class ChatStream:
 
     def __init__(
         self,
-        runtime: Runtime | None,
+        runtime: Runner | None,
         events: AsyncIterator[ChatDelta] | None,
         *,
         timeout: float = 300.0,

@@ -21,12 +21,11 @@ from ..errors import DeepInferError, EngineUnavailableError
 from ..models import NAME_PATTERN, DeploymentSpec, Engine, EngineState, Placement, decode
 from ..store import keys
 from . import runtime as rt
-from .view import ClusterView, Snapshot
+from .view import ClusterView, Snapshot, stage_of, status_of
 
 if TYPE_CHECKING:
     import pandas as pd
 
-STAGES = [EngineState.PENDING, EngineState.SCHEDULED, EngineState.STARTING, EngineState.RUNNING]
 CALL_TIMEOUT_S = 60.0
 NOFIT_PATIENCE_S = 8.0
 """How long `deploy(wait=True)` lets an engine stay unplaceable before it explains and gives up."""
@@ -181,6 +180,36 @@ class Cluster:
         return self._hosted.api_key
 
     @property
+    def api_key_env(self) -> str:
+        """The environment variable the gateway's API key is read from ("" for none)."""
+        return str(self._hosted.settings.server.api_key_env)
+
+    @property
+    def gateway_port(self) -> int | None:
+        """The in-kernel gateway's port (None without one)."""
+        return self._hosted.gateway_port
+
+    def uses_store(self, store: str) -> bool:
+        """Whether this cluster runs on `store` (as connected, or as resolved: etcd://local)."""
+        return store in (self._hosted.store_url, self._hosted.requested_store)
+
+    def start_gateway(self, port: int) -> None:
+        """Start the in-kernel gateway on `port` (0: a free one) unless one runs."""
+        if self._hosted.gateway_port is None:
+            self.run(self._hosted.start_gateway(port))
+
+    def stop_gateway(self) -> None:
+        self.run(self._hosted.stop_gateway())
+
+    async def engine_metrics(self, engine: Engine) -> Any:
+        """One engine's GetMetrics reply (a coroutine for the runtime loop)."""
+        return await self._hosted.metrics(engine)
+
+    def last_ttft(self, engine_id: str) -> float | None:
+        """Time to first token of this kernel's last chat with the engine, in seconds."""
+        return self._hosted.last_ttft.get(engine_id)
+
+    @property
     def connected(self) -> bool:
         return self._hosted.started and not self._closed
 
@@ -252,7 +281,8 @@ class Cluster:
     def deployments(self) -> list[Deployment]:
         return [Deployment(self, n) for n in sorted(self.snapshot().deployments)]
 
-    async def _set_replicas(self, name: str, replicas: int) -> None:
+    async def set_replicas_async(self, name: str, replicas: int) -> None:
+        """Set a deployment's replica count (a coroutine for the runtime loop)."""
         store, key = self._hosted.store, keys.deployment(name)
         while True:
             kv = await store.get(key)
@@ -263,7 +293,9 @@ class Cluster:
             if (await store.compare_and_swap(kv, updated.encode())).succeeded:
                 return
 
-    async def _delete(self, name: str, *, wait_s: float) -> bool:
+    async def delete_async(self, name: str, *, wait_s: float) -> bool:
+        """Delete a deployment, waiting up to `wait_s` for its engines to go (a coroutine for the
+        runtime loop); whether it existed."""
         existed = await self._hosted.store.delete(keys.deployment(name))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.view.wait_for(lambda s: not s.engines_of(name)), wait_s)
@@ -368,7 +400,7 @@ class Deployment:
     def scale(self, replicas: int, *, wait: bool = False, timeout: float = 900.0) -> Deployment:
         if replicas < 0:
             raise DeploymentError("replicas must be >= 0")
-        self.cluster.run(self.cluster._set_replicas(self.name, replicas))
+        self.cluster.run(self.cluster.set_replicas_async(self.name, replicas))
         if wait and replicas > 0:
             self.wait(timeout=timeout)
         return self
@@ -376,7 +408,9 @@ class Deployment:
     def stop(self, *, wait_s: float = 60.0) -> bool:
         """Delete the deployment; its engines stop. True if it existed."""
         existed = bool(
-            self.cluster.run(self.cluster._delete(self.name, wait_s=wait_s), timeout=wait_s + 10)
+            self.cluster.run(
+                self.cluster.delete_async(self.name, wait_s=wait_s), timeout=wait_s + 10
+            )
         )
         self.cluster._hosted.created.discard(self.name)
         return existed
@@ -557,32 +591,6 @@ class Waiter:
         else:
             self._nofit_since = None
         return sum(e.state is EngineState.RUNNING for e in engines) >= spec.replicas
-
-
-def stage_of(engines: list[Engine], replicas: int) -> str:
-    """The least advanced stage among a deployment's engines, for progress display."""
-    if replicas == 0:
-        return "Stopped"
-    if len(engines) < replicas:
-        return EngineState.PENDING.value
-    for stage in STAGES:
-        if any(e.state is stage for e in engines):
-            return stage.value
-    return engines[0].state.value if engines else EngineState.PENDING.value
-
-
-def status_of(snap: Snapshot, name: str) -> str:
-    spec = snap.deployments.get(name)
-    engines = snap.engines_of(name)
-    if spec is None:
-        return "Removed" if not engines else f"Removing ({len(engines)} engines stopping)"
-    running = sum(e.state is EngineState.RUNNING for e in engines)
-    failed = [e for e in engines if e.state is EngineState.FAILED]
-    stage = stage_of([e for e in engines if e.replica < spec.replicas], spec.replicas)
-    text = f"{stage} {running}/{spec.replicas}"
-    if failed:
-        text = f"Failed {running}/{spec.replicas}: {failed[0].error or failed[0].reason}"
-    return text
 
 
 def failure_hint(name: str, engine: Engine, max_restarts: int) -> str:

@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import html
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..models import Engine, EngineState
+from .view import Snapshot, status_of
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .cluster import Cluster
-    from .view import Snapshot
+
+class ClusterInfo(Protocol):
+    """What the cluster reprs read (a `Cluster`; render never imports it)."""
+
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def store_url(self) -> str: ...
+    @property
+    def gateway_url(self) -> str | None: ...
+    def snapshot(self) -> Snapshot: ...
+
 
 STATE_COLOURS = {
     EngineState.PENDING: "#9e9e9e",
@@ -206,8 +217,6 @@ def gpus_text(snap: Snapshot) -> str:
 
 
 def deployment_text(snap: Snapshot, name: str) -> str:
-    from .cluster import status_of
-
     spec = snap.deployments.get(name)
     model = spec.model if spec else "?"
     head = f"Deployment {name!r}: {model} · {status_of(snap, name)}"
@@ -216,8 +225,6 @@ def deployment_text(snap: Snapshot, name: str) -> str:
 
 
 def deployment_html(snap: Snapshot, name: str) -> str:
-    from .cluster import status_of
-
     spec = snap.deployments.get(name)
     model = html.escape(spec.model if spec else "?")
     status = status_of(snap, name)
@@ -228,7 +235,7 @@ def deployment_html(snap: Snapshot, name: str) -> str:
     )
 
 
-def cluster_text(cluster: Cluster) -> str:
+def cluster_text(cluster: ClusterInfo) -> str:
     if not cluster.connected:
         return "Cluster (not connected)"
     snap = cluster.snapshot()
@@ -239,7 +246,7 @@ def cluster_text(cluster: Cluster) -> str:
     )
 
 
-def cluster_html(cluster: Cluster) -> str:
+def cluster_html(cluster: ClusterInfo) -> str:
     if not cluster.connected:
         return "<p>Cluster (not connected)</p>"
     snap = cluster.snapshot()

@@ -7,8 +7,9 @@ ipykernel's own loop is never used (no nest_asyncio). Cells submit coroutines wi
 (kernel interrupt) during that wait cancels the coroutine on the loop, waits briefly for the
 cancellation to finish, and re-raises, so the engine request or start-up step is really aborted.
 
-`Services` starts and stops the hosted components in order; an `atexit` hook stops them at
-interpreter exit so engines this kernel launched do not outlive it.
+`HostedServices` composes what a kernel hosts with `services.ServiceSet` (the same composition root,
+store options and stop order as the CLI); an `atexit` hook stops them at interpreter exit so
+engines this kernel launched do not outlive it.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
-import dataclasses
 import logging
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from .. import aio
+from .. import procenv
 from ..errors import DeepInferError, StoreError
+from ..services import ServiceSet
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,7 +65,7 @@ class Runtime:
             if self.running:
                 return
             ready = threading.Event()
-            loop = aio.new_event_loop()
+            loop = procenv.new_event_loop()
 
             def main() -> None:
                 asyncio.set_event_loop(loop)
@@ -165,91 +166,6 @@ def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
         loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
-# ---- binding and serving
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind a listening TCP socket ourselves, so a taken port fails here with a clear error."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise DeepInferError(
-            f"cannot bind the gateway to {host}:{port}: {exc.strerror}; "
-            "pick another port (--gateway-port 0 picks a free one)"
-        ) from None
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
-async def wait_started(
-    is_started: Callable[[], bool], task: asyncio.Task[Any], *, timeout: float, what: str
-) -> None:
-    """Wait until `is_started()` or `task` ends (a failed start) or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while not is_started():
-        if task.done():
-            exc = task.exception() if not task.cancelled() else None
-            raise DeepInferError(f"{what} exited during start-up: {exc or 'no error given'}")
-        if time.monotonic() > deadline:
-            task.cancel()
-            raise DeepInferError(f"{what} did not start within {timeout:g} s")
-        await asyncio.sleep(0.02)
-
-
-# ---- the hosted services
-
-
-@dataclasses.dataclass
-class Stoppable:
-    """One started component and how to stop it."""
-
-    name: str
-    stop: Callable[[], Awaitable[Any]]
-
-
-class Services:
-    """Components started on the runtime loop, stopped in reverse order (LIFO)."""
-
-    def __init__(self) -> None:
-        self._stack: list[Stoppable] = []
-
-    def push(self, name: str, stop: Callable[[], Awaitable[Any]]) -> None:
-        self._stack.append(Stoppable(name, stop))
-
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self._stack]
-
-    def remove(self, name: str) -> Stoppable | None:
-        for i, s in enumerate(self._stack):
-            if s.name == name:
-                return self._stack.pop(i)
-        return None
-
-    async def stop_one(self, name: str, *, timeout: float = 60.0) -> bool:
-        item = self.remove(name)
-        if item is None:
-            return False
-        await _stop_quietly(item, timeout)
-        return True
-
-    async def stop_all(self, *, timeout: float = 60.0) -> None:
-        while self._stack:
-            await _stop_quietly(self._stack.pop(), timeout)
-
-
-async def _stop_quietly(item: Stoppable, timeout: float) -> None:
-    try:
-        await asyncio.wait_for(item.stop(), timeout)
-    except Exception as exc:  # one component failing to stop must not keep the rest running
-        log.warning("stopping %s failed: %s", item.name, exc)
-
-
 # ---- the process-wide runtime
 
 _RUNTIME: Runtime | None = None
@@ -329,15 +245,9 @@ class HostedServices:
         self._want_worker = with_worker
         self._want_gateway = gateway_port
         self.gateway_host = gateway_host
-        self.gateway_port: int | None = None
         self.created: set[str] = set()
-        self.services = Services()
-        self.store: Any = None
+        self.services = ServiceSet(self.settings)
         self.view: Any = None
-        self.controller: Any = None
-        self.worker: Any = None
-        self.local_etcd: Any = None
-        self._gateway_server: Any = None
         self._clients: dict[str, Any] = {}
         self.last_ttft: dict[str, float] = {}
         """Engine id -> time to first token of this kernel's last chat with it."""
@@ -346,6 +256,23 @@ class HostedServices:
     @classmethod
     def current(cls) -> HostedServices | None:
         return cls._current
+
+    @property
+    def store(self) -> Any:
+        return self.services.store
+
+    @property
+    def worker(self) -> Any:
+        return self.services.worker
+
+    @property
+    def controller(self) -> Any:
+        return self.services.controller
+
+    @property
+    def gateway_port(self) -> int | None:
+        gateway = self.services.gateway
+        return None if gateway is None else gateway.port
 
     @property
     def gateway_url(self) -> str | None:
@@ -372,7 +299,7 @@ class HostedServices:
             if self._want_gateway is not None:
                 await self.start_gateway(self._want_gateway)
         except BaseException:
-            await self.services.stop_all()
+            await self.services.aclose()
             raise
         self.started = True
         HostedServices._current = self
@@ -382,85 +309,37 @@ class HostedServices:
         """`up` again: start what was asked for and is not running yet; reuse the rest."""
         if with_worker and self.worker is None:
             await self.start_worker()
-        if gateway_port is not None and self._gateway_server is None:
+        if gateway_port is not None and self.services.gateway is None:
             await self.start_gateway(gateway_port)
 
     async def _start_store(self) -> None:
-        from ..store import open_store
         from .view import ClusterView
 
         url = self.requested_store
         if url in ("etcd", "etcd://", "etcd://local"):
             from ..config import home_dir
-            from ..store.local_etcd import LocalEtcd
 
-            etcd = LocalEtcd(
+            etcd = await self.services.start_local_etcd(
                 home_dir() / "etcd" / "data", log_path=home_dir() / "etcd" / "etcd.log"
             )
-            await asyncio.to_thread(etcd.start)
-            self.local_etcd = etcd
             url = etcd.url
-            self.services.push("local etcd", lambda: asyncio.to_thread(etcd.stop))
-        self.store_url = url
-        store = open_store(url)
-        if asyncio.iscoroutine(store):
-            store = await store
-        self.store = store
-        self.services.push("store", store.close)
+        store = await self.services.open_store(url)
+        self.store_url = store.url
         self.view = ClusterView(store)
         await self.view.start()
-        self.services.push("view", self.view.stop)
+        self.services.callback("view", self.view.stop)
 
     async def _start_controller(self) -> None:
-        from ..control.controller import Controller
-
-        controller = Controller(self.store, settings=self.settings.scheduler)
-        task = asyncio.create_task(controller.run(), name="deepinfer-controller")
-        self.controller = controller
-
-        async def stop() -> None:
-            await controller.stop()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, 10)
-
-        self.services.push("controller", stop)
+        await self.services.start_controller()
 
     async def start_worker(self) -> None:
-        import sys
-
-        from ..control.worker import Worker
-
-        self.worker = Worker(
-            self.store,
-            node_id=self.node_id,
-            settings=self.settings,
-            advertise_host="127.0.0.1",
-            engine_python=self.settings.agent.engine_python or sys.executable,
-        )
-        await self.worker.start()
-        self.services.push("worker", self._stop_worker)
-
-    async def _stop_worker(self) -> None:
-        worker, self.worker = self.worker, None
-        if worker is not None:
-            await worker.stop()
+        await self.services.start_worker(node=self.node_id, advertise_host="127.0.0.1")
 
     async def start_gateway(self, port: int, *, timeout: float = 30.0) -> None:
-        from ..gateway.server import GatewayServer
-
-        sock = bind_socket(self.gateway_host, port)
-        server = GatewayServer(self.store, settings=self.settings, sock=sock)
-        await server.start(timeout=timeout)
-        self._gateway_server = server
-        self.gateway_port = server.port  # the server may wrap the socket we bound
-        self.services.push("gateway", self.stop_gateway)
+        await self.services.start_gateway(host=self.gateway_host, port=port, timeout=timeout)
 
     async def stop_gateway(self) -> None:
-        server, self._gateway_server = self._gateway_server, None
-        self.gateway_port = None
-        self.services.remove("gateway")
-        if server is not None:
-            await server.stop()
+        await self.services.stop_gateway()
 
     # ---- engines ----
 
@@ -551,7 +430,8 @@ class HostedServices:
             with contextlib.suppress(Exception):
                 await client.close()
         self._clients.clear()
-        await self.services.stop_all()
+        await self.services.aclose()
+        self.services = ServiceSet(self.settings)  # a later start begins afresh
         self.started = False
         if HostedServices._current is self:
             HostedServices._current = None

@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from ..models import DeploymentSpec, Engine, GpuSamples, Node, RecordError, decode
+from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node, RecordError, decode
 from ..store import keys
 from ..store.base import EventType, MetaStore, RangeResult, WatchEvent
 from ..store.follow import follow
@@ -158,3 +158,34 @@ class ClusterView:
             async with self._changed:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), poll_s)
+
+
+# ---- deployment progress (pure; for reprs, waits and widgets)
+
+STAGES = [EngineState.PENDING, EngineState.SCHEDULED, EngineState.STARTING, EngineState.RUNNING]
+
+
+def stage_of(engines: list[Engine], replicas: int) -> str:
+    """The least advanced stage among a deployment's engines, for progress display."""
+    if replicas == 0:
+        return "Stopped"
+    if len(engines) < replicas:
+        return EngineState.PENDING.value
+    for stage in STAGES:
+        if any(e.state is stage for e in engines):
+            return stage.value
+    return engines[0].state.value if engines else EngineState.PENDING.value
+
+
+def status_of(snap: Snapshot, name: str) -> str:
+    spec = snap.deployments.get(name)
+    engines = snap.engines_of(name)
+    if spec is None:
+        return "Removed" if not engines else f"Removing ({len(engines)} engines stopping)"
+    running = sum(e.state is EngineState.RUNNING for e in engines)
+    failed = [e for e in engines if e.state is EngineState.FAILED]
+    stage = stage_of([e for e in engines if e.replica < spec.replicas], spec.replicas)
+    text = f"{stage} {running}/{spec.replicas}"
+    if failed:
+        text = f"Failed {running}/{spec.replicas}: {failed[0].error or failed[0].reason}"
+    return text

@@ -42,7 +42,7 @@ from typing import Any
 import filelock
 import psutil
 
-from .. import config
+from .. import config, procenv
 from ..engine.process import (
     TOKEN_ENV,
     kill_group,
@@ -66,7 +66,6 @@ START_TIME_TOLERANCE_S = 0.5
 RING_LINES = 1000
 MAX_CATCH_UP_BYTES = 1 << 20
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-PR_SET_PDEATHSIG = 1
 
 
 # ---- the command line and environment (pure) ----------------------------------------------------
@@ -222,26 +221,6 @@ def _same_process(pid: int, start_time: float) -> bool:
         return False
 
 
-# Run by the engine's Python before the shim: ask the kernel for SIGTERM when the worker dies,
-# then exec the shim (the pid and the death signal survive exec). A wrapper, not a preexec_fn:
-# Python code between fork and exec in a process with gRPC threads can crash the child (seen
-# here as SIGSEGV).
-PDEATH_GUARD = (
-    "import ctypes, os, signal, sys\n"
-    f"ctypes.CDLL(None, use_errno=True).prctl({PR_SET_PDEATHSIG}, int(signal.SIGTERM))\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    sys.exit('deepinfer-nb engine: the worker exited before the engine started')\n"
-    "os.execvp(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-def guarded(cmd: list[str], *, parent_pid: int) -> list[str]:
-    """`cmd` behind the parent-death guard (Linux; elsewhere `cmd` unchanged)."""
-    if not sys.platform.startswith("linux"):
-        return cmd
-    return [cmd[0], "-c", PDEATH_GUARD, str(parent_pid), *cmd]
-
-
 def group_members(pgid: int) -> list[psutil.Process]:
     """Every live process in process group `pgid` (a group id is not reused while it has
     members, so these are the engine's own leftovers)."""
@@ -342,7 +321,7 @@ class Launcher:
                 f"{self.node_id}: {' '.join(cmd)}\n".encode()
             )
             out.flush()
-            argv = guarded(cmd, parent_pid=os.getpid()) if self.die_with_parent else cmd
+            argv = procenv.die_with_parent(cmd, python=cmd[0]) if self.die_with_parent else cmd
             popen = popen_shim(argv, env=env, out=out)
         try:
             start_time = psutil.Process(popen.pid).create_time()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
-import importlib.metadata
 import logging
 import os
 import socket
@@ -34,6 +33,7 @@ import psutil
 
 from .. import gpu
 from .._proto import engine_service_pb2 as pb
+from .._version import __version__
 from ..config import Settings
 from ..engine.client import EngineClient
 from ..engine.process import poll_ready
@@ -91,13 +91,6 @@ class _Local:
     task: asyncio.Task[None] | None = None
     running: bool = False
     """Already recorded Running (a re-adopted engine): no Starting -> Running to write."""
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("deepinfer-nb")
-    except importlib.metadata.PackageNotFoundError:
-        return ""
 
 
 class Worker:
@@ -229,7 +222,7 @@ class Worker:
             memory_total=psutil.virtual_memory().total,
             gpus=devices,
             gpu_error=reason,
-            version=_version(),
+            version=__version__,
         )
         await self.store.put(keys.node(self.node_id), node.encode(), lease=lease.id)
         samples = GpuSamples(node=self.node_id, gpus=devices, error=reason)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import aio
+from .. import procenv
 from .cpu_dtype import best_cpu_dtype
 from .stderr_tail import StderrTail
 
@@ -284,6 +284,7 @@ def _stop_on_signals() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    procenv.apply_grpc_experiments()  # before server.py imports grpc
     ours, extra = split_argv(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(ours)
     _stop_on_signals()
@@ -326,7 +327,7 @@ def run(args: argparse.Namespace, eargs: Any, *, token: str, tail: StderrTail) -
 
     name = args.served_model_name or args.model
     try:
-        return aio.run(
+        return procenv.run(
             serve(
                 VllmBackend(eargs, tool_call_parser=args.tool_call_parser),
                 host=args.host,

@@ -28,6 +28,7 @@ from typing import IO, Any, Literal
 
 import psutil
 
+from .. import procenv
 from .._proto import engine_service_pb2 as pb
 from ..errors import EngineError, EngineTimeoutError, EngineUnavailableError
 from ..netutil import free_port
@@ -95,7 +96,8 @@ def shim_env(
     base: Mapping[str, str], *, token: str = "", cpu: bool = True, token_env: str = TOKEN_ENV
 ) -> dict[str, str]:
     """The shim's environment: `base`, the token (if any) under `token_env`, unbuffered output
-    (a log file sees lines as they are written) and, on CPU, a small KV cache."""
+    (a log file sees lines as they are written), our gRPC settings (`procenv`) and, on CPU, a
+    small KV cache."""
     env = dict(base)
     if cpu:
         # vLLM on CPU reserves VLLM_CPU_KVCACHE_SPACE GiB for the KV cache (default 4): keep it
@@ -104,6 +106,7 @@ def shim_env(
     if token:
         env[token_env] = token
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(procenv.grpc_env(env))
     return env
 
 

@@ -26,7 +26,7 @@ import grpc
 from .._proto import engine_service_pb2 as pb
 from .._proto import engine_service_pb2_grpc as pb_grpc
 from ..errors import EngineError, EngineUnavailableError, InvalidRequestError
-from ..gcheap import freeze_heap
+from ..procenv import freeze_heap
 from . import tool_calls, validation
 from .backend import ChoiceDelta, EngineBackend, ModelFacts, UnsupportedTaskError
 from .tool_calls import ToolCallReader, ToolRequest

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from fastapi import FastAPI
 
-from .. import __version__
+from .._version import __version__
 from ..config import Settings
 from ..engine.client import EngineClient
 from ..store import MetaStore

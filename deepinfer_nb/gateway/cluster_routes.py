@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from .. import __version__
+from .._version import __version__
 from ..errors import StoreError
 from ..models import EngineState, GpuSamples, Node
 from ..store import MetaStore, decode_record, keys

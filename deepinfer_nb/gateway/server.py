@@ -5,7 +5,7 @@ background thread, or the CLI's `asyncio.run`), never a loop of its own, and bin
 socket itself so port 0 works and the real port is known before the first request. It refuses a
 non-loopback address unless the app requires an API key. It never touches process signals: in a
 kernel SIGINT belongs to the kernel (uvicorn's own capture would swallow a notebook interrupt and
-re-raise it later, anywhere). `serve` is the standalone entry point and handles its own signals.
+re-raise it later, anywhere); the CLI's signals are `services.py`'s.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
-import sys
 from collections.abc import Generator, Sequence
 from types import TracebackType
 
@@ -24,26 +22,12 @@ from fastapi import FastAPI
 
 from ..config import Settings, read_api_keys
 from ..errors import ConfigError
-from ..gcheap import freeze_heap
-from ..store import MetaStore, open_store
+from ..netutil import bind_socket
+from ..store import MetaStore
 from .app import build_app
 from .security import check_bind
 
 log = logging.getLogger(__name__)
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"cannot bind the gateway to {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 def _tcp_nodelay_capable(sock: socket.socket) -> socket.socket:
@@ -157,37 +141,3 @@ class GatewayServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
-
-
-async def serve(
-    store_url: str,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8082,
-    api_keys: Sequence[str] = (),
-    settings: Settings | None = None,
-    log_level: str = "info",
-) -> None:
-    """Run a standalone gateway over the store at `store_url` until interrupted."""
-    settings = settings or Settings()
-    check_bind(host, api_keys)
-    settings.storage.use_url(store_url)
-    async with open_store(store_url, **settings.storage.store_options()) as store:
-        app = build_app(store, settings=settings, api_keys=api_keys)
-        server = GatewayServer(app, settings=settings, host=host, port=port, log_level=log_level)
-        await server.start()
-        auth = "API key required" if api_keys else "no API key"
-        print(
-            f"deepinfer-nb gateway on {server.url} (store {store_url}, {auth})",
-            file=sys.stderr,
-            flush=True,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        freeze_heap()
-        try:
-            await stop.wait()
-        finally:
-            await server.stop()

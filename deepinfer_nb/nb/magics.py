@@ -18,6 +18,7 @@ from traitlets.config import Configurable
 
 from ..client import cluster as api
 from ..client import render
+from ..client.view import STAGES
 from ..errors import DeepInferError
 from . import parsing
 
@@ -123,11 +124,7 @@ class DeepInferMagics(Magics, Configurable):
         if ns.no_gateway or not self.gateway:
             port = None
         current = self.cluster
-        if (
-            current is not None
-            and current.connected
-            and store in (current.store_url, current._hosted.requested_store)
-        ):
+        if current is not None and current.connected and current.uses_store(store):
             print("already up; reusing the running cluster")
         self.cluster = api.connect(
             store, gateway_port=port, worker=self.worker and not ns.no_worker, node_id=ns.node
@@ -141,11 +138,10 @@ class DeepInferMagics(Magics, Configurable):
         from .links import GatewayLink, browser_url
 
         cluster = self._need()
-        hosted = cluster._hosted
-        if hosted.gateway_port is None:
+        if cluster.gateway_port is None:
             raise UsageError("no gateway runs in this kernel: %deepinfer gateway start")
         browser = browser_url(
-            host="127.0.0.1", port=hosted.gateway_port, template=self.gateway_url_template
+            host="127.0.0.1", port=cluster.gateway_port, template=self.gateway_url_template
         )
         return GatewayLink(browser=browser, api_base=f"{cluster.gateway_url}/v1")
 
@@ -165,14 +161,12 @@ class DeepInferMagics(Magics, Configurable):
 
     def _cmd_gateway(self, ns: Any) -> Any:
         cluster = self._need()
-        hosted = cluster._hosted
         if ns.action == "stop":
-            cluster.run(hosted.stop_gateway())
+            cluster.stop_gateway()
             print("gateway stopped")
             return None
-        if ns.action == "start" and hosted.gateway_port is None:
-            port = ns.port if ns.port is not None else self.gateway_port
-            cluster.run(hosted.start_gateway(port))
+        if ns.action == "start":
+            cluster.start_gateway(ns.port if ns.port is not None else self.gateway_port)
         return self._link()
 
     def _cmd_snippet(self, ns: Any) -> Any:
@@ -182,7 +176,7 @@ class DeepInferMagics(Magics, Configurable):
         dep = self._dep(ns.name)
         if cluster.gateway_url is None:
             raise UsageError("no gateway runs in this kernel: %deepinfer gateway start")
-        key_env = cluster._hosted.settings.server.api_key_env
+        key_env = cluster.api_key_env
         code = snippet(
             lang=ns.lang,
             api_base=f"{cluster.gateway_url}/v1",
@@ -192,7 +186,7 @@ class DeepInferMagics(Magics, Configurable):
         return Snippet(code, ns.lang)
 
     def _cmd_doctor(self, ns: Any) -> Any:
-        from .doctor import run_checks
+        from ..client.doctor import run_checks
 
         return run_checks(self.cluster)
 
@@ -283,7 +277,7 @@ class _Progress:
         self.name, self.stage, self.elapsed, self.detail = name, stage, elapsed, detail
 
     def __repr__(self) -> str:
-        stages = " -> ".join(s.value for s in api.STAGES)
+        stages = " -> ".join(s.value for s in STAGES)
         return f"{self.name}: {self.stage} ({self.elapsed:.1f} s) [{stages}] {self.detail}".strip()
 
     def _repr_html_(self) -> str:
@@ -291,7 +285,7 @@ class _Progress:
 
         marks = []
         reached = True
-        for s in api.STAGES:
+        for s in STAGES:
             marks.append(
                 render.badge(s.value) if reached else f"<span style='color:#bbb'>{s.value}</span>"
             )

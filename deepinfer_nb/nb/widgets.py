@@ -120,18 +120,18 @@ class EngineMonitor(_Snapshotting):
         self.refresh()
 
     async def _poll(self) -> None:
-        hosted = self._cluster._hosted
-        while hosted.started:
+        cluster = self._cluster
+        while cluster.connected:
             snap = self._cluster.snapshot()
             live = [
                 e for e in snap.engines.values() if e.state is EngineState.RUNNING and e.endpoint
             ]
             for e in live:
                 try:
-                    m = await asyncio.wait_for(hosted.metrics(e), 2.0)
+                    m = await asyncio.wait_for(cluster.engine_metrics(e), 2.0)
                 except Exception:  # a busy or stopping engine: keep the last numbers
                     continue
-                ttft = hosted.last_ttft.get(e.id)
+                ttft = cluster.last_ttft(e.id)
                 self.metrics[e.id] = {
                     "in-flight": m.inflight_rpcs or m.running_requests + m.waiting_requests,
                     "tok/s": round(m.generation_tokens_per_s, 1),
@@ -149,7 +149,7 @@ class EngineMonitor(_Snapshotting):
         name = self._choice.value
         if name:
             self._status.value = f"stopping {html.escape(name)}…"
-            self._cluster.runtime.submit(self._cluster._delete(name, wait_s=0))
+            self._cluster.runtime.submit(self._cluster.delete_async(name, wait_s=0))
 
     def _on_restart(self, _button: Any) -> None:
         name = self._choice.value
@@ -161,9 +161,9 @@ class EngineMonitor(_Snapshotting):
         spec = self._cluster.snapshot().deployments.get(name)
         if spec is None:
             return
-        await self._cluster._set_replicas(name, 0)
+        await self._cluster.set_replicas_async(name, 0)
         await self._cluster.view.wait_for(lambda s: not s.engines_of(name))
-        await self._cluster._set_replicas(name, spec.replicas)
+        await self._cluster.set_replicas_async(name, spec.replicas)
         self._status.value = f"{html.escape(name)} restarted"
 
     def close(self) -> None:

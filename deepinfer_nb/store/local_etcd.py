@@ -3,7 +3,9 @@ and the test fixtures share this.
 
 `LocalEtcd` starts Debian's `etcd` binary (package etcd-server) on a client port with a data dir,
 waits until `/health` answers, and can be killed (SIGKILL, for crash tests) and started again on
-the same data dir and ports: etcd keeps its revisions and leases across the restart.
+the same data dir and ports: etcd keeps its revisions and leases across the restart. By default
+the server dies with the process (strictly: the thread) that started it, even when that is
+SIGKILLed (`procenv.die_with_parent`), so no orphaned etcd keeps the port and the data dir.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
+from .. import procenv
 from ..errors import StoreError, StoreUnavailableError
 from ..netutil import free_port
 
@@ -45,6 +48,7 @@ class LocalEtcd:
         peer_port: int = 0,
         log_path: str | Path | None = None,
         name: str = "deepinfer",
+        die_with_parent: bool = True,
     ) -> None:
         self.binary = find_etcd_binary()
         self.data_dir = Path(data_dir)
@@ -53,6 +57,7 @@ class LocalEtcd:
         self.peer_port = peer_port or free_port()
         self.log_path = Path(log_path) if log_path else None
         self.name = name
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -100,8 +105,9 @@ class LocalEtcd:
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = self.log_path.open("ab")
+        cmd = self.command()
         self.process = subprocess.Popen(
-            self.command(),
+            procenv.die_with_parent(cmd) if self.die_with_parent else cmd,
             stdin=subprocess.DEVNULL,
             stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT if self._log else subprocess.DEVNULL,

@@ -7,7 +7,7 @@ import sys
 
 SCRIPT = """
 import gc
-from deepinfer_nb.gcheap import freeze_heap
+from deepinfer_nb.procenv import freeze_heap
 assert gc.get_freeze_count() == 0
 frozen = freeze_heap()
 assert frozen == gc.get_freeze_count() > 1000, frozen

@@ -10,9 +10,12 @@ import threading
 import pytest
 import uvloop  # the gateway extra installs it (and vLLM depends on it)
 
-from deepinfer_nb import aio
+from deepinfer_nb import procenv
 from deepinfer_nb.client import runtime as rt
+from deepinfer_nb.config import Settings
 from deepinfer_nb.errors import DeepInferError
+from deepinfer_nb.netutil import bind_socket
+from deepinfer_nb.services import ServiceSet
 
 
 @pytest.fixture
@@ -36,7 +39,7 @@ def test_loops_are_uvloop_where_installed(runtime: rt.Runtime) -> None:
         return type(asyncio.get_running_loop())
 
     assert runtime.run(loop_type(), timeout=5) is uvloop.Loop
-    assert aio.run(loop_type()) is uvloop.Loop  # the CLI processes and the shim
+    assert procenv.run(loop_type()) is uvloop.Loop  # the CLI processes and the shim
 
 
 def test_start_is_idempotent(runtime: rt.Runtime) -> None:
@@ -99,36 +102,21 @@ def test_run_from_the_loop_thread_is_refused(runtime: rt.Runtime) -> None:
     assert "deadlock" in runtime.run(nested(), timeout=5)
 
 
-def test_bind_socket_reports_a_taken_port() -> None:
+def test_the_one_socket_binder_reports_a_taken_port() -> None:
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
     port = taken.getsockname()[1]
     try:
         with pytest.raises(DeepInferError, match=f"cannot bind the gateway to 127.0.0.1:{port}"):
-            rt.bind_socket("127.0.0.1", port)
+            bind_socket("127.0.0.1", port)
     finally:
         taken.close()
 
 
-def test_wait_started_notices_a_failed_start(runtime: rt.Runtime) -> None:
-    async def scenario() -> str:
-        async def fails() -> None:
-            raise OSError("address in use")
-
-        task = asyncio.create_task(fails())
-        try:
-            await rt.wait_started(lambda: False, task, timeout=5, what="gateway")
-        except DeepInferError as exc:
-            return str(exc)
-        return "started?"
-
-    assert "gateway exited during start-up: address in use" in runtime.run(scenario(), timeout=10)
-
-
 def test_services_stop_in_reverse_order(runtime: rt.Runtime) -> None:
     order: list[str] = []
-    services = rt.Services()
+    services = ServiceSet(Settings())
 
     def stopper(name: str):
         async def stop() -> None:
@@ -139,6 +127,6 @@ def test_services_stop_in_reverse_order(runtime: rt.Runtime) -> None:
         return stop
 
     for name in "abc":
-        services.push(name, stopper(name))
-    runtime.run(services.stop_all(), timeout=5)
+        services.callback(name, stopper(name))
+    runtime.run(services.aclose(), timeout=5)
     assert order == ["c", "b", "a"]

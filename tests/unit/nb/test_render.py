@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deepinfer_nb.client import cluster as api
-from deepinfer_nb.client import render
+from deepinfer_nb.client import render, view
 from deepinfer_nb.client.view import Snapshot
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState, GpuInfo, GpuSamples, Node
 from deepinfer_nb.nb.links import browser_url, snippet
@@ -44,11 +44,11 @@ def test_build_spec_cpu_defaults_and_extra_args() -> None:
 def test_stages_and_status() -> None:
     e0 = Engine(id="d-0-a", deployment="d", replica=0, state=EngineState.RUNNING)
     e1 = Engine(id="d-1-b", deployment="d", replica=1, state=EngineState.STARTING)
-    assert api.stage_of([e0, e1], 2) == "Starting"
-    assert api.stage_of([e0], 2) == "Pending"
-    assert api.status_of(snap([e0, e1], replicas=2), "d") == "Starting 1/2"
+    assert view.stage_of([e0, e1], 2) == "Starting"
+    assert view.stage_of([e0], 2) == "Pending"
+    assert view.status_of(snap([e0, e1], replicas=2), "d") == "Starting 1/2"
     failed = e1.model_copy(update={"state": EngineState.FAILED, "error": "CUDA OOM"})
-    assert api.status_of(snap([e0, failed], replicas=2), "d") == "Failed 1/2: CUDA OOM"
+    assert view.status_of(snap([e0, failed], replicas=2), "d") == "Failed 1/2: CUDA OOM"
 
 
 def test_waiter_reports_stages_and_failures() -> None:

@@ -1,4 +1,5 @@
-"""`%deepinfer doctor`: check what deploying needs here and say how to fix what is missing."""
+"""Environment and cluster checks (`%deepinfer doctor`, `deepinfer_nb.client.doctor.run_checks`):
+what deploying needs here, and how to fix what is missing."""
 
 from __future__ import annotations
 
