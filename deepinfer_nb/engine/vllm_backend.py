@@ -194,7 +194,8 @@ class VllmBackend(EngineBackend):
             final = out
         if final is None:
             raise EngineError(f"request {request_id}: the engine returned no embedding")
-        return [float(x) for x in final.outputs.data.flatten().tolist()]
+        values: list[float] = final.outputs.data.flatten().tolist()  # Python floats already
+        return values
 
     def stats(self) -> EngineStats:
         return self._stats.snapshot()

@@ -355,8 +355,10 @@ def embedding_response(
             if base64_out
             else values
         )
-        data.append(EmbeddingData(index=e.index, embedding=vector))
-    return EmbeddingResponse(data=data, model=model, usage=usage(resp.usage))
+        # built from the engine's typed floats: validating every float again (the union with
+        # base64's str) cost about 60 ms per 256 vectors of 384
+        data.append(EmbeddingData.model_construct(index=e.index, embedding=vector))
+    return EmbeddingResponse.model_construct(data=data, model=model, usage=usage(resp.usage))
 
 
 # ---- streaming ---------------------------------------------------------------------------------
