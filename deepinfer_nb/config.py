@@ -38,7 +38,16 @@ class ServerSettings:
     """Gateway bind address. Anything but loopback requires an API key."""
     port: int = 8082
     api_key_env: str = ""
-    """Name of the environment variable holding the gateway API key ("" = no key)."""
+    """Name of the environment variable holding gateway API key(s) with BOTH scopes (admin and
+    inference), comma-separated ("" = none). One key here keeps the single-key meaning."""
+    admin_keys_env: str = ""
+    """Variable holding named admin keys, `name:key,name:key` (deployments, cluster, metrics)."""
+    inference_keys_env: str = ""
+    """Variable holding named inference keys, `name:key,...` (OpenAI routes and /v1/models)."""
+    keys_file: str = ""
+    """TOML file of named keys: `[admin]` and `[inference]` tables of `name = "key"`."""
+    metrics_open: bool = False
+    """Serve /metrics without a key even when keys are configured."""
     max_body_bytes: int = 4 * 1024 * 1024
 
 
@@ -67,6 +76,14 @@ class AgentSettings:
     stop_grace_s: float = 20.0
     engine_python: str = ""
     """Python interpreter for engine processes ("" = this one)."""
+    model_dirs: list[str] = dataclasses.field(default_factory=list)
+    """Launch policy: the only folders local model paths may resolve into ([] = <home>/models)."""
+    allow_code_loading: bool = False
+    """Launch policy: allow --trust-remote-code and other flags that load code from a model."""
+    allowed_env: list[str] = dataclasses.field(default_factory=list)
+    """Launch policy: extra environment variable names a deployment's `env` may set."""
+    secrets_file: str = ""
+    """`NAME=value` lines the worker resolves a deployment's `secrets` from (after its env)."""
 
 
 @dataclasses.dataclass
@@ -230,3 +247,92 @@ def read_api_keys(var: str, env: Mapping[str, str] | None = None) -> list[str]:
             f"export {var}=<key> before starting the gateway"
         )
     return keys
+
+
+ADMIN = "admin"
+INFERENCE = "inference"
+BOTH_SCOPES = frozenset({ADMIN, INFERENCE})
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiKey:
+    """One gateway key: its name (what logs and deployment records say acted), the secret and
+    the scopes it grants (an admin key can also do everything an inference key can)."""
+
+    name: str
+    secret: str = dataclasses.field(repr=False)
+    scopes: frozenset[str] = BOTH_SCOPES
+    source: str = ""
+    """Where it was configured: the environment variable's name, or the keys file."""
+
+
+def read_keys(server: ServerSettings, env: Mapping[str, str] | None = None) -> list[ApiKey]:
+    """Every gateway key `server` configures: `api_key_env` (both scopes, named api-key,
+    api-key-2, ...), `admin_keys_env` and `inference_keys_env` (`name:key` entries) and
+    `keys_file`. Names must be unique; a named variable that is unset is an error."""
+    env = os.environ if env is None else env
+    legacy = read_api_keys(server.api_key_env, env)
+    out = [
+        ApiKey("api-key" if i == 0 else f"api-key-{i + 1}", k, BOTH_SCOPES, server.api_key_env)
+        for i, k in enumerate(legacy)
+    ]
+    for var, scope in ((server.admin_keys_env, ADMIN), (server.inference_keys_env, INFERENCE)):
+        for name, secret in _named_entries(var, env):
+            out.append(ApiKey(name, secret, _scopes(scope), var))
+    if server.keys_file:
+        out += _keys_from_file(Path(server.keys_file).expanduser())
+    seen: set[str] = set()
+    for key in out:
+        if key.name in seen:
+            raise ConfigError(f"API key name {key.name!r} is used twice: give each key its own")
+        seen.add(key.name)
+    return out
+
+
+def admin_secret(keys: list[ApiKey]) -> str:
+    """The secret our own clients (notebook, CLI) present to the gateway: the first admin key
+    ("" when the gateway runs without keys)."""
+    return next((k.secret for k in keys if ADMIN in k.scopes), "")
+
+
+def _scopes(scope: str) -> frozenset[str]:
+    return BOTH_SCOPES if scope == ADMIN else frozenset({INFERENCE})
+
+
+def _named_entries(var: str, env: Mapping[str, str]) -> list[tuple[str, str]]:
+    if not var:
+        return []
+    entries = [e.strip() for e in env.get(var, "").split(",") if e.strip()]
+    if not entries:
+        raise ConfigError(f"API key variable {var} is not set (or empty): export {var}=name:key")
+    out = []
+    for i, entry in enumerate(entries, start=1):
+        name, sep, secret = entry.partition(":")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9._-]{1,63}", name) or not secret:
+            raise ConfigError(
+                f"{var}: entry {i} is not name:key (names: letters, digits, . _ -), e.g. export "
+                f"{var}=alice:$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        out.append((name, secret))
+    return out
+
+
+def _keys_from_file(path: Path) -> list[ApiKey]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read keys file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"keys file {path}: invalid TOML: {exc}") from None
+    out = []
+    for scope, table in data.items():
+        if scope not in BOTH_SCOPES or not isinstance(table, dict):
+            raise ConfigError(
+                f"keys file {path}: [{scope}] is not a key table (use [admin] and [inference] "
+                'tables of name = "key")'
+            )
+        for name, secret in table.items():
+            if not isinstance(secret, str) or not secret:
+                raise ConfigError(f"keys file {path}: [{scope}] {name} must be a non-empty string")
+            out.append(ApiKey(name, secret, _scopes(scope), str(path)))
+    return out

@@ -95,9 +95,16 @@ class DeploymentSpec(Record):
     )
     engine_args: list[str] = Field(default_factory=list, description="extra vLLM CLI args")
     env: dict[str, str] = Field(default_factory=dict)
+    secrets: list[str] = Field(
+        default_factory=list,
+        description="names of secret env vars (HF_TOKEN) the worker fills in from its own "
+        "environment or secrets file; their values are never in the store",
+    )
     placement: Placement = Field(default_factory=Placement)
     max_restarts: int = Field(default=5, ge=0)
     created_at: float = Field(default_factory=now)
+    created_by: str = Field(default="", description='key name, "notebook" or "anonymous"')
+    updated_by: str = Field(default="", description="who last changed it (as created_by)")
 
     @field_validator("device")
     @classmethod
@@ -164,6 +171,8 @@ class Engine(Record):
     pid_start_time: float = 0.0
     restarts: int = 0
     error: str = ""
+    permanent: bool = False
+    """Failed for a reason no restart can fix (the launch policy refused the spec)."""
     next_restart_at: float = 0.0
     started_at: float = 0.0
     updated_at: float = Field(default_factory=now)

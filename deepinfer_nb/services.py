@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from .config import Settings
+from .config import ApiKey, Settings
 from .procenv import freeze_heap
 from .store import MetaStore, open_store
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .control.controller import Controller
     from .control.worker import Worker
     from .gateway.server import GatewayServer
+    from .store.certs import CertFiles
     from .store.local_etcd import LocalEtcd
 
 __all__ = ["ServiceSet", "serve_until_signalled"]
@@ -76,16 +77,28 @@ class ServiceSet:
         host: str = "127.0.0.1",
         peer_port: int = 0,
         log_path: str | Path | None = None,
+        tls: CertFiles | None = None,
     ) -> LocalEtcd:
-        """A local etcd server (dies with this process); the store then defaults to it."""
+        """A local etcd server (dies with this process); the store then defaults to it (with
+        `tls`: TLS and client-certificate auth; the store then presents the server's own
+        certificate, which doubles as this machine's client certificate)."""
         from .store.local_etcd import LocalEtcd
 
-        etcd = LocalEtcd(data_dir, port=port, host=host, peer_port=peer_port, log_path=log_path)
+        etcd = LocalEtcd(
+            data_dir, port=port, host=host, peer_port=peer_port, log_path=log_path, tls=tls
+        )
         # started from this (long-lived) thread: the parent-death signal follows the thread
         etcd.start()
         self.local_etcd = etcd
         self._push("local etcd", lambda: asyncio.to_thread(etcd.stop))
         self.settings.storage.use_url(etcd.url)
+        if tls is not None:
+            storage = self.settings.storage
+            storage.etcd_ca_cert, storage.etcd_cert, storage.etcd_key = (
+                str(tls.ca),
+                str(tls.cert),
+                str(tls.key),
+            )
         return etcd
 
     async def open_store(self, url: str | None = None) -> MetaStore:
@@ -145,12 +158,12 @@ class ServiceSet:
         *,
         host: str | None = None,
         port: int | None = None,
-        api_keys: Sequence[str] | None = None,
+        api_keys: Sequence[str | ApiKey] | None = None,
         timeout: float = 30.0,
         log_level: str = "warning",
     ) -> GatewayServer:
         """The gateway on `host`:`port` (default: [server]); 0 picks a free port. `api_keys`
-        default to the variable [server] api_key_env names."""
+        default to the keys [server] configures (`config.read_keys`)."""
         from .gateway.server import GatewayServer
         from .netutil import bind_socket
 

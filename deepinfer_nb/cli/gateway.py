@@ -3,8 +3,10 @@
     deepinfer-nb gateway --store etcd://HOST:2379 --host 127.0.0.1 --port 8082 [--api-key-env VAR]
 
 It serves whatever the store's deployments run (the controller and workers run elsewhere).
-Binding anything but loopback requires an API key, read from the environment variable that
-`--api-key-env` names (several keys: comma-separated). SIGTERM or Ctrl-C stops it gracefully.
+Binding anything but loopback requires an API key: `--api-key-env VAR` names a variable of keys
+with both scopes (comma-separated); [server] admin_keys_env / inference_keys_env / keys_file
+configure named admin and inference keys (see the README's "Security model").
+SIGTERM or Ctrl-C stops it gracefully.
 `add_gateway_flags` / `gateway_settings` are shared with `up` and `serve`.
 """
 
@@ -16,8 +18,8 @@ import sys
 from typing import Any
 
 from .. import logs, procenv
-from ..config import Settings, read_api_keys
-from ..gateway.security import check_bind
+from ..config import ApiKey, Settings, read_keys
+from ..gateway.security import check_bind, describe_keys
 from ..services import ServiceSet, serve_until_signalled
 from .controller import add_common_flags, settings_from
 
@@ -58,11 +60,11 @@ def add_gateway_flags(parser: argparse.ArgumentParser, *, prefix: str = "") -> N
         "--api-key-env",
         metavar="VAR",
         default=None,
-        help="environment variable holding the gateway API key(s), comma-separated",
+        help="environment variable holding gateway API key(s) with both scopes, comma-separated",
     )
 
 
-def gateway_settings(args: argparse.Namespace, settings: Settings) -> list[str]:
+def gateway_settings(args: argparse.Namespace, settings: Settings) -> list[ApiKey]:
     """Apply the gateway flags to `settings`; returns the API keys. Refuses a non-loopback
     bind without a key before anything starts."""
     for flag, key in (
@@ -73,7 +75,7 @@ def gateway_settings(args: argparse.Namespace, settings: Settings) -> list[str]:
         value = getattr(args, flag, None)
         if value is not None:
             settings.set("server", key, value, source="--" + flag.replace("_", "-"))
-    keys = read_api_keys(settings.server.api_key_env)
+    keys = read_keys(settings.server)
     check_bind(settings.server.host, keys)
     return keys
 
@@ -90,11 +92,11 @@ def _run(args: argparse.Namespace) -> int:
     return procenv.run(_serve(settings, api_keys=keys))
 
 
-async def _serve(settings: Settings, *, api_keys: list[str]) -> int:
+async def _serve(settings: Settings, *, api_keys: list[ApiKey]) -> int:
     async with ServiceSet(settings) as services:
         store = await services.open_store()
         gateway = await services.start_gateway(api_keys=api_keys, log_level="info")
-        auth = "API key required" if api_keys else "no API key"
+        auth = describe_keys(api_keys)
         # stderr, not the log: scripts wait for this line
         print(
             f"deepinfer-nb gateway on {gateway.url} (store {store.url}, {auth})",

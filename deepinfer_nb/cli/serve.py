@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from .. import logs, procenv
-from ..config import Settings
+from ..config import ApiKey, Settings
 from ..services import ServiceSet, serve_until_signalled
 from .controller import add_common_flags, settings_from
 from .gateway import add_gateway_flags, gateway_settings
@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
     return procenv.run(_serve(settings, api_keys=api_keys))
 
 
-async def _serve(settings: Settings, *, api_keys: list[str]) -> int:
+async def _serve(settings: Settings, *, api_keys: list[ApiKey]) -> int:
     async with ServiceSet(settings) as services:
         store = await services.open_store()
         controller = await services.start_controller()

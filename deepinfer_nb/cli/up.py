@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from .. import logs, procenv
-from ..config import Settings
+from ..config import ApiKey, Settings
 from ..services import ServiceSet, serve_until_signalled
 from .controller import add_common_flags
 from .gateway import add_gateway_flags, gateway_settings
@@ -47,7 +47,9 @@ def _run(args: argparse.Namespace) -> int:
     )
 
 
-async def _serve(settings: Settings, *, node: str, advertise_host: str, api_keys: list[str]) -> int:
+async def _serve(
+    settings: Settings, *, node: str, advertise_host: str, api_keys: list[ApiKey]
+) -> int:
     async with ServiceSet(settings) as services:
         store = await services.open_store()
         await services.start_controller()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..engine import local_models
+from ..engine import local_models, policy
 from ..errors import DeepInferError, EngineUnavailableError
 from ..models import NAME_PATTERN, DeploymentSpec, Engine, EngineState, Placement, decode
 from ..store import keys
@@ -47,6 +47,8 @@ SPEC_FIELDS = {
 }
 CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "max_model_len": 2048}
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+NOTEBOOK = "notebook"
+"""Who the audit fields of deployment records name for writes made from a kernel."""
 
 
 class DeploymentError(DeepInferError):
@@ -177,12 +179,15 @@ class Cluster:
 
     @property
     def api_key(self) -> str:
+        """The admin key this kernel uses with its gateway ("" without keys)."""
         return self._hosted.api_key
 
-    @property
-    def api_key_env(self) -> str:
-        """The environment variable the gateway's API key is read from ("" for none)."""
-        return str(self._hosted.settings.server.api_key_env)
+    def client_key(self) -> tuple[str, str]:
+        """(environment variable, comment) naming the key an external client should use: an
+        inference key when one is configured, else one said to be able to deploy too."""
+        from ..gateway.security import client_key_hint
+
+        return client_key_hint(self._hosted.api_keys)
 
     @property
     def gateway_port(self) -> int | None:
@@ -244,6 +249,11 @@ class Cluster:
         spec = build_spec(
             model, name=name, gpus=gpus, replicas=replicas, device=device, engine_args=engine_args
         )
+        try:  # the workers enforce it anyway: say so now, as the gateway's 422 does
+            policy.check(spec, policy.LaunchPolicy.from_settings(self._hosted.settings.agent))
+        except policy.PolicyError as exc:
+            raise DeploymentError(str(exc)) from None
+        spec = spec.model_copy(update={"created_by": NOTEBOOK, "updated_by": NOTEBOOK})
         self.run(self._apply(spec))
         self._hosted.created.add(spec.name)
         dep = Deployment(self, spec.name)
@@ -267,7 +277,7 @@ class Cluster:
                 )
             if current.replicas == spec.replicas:
                 return
-            updated = current.model_copy(update={"replicas": spec.replicas})
+            updated = current.model_copy(update={"replicas": spec.replicas, "updated_by": NOTEBOOK})
             if (await store.compare_and_swap(kv, updated.encode())).succeeded:
                 return
 
@@ -289,7 +299,7 @@ class Cluster:
             if kv is None:
                 raise DeploymentError(f"no deployment named {name!r}")
             spec = decode(DeploymentSpec, key, kv.value)
-            updated = spec.model_copy(update={"replicas": replicas})
+            updated = spec.model_copy(update={"replicas": replicas, "updated_by": NOTEBOOK})
             if (await store.compare_and_swap(kv, updated.encode())).succeeded:
                 return
 

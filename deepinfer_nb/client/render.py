@@ -10,7 +10,7 @@ import html
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..models import Engine, EngineState
+from ..models import DeploymentSpec, Engine, EngineState
 from .view import Snapshot, status_of
 
 if TYPE_CHECKING:
@@ -216,10 +216,20 @@ def gpus_text(snap: Snapshot) -> str:
     return text_table(gpu_rows(snap), GPU_COLUMNS, empty="no nodes registered")
 
 
+def audit_text(spec: DeploymentSpec | None) -> str:
+    """ " · created by X" (and ", changed by Y" when someone else changed it last)."""
+    if spec is None or not spec.created_by:
+        return ""
+    changed = spec.updated_by and spec.updated_by != spec.created_by
+    return f" · created by {spec.created_by}" + (
+        f", changed by {spec.updated_by}" if changed else ""
+    )
+
+
 def deployment_text(snap: Snapshot, name: str) -> str:
     spec = snap.deployments.get(name)
     model = spec.model if spec else "?"
-    head = f"Deployment {name!r}: {model} · {status_of(snap, name)}"
+    head = f"Deployment {name!r}: {model} · {status_of(snap, name)}{audit_text(spec)}"
     rows = engine_rows(snap, name)
     return head + ("\n" + text_table(rows, ENGINE_COLUMNS, empty="") if rows else "")
 
@@ -231,6 +241,7 @@ def deployment_html(snap: Snapshot, name: str) -> str:
     return (
         f"<div><b>Deployment</b> <code>{html.escape(name)}</code> · {model} · "
         f"{badge(status.split()[0])} {html.escape(' '.join(status.split()[1:]))}"
+        f"{html.escape(audit_text(spec))}"
         f"{engines_html(snap, name) if engine_rows(snap, name) else ''}</div>"
     )
 

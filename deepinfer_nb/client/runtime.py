@@ -282,11 +282,19 @@ class HostedServices:
         return f"http://{host}:{self.gateway_port}"
 
     @property
-    def api_key(self) -> str:
-        import os
+    def api_keys(self) -> list[Any]:
+        """The gateway's configured keys (`config.ApiKey`), read from the settings' sources."""
+        from ..config import read_keys
 
-        env = self.settings.server.api_key_env
-        return os.environ.get(env, "") if env else ""
+        return read_keys(self.settings.server)
+
+    @property
+    def api_key(self) -> str:
+        """The key this kernel's own calls to the gateway use: an admin key (the notebook may
+        manage deployments), "" when the gateway runs without keys."""
+        from ..config import admin_secret
+
+        return admin_secret(self.api_keys)
 
     # ---- start ----
 

@@ -43,6 +43,7 @@ import filelock
 import psutil
 
 from .. import config, procenv
+from ..engine.policy import redact_args
 from ..engine.process import (
     TOKEN_ENV,
     kill_group,
@@ -111,13 +112,21 @@ def build_command(
 
 
 def build_env(
-    engine: Engine, spec: DeploymentSpec, *, token: str, base: Mapping[str, str]
+    engine: Engine,
+    spec: DeploymentSpec,
+    *,
+    token: str,
+    base: Mapping[str, str],
+    secrets: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The engine's environment: ours, the deployment's `env`, devices, token."""
+    """The engine's environment: ours, the deployment's `env`, its resolved `secrets`, devices,
+    token."""
     cuda = engine.device == "cuda"
     devices = ",".join(str(g) for g in engine.gpus) if cuda else ""
     return shim_env(
-        {**base, **spec.env, "CUDA_VISIBLE_DEVICES": devices}, token=token, cpu=not cuda
+        {**base, **spec.env, **(secrets or {}), "CUDA_VISIBLE_DEVICES": devices},
+        token=token,
+        cpu=not cuda,
     )
 
 
@@ -302,23 +311,30 @@ class Launcher:
     # -- launch and adopt
 
     def launch(
-        self, engine: Engine, spec: DeploymentSpec, *, advertise_host: str, grace_s: float = 10.0
+        self,
+        engine: Engine,
+        spec: DeploymentSpec,
+        *,
+        advertise_host: str,
+        grace_s: float = 10.0,
+        secret_env: Mapping[str, str] | None = None,
     ) -> tuple[EngineProcess, str]:
-        """Start the shim for `engine`; returns the process and its auth token."""
+        """Start the shim for `engine` (with `secret_env` added to its environment); returns the
+        process and its auth token."""
         bind_host = advertise_host if advertise_host in LOOPBACK else "0.0.0.0"
         port = free_port(bind_host if bind_host != "0.0.0.0" else "")
         token = secrets.token_urlsafe(32)
         cmd = build_command(
             engine, spec, python=self.python, port=port, bind_host=bind_host, grace_s=grace_s
         )
-        env = build_env(engine, spec, token=token, base=os.environ)
+        env = build_env(engine, spec, token=token, base=os.environ, secrets=secret_env)
         path = self.log_path(engine.id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("ab") as out:
             offset = out.tell()
             out.write(
                 f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} launching on node "
-                f"{self.node_id}: {' '.join(cmd)}\n".encode()
+                f"{self.node_id}: {' '.join(redact_args(cmd))}\n".encode()
             )
             out.flush()
             argv = procenv.die_with_parent(cmd, python=cmd[0]) if self.die_with_parent else cmd

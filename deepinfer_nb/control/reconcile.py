@@ -12,7 +12,8 @@ store and returns what the leader should write (see the engine record protocol i
   Failed, Lost, Stopped) deleted;
 - a Failed engine waits `min(backoff * 2**restarts, cap)` and stays Failed for good once
   `restarts >= spec.max_restarts` (the worker zeroes the count of an engine that failed after
-  running `restart_reset_s`, so only a crash loop uses the budget up).
+  running `restart_reset_s`, so only a crash loop uses the budget up), and at once when the
+  worker marked the failure `permanent` (the launch policy refused the spec).
 
 At most one action per engine per round: each is a compare-and-swap on the record as read, so a
 round never races with itself; the next round (triggered by the resulting watch event) continues.
@@ -200,7 +201,7 @@ def _advance(
         # Scaled down and back up before the record was removed: reuse the slot's record.
         return SetPending(_unplaced(e, "replica wanted again")), snaps
     if e.state == S.FAILED:
-        if e.restarts >= spec.max_restarts:
+        if e.permanent or e.restarts >= spec.max_restarts:
             return None, snaps
         due = e.next_restart_at or (e.updated_at + backoff.delay(e.restarts))
         if due > now:
@@ -227,6 +228,7 @@ def _advance(
             "gpu_fraction": a.gpu_fraction,
             "restarts": restarts,
             "error": e.error if e.state == S.FAILED else "",
+            "permanent": False,
             "endpoint": "",
             "auth_token": "",
             "pid": 0,

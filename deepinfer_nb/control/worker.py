@@ -35,6 +35,7 @@ from .. import gpu
 from .._proto import engine_service_pb2 as pb
 from .._version import __version__
 from ..config import Settings
+from ..engine import policy
 from ..engine.client import EngineClient
 from ..engine.process import poll_ready
 from ..errors import EngineError, StoreError
@@ -91,6 +92,8 @@ class _Local:
     task: asyncio.Task[None] | None = None
     running: bool = False
     """Already recorded Running (a re-adopted engine): no Starting -> Running to write."""
+    secrets: tuple[str, ...] = ()
+    """Secret values handed to the process: redacted from every cause written or logged."""
 
 
 class Worker:
@@ -112,6 +115,7 @@ class Worker:
         self.launcher = Launcher(
             node_id=node_id, home=home, engine_python=engine_python or self.agent.engine_python
         )
+        self.policy = policy.LaunchPolicy.from_settings(self.agent)
         self.backoff = Backoff(
             self.settings.scheduler.restart_backoff_s, self.settings.scheduler.restart_backoff_max_s
         )
@@ -419,6 +423,7 @@ class Worker:
                 if self._local.get(eid) is local:
                     await self.launcher.terminate(proc)
                     self._local.pop(eid)
+                    cause = policy.redact_text(cause, local.secrets)
                     await self._fail(eid, pid=proc.pid, cause=cause)
         except asyncio.CancelledError:
             raise
@@ -446,9 +451,20 @@ class Worker:
                 self._local.pop(eid, None)
                 await self._fail(eid, pid=0, cause=f"deployment {claimed.deployment} not found")
                 return False
+            try:
+                secrets = self._admit(spec)
+            except policy.PolicyError as exc:
+                self._local.pop(eid, None)
+                await self._refuse(eid, exc)
+                return False
             proc, token = self.launcher.launch(
-                claimed, spec, advertise_host=self.advertise_host, grace_s=self.agent.stop_grace_s
+                claimed,
+                spec,
+                advertise_host=self.advertise_host,
+                grace_s=self.agent.stop_grace_s,
+                secret_env=secrets,
             )
+            local.secrets = tuple(secrets.values())
             local.proc, local.token = proc, token
             elog.info(
                 "launched pid %d on %s (%s%s)",
@@ -475,6 +491,42 @@ class Worker:
             )
             # If the record moved on (e.g. Stopping), the reconciler stops the process.
             return recorded is not None
+
+    def _admit(self, spec: DeploymentSpec) -> dict[str, str]:
+        """Check `spec` against this worker's launch policy (whoever wrote it) and resolve its
+        secrets; a `PolicyError` means it must not run here."""
+        policy.check(spec, self.policy)
+        if not spec.secrets:
+            return {}
+        path = self.agent.secrets_file
+        text = None
+        if path:
+            try:
+                text = Path(path).expanduser().read_text()
+            except OSError as exc:
+                raise policy.PolicyError(
+                    "secrets.missing",
+                    "secrets",
+                    f"cannot read [agent] secrets_file {path}: {exc.strerror}",
+                ) from None
+        return policy.resolve_secrets(spec.secrets, env=os.environ, file_text=text, file_name=path)
+
+    async def _refuse(self, eid: str, exc: policy.PolicyError) -> None:
+        """Starting -> Failed for good (no process was started): the spec needs changing, a
+        restart would be refused again."""
+        cause = str(exc)[:MAX_REASON]
+        refused = await self._update(
+            eid,
+            lambda e: (
+                e.transition(S.FAILED, cause).model_copy(
+                    update={"error": cause, "permanent": True, "next_restart_at": 0.0}
+                )
+                if e.state == S.STARTING and e.node == self.node_id
+                else None
+            ),
+        )
+        if refused is not None:
+            bind(self.log, engine=eid).warning("engine refused: %s", cause)
 
     async def _deployment(self, name: str) -> DeploymentSpec | None:
         kv = await self.store.get(keys.deployment(name))

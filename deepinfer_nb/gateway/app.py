@@ -13,14 +13,15 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import FastAPI
 
 from .._version import __version__
-from ..config import Settings
+from ..config import ApiKey, Settings
 from ..engine.client import EngineClient
+from ..engine.policy import LaunchPolicy
 from ..store import MetaStore
 from . import cluster_routes, deployments, openai_routes
 from .errors import install_handlers
 from .metrics import GatewayMetrics
 from .routing import ClientFactory, RoutingTable
-from .security import SecurityMiddleware
+from .security import SecurityMiddleware, as_keys
 from .serving import OpenAIServing
 
 
@@ -28,12 +29,14 @@ def build_app(
     store: MetaStore,
     *,
     settings: Settings | None = None,
-    api_keys: Sequence[str] = (),
+    api_keys: Sequence[str | ApiKey] = (),
     client_factory: ClientFactory = EngineClient,
 ) -> FastAPI:
-    """The gateway app. `api_keys` (any of them accepted) turn on Bearer authentication."""
+    """The gateway app. `api_keys` turn on Bearer authentication with scopes (a bare string
+    is a key with both scopes); deployments are checked against the launch policy that
+    `settings.agent` describes."""
     settings = settings or Settings()
-    keys = tuple(k for k in api_keys if k)
+    keys = as_keys(api_keys)
     metrics = GatewayMetrics()
     table = RoutingTable(store, client_factory=client_factory, observer=metrics)
 
@@ -51,11 +54,15 @@ def build_app(
     app.state.metrics = metrics
     app.state.serving = OpenAIServing(table, metrics)
     app.state.auth_enabled = bool(keys)
+    app.state.policy = LaunchPolicy.from_settings(settings.agent)
     install_handlers(app)
     app.router.routes[:0] = openai_routes.GENERATION_ROUTES  # first: they are matched most
     for module in (openai_routes, deployments, cluster_routes):
         app.include_router(module.router)
     app.add_middleware(
-        SecurityMiddleware, api_keys=keys, max_body_bytes=settings.server.max_body_bytes
+        SecurityMiddleware,
+        api_keys=keys,
+        metrics_open=settings.server.metrics_open,
+        max_body_bytes=settings.server.max_body_bytes,
     )
     return app

@@ -3,10 +3,14 @@
 The gateway writes only deployment records (the controller turns them into engines). POST takes
 the original deepinfer body as is (`{"model", "engine", "device", "tensor_parallel_size",
 "gpu_memory_utilization"}`) plus our fields (name, replicas, placement, engine_args, ...);
-an invalid or unknown field is a 422 naming it. Creating is idempotent by name: the same spec
-again answers 200 with the existing deployment, a different one 409. Responses show the
+an invalid or unknown field is a 422 naming it, and so is a spec the launch policy refuses
+(`engine/policy.py`; code "launch_policy", the message names the rule; the workers enforce the
+same rules on whatever reaches the store). Creating is idempotent by name: the same spec
+again answers 200 with the existing deployment, a different one 409. Records carry who created
+and last changed them (`created_by` / `updated_by`: the API key's name). Responses show the
 deployment with its engines' states, read from the store (not the routing table) so a client
-sees its own write at once. Engine auth tokens and env values are never returned.
+sees its own write at once. Engine auth tokens, env values and secret flag values are never
+returned.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from ..engine import policy
 from ..models import DeploymentSpec, Engine, EngineState
 from ..store import MetaStore, decode_record, keys
 from .errors import APIError, validation_error
@@ -26,7 +31,7 @@ from .routing import unavailable_reason
 router = APIRouter(tags=["deployments"])
 JSONBody = Annotated[dict[str, Any], Body()]
 
-_SERVER_FIELDS = frozenset({"created_at", "schema_version"})
+_SERVER_FIELDS = frozenset({"created_at", "created_by", "updated_by", "schema_version"})
 _PATCHABLE = frozenset({"replicas", "max_restarts", "placement"})
 _ENGINE_HIDDEN = frozenset({"auth_token", "schema_version"})
 
@@ -86,7 +91,8 @@ def engine_view(engine: Engine) -> dict[str, Any]:
 
 def deployment_view(spec: DeploymentSpec, engines: list[Engine]) -> dict[str, Any]:
     out = spec.model_dump(mode="json", exclude={"schema_version"})
-    out["env"] = {k: "***" for k in spec.env}
+    out["env"] = {k: policy.REDACTED for k in spec.env}
+    out["engine_args"] = policy.redact_args(spec.engine_args)
     ready = sum(1 for e in engines if e.state is EngineState.RUNNING)
     out["model_name"] = spec.model_name
     out["ready_replicas"] = ready
@@ -133,10 +139,24 @@ async def list_deployments(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
+def _principal(request: Request) -> str:
+    return str(getattr(request.state, "principal", "anonymous"))
+
+
+def _admit(request: Request, spec: DeploymentSpec) -> None:
+    try:
+        policy.check(spec, request.app.state.policy)
+    except policy.PolicyError as exc:
+        raise APIError(422, str(exc), param=exc.param, code="launch_policy") from None
+
+
 @router.post("/v1/deployments")
 async def create_deployment(request: Request, body: JSONBody) -> JSONResponse:
     store = _store(request)
     spec = parse_spec(body)
+    _admit(request, spec)
+    who = _principal(request)
+    spec = spec.model_copy(update={"created_by": who, "updated_by": who})
     key = keys.deployment(spec.name)
     if await store.create(key, spec.encode()):
         return JSONResponse(deployment_view(spec, []), status_code=201)
@@ -171,7 +191,9 @@ async def update_deployment(name: str, request: Request, body: JSONBody) -> dict
     while True:
         kv, spec = await _get_spec(store, name)
         try:
-            updated = DeploymentSpec.model_validate({**spec.model_dump(), **body})
+            updated = DeploymentSpec.model_validate(
+                {**spec.model_dump(), **body, "updated_by": _principal(request)}
+            )
         except ValidationError as exc:
             raise validation_error(exc, status=422) from None
         if (await store.compare_and_swap(kv, updated.encode())).succeeded:

@@ -10,11 +10,13 @@ that mapping on the app so no router formats an error itself.
                                      chat model), tool_choice auto without a tool parser;
                                      never retried on another replica
     401     authentication_error     missing or wrong API key
+    403     permission_error         the API key lacks the route's scope (inference vs admin)
     404     invalid_request_error    unknown model / deployment / route
     409     invalid_request_error    deployment exists with another spec
     413     invalid_request_error    request body over the size cap
     499     client_disconnected      (metrics only: the client left before the answer)
-    422     invalid_request_error    invalid deployment spec (names the field)
+    422     invalid_request_error    invalid deployment spec (names the field), or one the
+                                     launch policy refuses (code launch_policy, names the rule)
     502     engine_error             the engine failed or could not be reached
     503     service_unavailable      no Running replica (says why), store unreachable
     504     timeout_error            the engine did not answer in time
@@ -87,6 +89,10 @@ def no_replica(reason: str) -> APIError:
 
 def unauthorized(message: str) -> APIError:
     return APIError(401, message, type="authentication_error", code="invalid_api_key")
+
+
+def forbidden(message: str) -> APIError:
+    return APIError(403, message, type="permission_error", code="insufficient_scope")
 
 
 def validation_error(exc: ValidationError | RequestValidationError, *, status: int) -> APIError:

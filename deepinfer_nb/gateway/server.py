@@ -20,7 +20,7 @@ from types import TracebackType
 import uvicorn
 from fastapi import FastAPI
 
-from ..config import Settings, read_api_keys
+from ..config import ApiKey, Settings, read_keys
 from ..errors import ConfigError
 from ..netutil import bind_socket
 from ..store import MetaStore
@@ -52,7 +52,7 @@ class GatewayServer:
     """One running gateway. `await start()`, then `url`; `await stop()` to end it.
 
     `target` is an app from `build_app`, or a store to build one over (then API keys come from
-    `api_keys`, else from the variable `settings.server.api_key_env` names). `sock` is a
+    `api_keys`, else from the variables and keys file `settings.server` names). `sock` is a
     listening socket bound by the caller; without it one is bound on `host`:`port`.
     """
 
@@ -61,7 +61,7 @@ class GatewayServer:
         target: FastAPI | MetaStore,
         *,
         settings: Settings | None = None,
-        api_keys: Sequence[str] | None = None,
+        api_keys: Sequence[str | ApiKey] | None = None,
         host: str | None = None,
         port: int | None = None,
         sock: socket.socket | None = None,
@@ -70,7 +70,7 @@ class GatewayServer:
         settings = settings or Settings()
         if isinstance(target, MetaStore):
             if api_keys is None:
-                api_keys = read_api_keys(settings.server.api_key_env)
+                api_keys = read_keys(settings.server)
             target = build_app(target, settings=settings, api_keys=api_keys)
         self.app = target
         if sock is not None:

@@ -3,7 +3,9 @@
 The link a browser should open differs from the URL code in the kernel should call: on JupyterHub
 the gateway is reached through jupyter-server-proxy under the user's service prefix
 (`JUPYTERHUB_SERVICE_PREFIX` + `proxy/{port}/`). Snippets use the URL a client on this machine
-dials, the deployment's served model name and the gateway key (by variable name, never its value).
+dials, the deployment's served model name and the gateway key (by variable name, never its value),
+with a comment saying which key that is: an inference key when one is configured, else a key that
+can also deploy, and the snippet says so.
 """
 
 from __future__ import annotations
@@ -29,26 +31,31 @@ def browser_url(*, host: str, port: int, template: str = "", hub_prefix: str | N
 class GatewayLink:
     """Rich display of the gateway: a clickable link plus the base URL for clients."""
 
-    def __init__(self, *, browser: str, api_base: str) -> None:
+    def __init__(self, *, browser: str, api_base: str, key_note: str = "") -> None:
         self.browser = browser
         self.api_base = api_base
+        self.key_note = key_note
+        """Which key external clients use (and whether it can also deploy); "" without keys."""
 
     def _repr_html_(self) -> str:
         b, a = html.escape(self.browser), html.escape(self.api_base)
+        note = f"<br><small>key: {html.escape(self.key_note)}</small>" if self.key_note else ""
         return (
             f"<div>Gateway: <a href='{b}' target='_blank'>{b}</a> · "
-            f"OpenAI base URL <code>{a}</code></div>"
+            f"OpenAI base URL <code>{a}</code>{note}</div>"
         )
 
     def __repr__(self) -> str:
-        return f"Gateway: {self.browser} (OpenAI base URL {self.api_base})"
+        note = f"\nkey: {self.key_note}" if self.key_note else ""
+        return f"Gateway: {self.browser} (OpenAI base URL {self.api_base}){note}"
 
 
-def snippet(*, lang: str, api_base: str, model: str, key_env: str = "") -> str:
+def snippet(*, lang: str, api_base: str, model: str, key_env: str = "", key_note: str = "") -> str:
     """Client code that works against the gateway as it runs now."""
+    note = f"# {key_note}\n" if key_note else ""
     if lang == "python":
         key = f'os.environ["{key_env}"]' if key_env else '"none"'
-        return (
+        return note + (
             "import os\n"
             "from openai import OpenAI\n\n"
             f"client = OpenAI(base_url={api_base!r}, api_key={key})\n"
@@ -70,7 +77,7 @@ def snippet(*, lang: str, api_base: str, model: str, key_env: str = "") -> str:
             }
         )
         auth = f' \\\n  -H "Authorization: Bearer ${key_env}"' if key_env else ""
-        return (
+        return note + (
             f"curl -s {api_base}/chat/completions \\\n"
             f'  -H "Content-Type: application/json"{auth} \\\n'
             f"  -d {shlex.quote(body)}\n"

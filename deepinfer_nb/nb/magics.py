@@ -98,6 +98,8 @@ class DeepInferMagics(Magics, Configurable):
         except DeepInferError as exc:
             raise _clean(exc) from None
 
+    deepinfer.__doc__ = "Deploy and use LLMs from this notebook.\n\n" + parsing.HELP
+
     def _need(self) -> api.Cluster:
         if self.cluster is None or not self.cluster.connected:
             raise UsageError("not connected: run %deepinfer up first")
@@ -143,7 +145,9 @@ class DeepInferMagics(Magics, Configurable):
         browser = browser_url(
             host="127.0.0.1", port=cluster.gateway_port, template=self.gateway_url_template
         )
-        return GatewayLink(browser=browser, api_base=f"{cluster.gateway_url}/v1")
+        return GatewayLink(
+            browser=browser, api_base=f"{cluster.gateway_url}/v1", key_note=cluster.client_key()[1]
+        )
 
     def _cmd_down(self, ns: Any) -> None:
         for monitor in self.monitors:
@@ -176,12 +180,13 @@ class DeepInferMagics(Magics, Configurable):
         dep = self._dep(ns.name)
         if cluster.gateway_url is None:
             raise UsageError("no gateway runs in this kernel: %deepinfer gateway start")
-        key_env = cluster.api_key_env
+        key_env, note = cluster.client_key()
         code = snippet(
             lang=ns.lang,
             api_base=f"{cluster.gateway_url}/v1",
             model=dep.model_name,
             key_env=key_env,
+            key_note=note,
         )
         return Snippet(code, ns.lang)
 

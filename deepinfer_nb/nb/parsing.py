@@ -1,5 +1,8 @@
 """Argument parsing for `%deepinfer SUBCOMMAND ...`: shlex + one argparse parser per subcommand.
 
+`COMMAND_TABLE` is the one list of subcommands: the parsers, the command list and the help text
+(`%deepinfer help`, and `%deepinfer?` through the magic's docstring) are all made from it.
+
 Parse errors become short `UsageError`s (no traceback, no SystemExit) that name the usage line.
 The line is split with shlex, never `{}`-interpolated, so prompts and paths pass through as typed.
 """
@@ -7,49 +10,115 @@ The line is split with shlex, never `{}`-interpolated, so prompts and paths pass
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 
-HELP = """\
-%deepinfer up [--store memory://|etcd|etcd://H:P] [--gateway-port N] [--no-worker] [--node ID]
-%deepinfer deploy MODEL [--name N] [--gpus N] [--replicas R] [--device auto|cpu|cuda|cuda:N]
-                        [--task auto|generate|embed] [--tool-call-parser NAME]
-                        [--wait] [--timeout S] [-- extra vLLM args]
-%deepinfer ls                      deployments and their engines
-%deepinfer status [NAME]           one deployment (or the cluster)
-%deepinfer logs NAME [--lines N]   engine logs (engines on this kernel's worker)
-%deepinfer stop NAME | rm NAME     stop the deployment's engines and remove it
-%deepinfer scale NAME R [--wait]   change the number of replicas
-%deepinfer gpus                    GPUs per node (or why a node has none)
-%deepinfer monitor [--gpus]        live engine (and GPU) monitor widget
-%deepinfer gateway [url|start|stop] [--port N]
-%deepinfer snippet NAME [--lang python|curl]
-%deepinfer doctor                  check the environment
-%deepinfer down                    stop everything this kernel started
-%deepinfer help                    this list
-%%deepinfer chat NAME [--system S] [--max-tokens K] [--temperature T] [--new]
-"""
 
-COMMANDS = [
-    "up",
-    "deploy",
-    "ls",
-    "status",
-    "logs",
-    "stop",
-    "rm",
-    "scale",
-    "gpus",
-    "monitor",
-    "gateway",
-    "snippet",
-    "doctor",
-    "down",
-    "help",
-    "chat",
-]
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    """One argparse argument: `add_argument(*flags, **options)`."""
+
+    flags: tuple[str, ...]
+    options: dict[str, Any]
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    return Arg(flags, options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: its arguments, one line of help, and what its usage line adds."""
+
+    name: str
+    summary: str
+    args: tuple[Arg, ...] = ()
+    tail: str = ""
+    """Usage text argparse does not draw (deploy's `-- extra vLLM args`)."""
+    cell: bool = False
+    """A cell magic (`%%deepinfer NAME`): the cell body is its input."""
+
+
+NAME = arg("name")
+PORT = arg("--port", type=int, default=None, metavar="N")
+
+COMMAND_TABLE: tuple[Command, ...] = (
+    Command(
+        "up",
+        "start the store client, controller, worker and gateway in this kernel",
+        (
+            arg("--store", default=None, metavar="memory://|etcd|etcd://H:P"),
+            arg("--gateway-port", type=int, default=None, metavar="N"),
+            arg("--no-gateway", action="store_true"),
+            arg("--no-worker", action="store_true"),
+            arg("--node", default=None, metavar="ID"),
+        ),
+    ),
+    Command(
+        "deploy",
+        "create (or update) a deployment; the same name again is the same deployment",
+        (
+            arg("model"),
+            arg("--name", default=None, metavar="N"),
+            arg("--gpus", type=int, default=0, metavar="N"),
+            arg("--replicas", type=int, default=1, metavar="R"),
+            arg("--device", default=None, metavar="auto|cpu|cuda|cuda:N"),
+            arg("--task", default=None, choices=["auto", "generate", "embed"]),
+            arg("--tool-call-parser", default=None, metavar="NAME"),
+            arg("--wait", action="store_true"),
+            arg("--timeout", type=float, default=None, metavar="S"),
+        ),
+        tail="[-- extra vLLM args]",
+    ),
+    Command("ls", "deployments and their engines"),
+    Command("status", "one deployment (or the cluster)", (arg("name", nargs="?"),)),
+    Command(
+        "logs",
+        "engine logs (engines on this kernel's worker)",
+        (NAME, arg("--lines", type=int, default=50, metavar="N")),
+    ),
+    Command("stop", "stop the deployment's engines and remove it", (NAME,)),
+    Command("rm", "the same as stop", (NAME,)),
+    Command(
+        "scale",
+        "change the number of replicas",
+        (NAME, arg("replicas", type=int), arg("--wait", action="store_true")),
+    ),
+    Command("gpus", "GPUs per node (or why a node has none)"),
+    Command(
+        "monitor", "live engine (and GPU) monitor widget", (arg("--gpus", action="store_true"),)
+    ),
+    Command(
+        "gateway",
+        "the gateway's links; start or stop it",
+        (arg("action", nargs="?", default="url", choices=["url", "start", "stop"]), PORT),
+    ),
+    Command(
+        "snippet",
+        "client code for a deployment through the gateway",
+        (NAME, arg("--lang", default="python", choices=["python", "curl"])),
+    ),
+    Command("doctor", "check the environment"),
+    Command("down", "stop everything this kernel started"),
+    Command("help", "this list"),
+    Command(
+        "chat",
+        "chat with a deployment; the cell body is the prompt (streams the answer)",
+        (
+            NAME,
+            arg("--system", default=None, metavar="S"),
+            arg("--max-tokens", type=int, default=None, metavar="K"),
+            arg("--temperature", type=float, default=None, metavar="T"),
+            arg("--new", action="store_true"),
+        ),
+        cell=True,
+    ),
+)
+
+COMMANDS = [c.name for c in COMMAND_TABLE]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,65 +129,44 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message or self.format_help())
 
 
-def _parser(name: str) -> _Parser:
-    return _Parser(prog=f"%deepinfer {name}", add_help=False, allow_abbrev=False)
+def _parser(command: Command) -> _Parser:
+    prefix = "%%deepinfer" if command.cell else "%deepinfer"
+    parser = _Parser(
+        prog=f"{prefix} {command.name}",
+        add_help=False,
+        allow_abbrev=False,
+        formatter_class=lambda prog: argparse.HelpFormatter(prog, width=100),
+    )
+    for a in command.args:
+        parser.add_argument(*a.flags, **a.options)
+    return parser
 
 
-def _build() -> dict[str, _Parser]:
-    p: dict[str, _Parser] = {}
-    up = p["up"] = _parser("up")
-    up.add_argument("--store", default=None)
-    up.add_argument("--gateway-port", type=int, default=None)
-    up.add_argument("--no-gateway", action="store_true")
-    up.add_argument("--no-worker", action="store_true")
-    up.add_argument("--node", default=None)
-
-    dep = p["deploy"] = _parser("deploy")
-    dep.add_argument("model")
-    dep.add_argument("--name", default=None)
-    dep.add_argument("--gpus", type=int, default=0)
-    dep.add_argument("--replicas", type=int, default=1)
-    dep.add_argument("--device", default=None)
-    dep.add_argument("--task", default=None, choices=["auto", "generate", "embed"])
-    dep.add_argument("--tool-call-parser", default=None)
-    dep.add_argument("--wait", action="store_true")
-    dep.add_argument("--timeout", type=float, default=None)
-
-    p["ls"] = _parser("ls")
-    st = p["status"] = _parser("status")
-    st.add_argument("name", nargs="?")
-    lg = p["logs"] = _parser("logs")
-    lg.add_argument("name")
-    lg.add_argument("--lines", type=int, default=50)
-    for cmd in ("stop", "rm"):
-        p[cmd] = _parser(cmd)
-        p[cmd].add_argument("name")
-    sc = p["scale"] = _parser("scale")
-    sc.add_argument("name")
-    sc.add_argument("replicas", type=int)
-    sc.add_argument("--wait", action="store_true")
-    p["gpus"] = _parser("gpus")
-    mon = p["monitor"] = _parser("monitor")
-    mon.add_argument("--gpus", action="store_true")
-    gw = p["gateway"] = _parser("gateway")
-    gw.add_argument("action", nargs="?", default="url", choices=["url", "start", "stop"])
-    gw.add_argument("--port", type=int, default=None)
-    sn = p["snippet"] = _parser("snippet")
-    sn.add_argument("name")
-    sn.add_argument("--lang", default="python", choices=["python", "curl"])
-    p["doctor"] = _parser("doctor")
-    p["down"] = _parser("down")
-    p["help"] = _parser("help")
-    ch = p["chat"] = _parser("chat")
-    ch.add_argument("name")
-    ch.add_argument("--system", default=None)
-    ch.add_argument("--max-tokens", type=int, default=None)
-    ch.add_argument("--temperature", type=float, default=None)
-    ch.add_argument("--new", action="store_true")
-    return p
+PARSERS = {c.name: _parser(c) for c in COMMAND_TABLE}
 
 
-PARSERS = _build()
+def _usage(a: Arg) -> str:
+    """`NAME`, `[NAME]`, `[--flag]` or `[--flag METAVAR]` (choices as a|b|c)."""
+    choices = a.options.get("choices")
+    metavar = "|".join(choices) if choices else a.options.get("metavar", a.flags[0].upper())
+    if not a.flags[0].startswith("-"):
+        return f"[{metavar}]" if a.options.get("nargs") == "?" else metavar
+    if a.options.get("action") == "store_true":
+        return f"[{a.flags[0]}]"
+    return f"[{a.flags[0]} {metavar}]"
+
+
+def _help() -> str:
+    lines = []
+    for c in COMMAND_TABLE:
+        prefix = "%%deepinfer" if c.cell else "%deepinfer"
+        lines.append(" ".join([prefix, c.name, *map(_usage, c.args), c.tail]).rstrip())
+        lines.append(f"    {c.summary}")
+    return "\n".join(lines) + "\n"
+
+
+HELP = _help()
+"""`%deepinfer help` and `%deepinfer?`: every subcommand's usage and summary, from the table."""
 
 
 def parse(line: str) -> tuple[str, argparse.Namespace]:

@@ -5,7 +5,9 @@ and the test fixtures share this.
 waits until `/health` answers, and can be killed (SIGKILL, for crash tests) and started again on
 the same data dir and ports: etcd keeps its revisions and leases across the restart. By default
 the server dies with the process (strictly: the thread) that started it, even when that is
-SIGKILLed (`procenv.die_with_parent`), so no orphaned etcd keeps the port and the data dir.
+SIGKILLed (`procenv.die_with_parent`), so no orphaned etcd keeps the port and the data dir. With
+`tls` (files from `store.certs`) it serves HTTPS/gRPC-TLS only and requires a client certificate
+signed by the CA (`--client-cert-auth`); its own health probe presents the server certificate.
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ import json
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from .. import procenv
 from ..errors import StoreError, StoreUnavailableError
 from ..netutil import free_port
+
+if TYPE_CHECKING:
+    from .certs import CertFiles
 
 INSTALL_HINT = "install it with `apt-get install etcd-server` (Debian/Ubuntu) or from etcd.io"
 
@@ -49,8 +55,10 @@ class LocalEtcd:
         log_path: str | Path | None = None,
         name: str = "deepinfer",
         die_with_parent: bool = True,
+        tls: CertFiles | None = None,
     ) -> None:
         self.binary = find_etcd_binary()
+        self.tls = tls
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port()
@@ -67,8 +75,12 @@ class LocalEtcd:
         return socket.getfqdn() if self.host in ("0.0.0.0", "::") else self.host
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def client_url(self) -> str:
-        return f"http://{self.advertise_host}:{self.port}"
+        return f"{self.scheme}://{self.advertise_host}:{self.port}"
 
     @property
     def url(self) -> str:
@@ -84,7 +96,7 @@ class LocalEtcd:
             "--data-dir",
             str(self.data_dir),
             "--listen-client-urls",
-            f"http://{self.host}:{self.port}",
+            f"{self.scheme}://{self.host}:{self.port}",
             "--advertise-client-urls",
             self.client_url,
             "--listen-peer-urls",
@@ -95,6 +107,20 @@ class LocalEtcd:
             f"{self.name}={peer}",
             "--initial-cluster-state",
             "new",
+            *self._tls_flags(),
+        ]
+
+    def _tls_flags(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return [
+            "--cert-file",
+            str(self.tls.cert),
+            "--key-file",
+            str(self.tls.key),
+            "--trusted-ca-file",
+            str(self.tls.ca),
+            "--client-cert-auth",
         ]
 
     def start(self, *, timeout: float = 15.0) -> None:
@@ -121,8 +147,13 @@ class LocalEtcd:
 
     def healthy(self) -> bool:
         probe = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls.ca))
+            context.load_cert_chain(str(self.tls.cert), str(self.tls.key))
+        url = f"{self.scheme}://{probe}:{self.port}/health"
         try:
-            with urllib.request.urlopen(f"http://{probe}:{self.port}/health", timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
                 return bool(json.loads(r.read()).get("health") == "true")
         except (OSError, urllib.error.URLError, ValueError):
             return False

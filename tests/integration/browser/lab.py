@@ -118,10 +118,10 @@ class LabServer:
         ]
         if os.geteuid() == 0:  # containers and CI run as root; the server refuses it otherwise
             cmd.append("--allow-root")
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root
-        )
+        with self.log_path.open("wb") as log:  # the server keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -46,7 +46,8 @@ def test_gateway_command_serves_with_api_key() -> None:
         assert r.status_code == 200 and r.json() == {"object": "list", "data": []}
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        _, err = proc.communicate(timeout=30)  # drains and closes the pipe
+    assert proc.returncode == 0, err  # SIGTERM is a clean stop
 
 
 def test_gateway_command_refuses_public_bind_without_key() -> None:

@@ -44,7 +44,12 @@ class Command:
 
     def __init__(self, args: list[str], *, home: Path, log: Path) -> None:
         self.log = log
-        env = {**os.environ, "DEEPINFER_HOME": str(home)}
+        # FAKE_ENGINE_MODE is the fake engine's switch, no engine tunable: these workers admit it
+        env = {
+            **os.environ,
+            "DEEPINFER_HOME": str(home),
+            "DEEPINFER_AGENT__ALLOWED_ENV": "FAKE_ENGINE_MODE",
+        }
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", MAIN, *args], env=env, stdout=out, stderr=subprocess.STDOUT

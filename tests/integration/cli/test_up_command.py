@@ -9,6 +9,7 @@ engine here is the fake one (tests/fixtures/fake_engine.py): what is under test 
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -46,7 +47,9 @@ def test_up_stops_promptly_once_etcd_is_gone(tmp_path: Path, fake_python: str) -
         fake_python,
     ]
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        # the fake engine's FAKE_ENGINE_MODE is no engine tunable: this worker admits it
+        env = {**os.environ, "DEEPINFER_AGENT__ALLOWED_ENV": "FAKE_ENGINE_MODE"}
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 60
         while True:

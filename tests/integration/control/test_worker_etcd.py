@@ -55,6 +55,8 @@ WORKER_ENV = {
     "DEEPINFER_AGENT__STOP_GRACE_S": "5",
     "DEEPINFER_AGENT__START_TIMEOUT_S": str(int(START_S)),
     "DEEPINFER_SCHEDULER__RESTART_BACKOFF_S": "1",
+    # the workers' own homes are temporary; the model they serve is in this user's models cache
+    "DEEPINFER_AGENT__MODEL_DIRS": str(local_models.models_dir()),
 }
 
 
@@ -69,14 +71,14 @@ class Cluster:
     seen_pids: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
     def start_worker(self, node: str) -> None:
-        log = (self.home / f"worker-{node}.log").open("ab")
-        self.workers[node] = subprocess.Popen(
-            [CLI, "worker", "--store", self.url, "--node", node, "--log-format", "json"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, **WORKER_ENV, "DEEPINFER_HOME": str(self.home)},
-        )
+        with (self.home / f"worker-{node}.log").open("ab") as log:  # the child keeps its copy
+            self.workers[node] = subprocess.Popen(
+                [CLI, "worker", "--store", self.url, "--node", node, "--log-format", "json"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, **WORKER_ENV, "DEEPINFER_HOME": str(self.home)},
+            )
 
     def worker_log(self, node: str) -> str:
         lines = (self.home / f"worker-{node}.log").read_text(errors="replace").splitlines()

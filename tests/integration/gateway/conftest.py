@@ -2,7 +2,10 @@
 engines gone before the next module starts its own):
 the embedded memory store, the in-process controller and worker, a deployment "smol" of the
 locally built SmolLM2-135M-Instruct with 2 replicas on CPU (two real shim + vLLM processes), and
-the gateway on a real uvicorn on 127.0.0.1 with an API key.
+the gateway on a real uvicorn on 127.0.0.1 with three API keys: `API_KEY` (a bare key: both
+scopes, as a single configured key always had), the admin key "ops" and the inference key "app".
+The deployment is written straight into the store, so the worker's launch policy is what admits
+it (an allowed spec: a catalog model, an engine tunable in `env`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import openai
 import pytest
 import pytest_asyncio
 
-from deepinfer_nb.config import Settings
+from deepinfer_nb.config import INFERENCE, ApiKey, Settings
 from deepinfer_nb.control.controller import Controller
 from deepinfer_nb.control.worker import Worker
 from deepinfer_nb.engine import local_models
@@ -29,6 +32,13 @@ from deepinfer_nb.store.memory import MemoryStore
 
 MODEL = "smollm2-135m-instruct"
 API_KEY = "sk-deepinfer-test"
+ADMIN_KEY = "sk-deepinfer-ops"
+INFERENCE_KEY = "sk-deepinfer-app"
+KEYS = [
+    API_KEY,
+    ApiKey("ops", ADMIN_KEY),
+    ApiKey("app", INFERENCE_KEY, frozenset({INFERENCE})),
+]
 START_TIMEOUT_S = 600.0
 
 
@@ -37,6 +47,7 @@ class GatewayCluster:
     store: MetaStore
     server: GatewayServer
     worker: Worker
+    settings: Settings
 
     @property
     def url(self) -> str:
@@ -90,12 +101,12 @@ async def gateway_cluster() -> AsyncIterator[GatewayCluster]:
     )
     await store.put(keys.deployment("smol"), spec.encode())
     server = GatewayServer(
-        build_app(store, settings=settings, api_keys=[API_KEY]), host="127.0.0.1", port=0
+        build_app(store, settings=settings, api_keys=KEYS), host="127.0.0.1", port=0
     )
     await server.start()
     try:
         await _wait_running(store, worker, 2)
-        yield GatewayCluster(store, server, worker)
+        yield GatewayCluster(store, server, worker, settings)
     finally:
         await server.stop()
         await worker.stop()

@@ -12,11 +12,14 @@ import httpx
 import openai
 import pytest
 
+from deepinfer_nb.config import Settings
+from deepinfer_nb.engine import local_models, policy
 from deepinfer_nb.engine.client import EngineClient
+from deepinfer_nb.gateway import GatewayServer, build_app
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState, Node, Placement
 from deepinfer_nb.store import keys
 
-from .conftest import API_KEY, GatewayCluster
+from .conftest import ADMIN_KEY, API_KEY, INFERENCE_KEY, KEYS, GatewayCluster
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
@@ -175,6 +178,113 @@ async def test_api_key_enforced(gateway_cluster: GatewayCluster) -> None:
         health = (await anon.get("/health")).json()
     assert health["status"] == "healthy" and health["store"]["connected"]
     assert health["engines_running"] == 2
+
+
+async def test_scoped_keys(gateway_cluster: GatewayCluster) -> None:
+    """inference key: chat 200, deployments 403; admin key: both; no or unknown key: 401."""
+    url = gateway_cluster.url
+    audit = {"name": "audit", "model": "smollm2-135m-instruct", "replicas": 0, "device": "cpu"}
+
+    def auth(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    async with gateway_cluster.client(key=INFERENCE_KEY) as app:
+        reply = await app.chat.completions.create(
+            model="smollm2", messages=FRANCE, temperature=0, max_tokens=24
+        )  # type: ignore[arg-type]
+        assert "Paris" in (reply.choices[0].message.content or "")
+        assert [m.id for m in (await app.models.list()).data] == ["smollm2"]
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        r = await http.post("/v1/deployments", json=audit, headers=auth(INFERENCE_KEY))
+        assert r.status_code == 403, r.text
+        err = r.json()["error"]
+        assert err["type"] == "permission_error" and err["code"] == "insufficient_scope"
+        assert "'app'" in err["message"] and "needs an admin key" in err["message"]
+        for path in ("/v1/deployments", "/v1/engines", "/v1/nodes", "/v1/gpus"):
+            assert (await http.get(path, headers=auth(INFERENCE_KEY))).status_code == 403
+        assert (await http.get("/metrics", headers=auth(INFERENCE_KEY))).status_code == 200
+        assert await gateway_cluster.store.get(keys.deployment("audit")) is None
+
+        r = await http.post("/v1/deployments", json=audit, headers=auth(ADMIN_KEY))
+        assert r.status_code == 201, r.text
+        assert r.json()["created_by"] == r.json()["updated_by"] == "ops"
+        r = await http.patch(
+            "/v1/deployments/audit", json={"max_restarts": 2}, headers=auth(API_KEY)
+        )
+        assert r.json()["created_by"] == "ops" and r.json()["updated_by"] == "api-key"
+        listed = (await http.get("/v1/deployments", headers=auth(ADMIN_KEY))).json()["data"]
+        assert {d["name"]: d["updated_by"] for d in listed}["audit"] == "api-key"
+        r = await http.delete("/v1/deployments/audit", headers=auth(ADMIN_KEY))
+        assert r.status_code == 200
+
+        for headers in ({}, auth("sk-wrong"), {"Authorization": "Basic eDp5"}):
+            for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/deployments")):
+                r = await http.request(method, path, headers=headers, json={})
+                assert r.status_code == 401, (headers, path, r.text)
+                assert r.json()["error"]["type"] == "authentication_error"
+        assert (await http.get("/metrics")).status_code == 401
+    async with gateway_cluster.client(key=ADMIN_KEY) as ops:
+        reply = await ops.chat.completions.create(
+            model="smollm2", messages=FRANCE, temperature=0, max_tokens=8
+        )  # type: ignore[arg-type]
+        assert reply.choices[0].message.content
+
+
+async def test_metrics_open_when_configured(gateway_cluster: GatewayCluster) -> None:
+    settings = Settings()
+    settings.server.metrics_open = True
+    app = build_app(gateway_cluster.store, settings=settings, api_keys=KEYS)
+    async with GatewayServer(app, host="127.0.0.1", port=0) as server:
+        async with httpx.AsyncClient(base_url=server.url) as anon:
+            r = await anon.get("/metrics")
+            assert r.status_code == 200 and "deepinfer_gateway_engines" in r.text
+            assert (await anon.get("/v1/models")).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("change", "rule", "param"),
+    [
+        ({"env": {"LD_PRELOAD": "/tmp/evil.so"}}, "env.never", "env.LD_PRELOAD"),
+        ({"env": {"PYTHONPATH": "/tmp"}}, "env.never", "env.PYTHONPATH"),
+        ({"env": {"PATH": "/tmp"}}, "env.never", "env.PATH"),
+        ({"env": {"HF_TOKEN": "hf_clear"}}, "env.secret_in_clear", "env.HF_TOKEN"),
+        ({"env": {"MY_SETTING": "1"}}, "env.not_allowed", "env.MY_SETTING"),
+        ({"engine_args": ["--trust-remote-code"]}, "args.code_loading", None),
+        ({"engine_args": ["--worker-extension-cls", "x.Y"]}, "args.code_loading", None),
+        ({"engine_args": ["--hf-token", "hf_clear"]}, "args.secret_in_clear", None),
+        ({"engine_args": ["--no-such-flag"]}, "args.unknown_flag", None),
+        ({"model": "/etc"}, "path.outside_model_dirs", "model"),
+        ({"engine_args": ["--tokenizer", "/tmp"]}, "path.outside_model_dirs", None),
+    ],
+)
+async def test_launch_policy_refusals_are_422_naming_the_rule(
+    gateway_cluster: GatewayCluster, change: dict[str, object], rule: str, param: str | None
+) -> None:
+    body = {"name": "refused", "model": "smollm2-135m-instruct", "device": "cpu", **change}
+    async with httpx.AsyncClient(base_url=gateway_cluster.url, timeout=30) as http:
+        r = await http.post(
+            "/v1/deployments", json=body, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        )
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "launch_policy" and f"(rule {rule})" in err["message"], err
+    if param:
+        assert err["param"] == param
+    assert "hf_clear" not in r.text  # a refused secret is not echoed either
+    assert await gateway_cluster.store.get(keys.deployment("refused")) is None
+
+
+async def test_allowed_spec_passes_the_same_policy(gateway_cluster: GatewayCluster) -> None:
+    """The deployment serving every test here was admitted by the worker's policy check; the
+    gateway's check agrees (a spec with a model folder inside the models cache, too)."""
+    kv = await gateway_cluster.store.get(keys.deployment("smol"))
+    assert kv is not None
+    spec = DeploymentSpec.model_validate_json(kv.value)
+    rules = policy.LaunchPolicy.from_settings(gateway_cluster.settings.agent)
+    policy.check(spec, rules)
+    folder = local_models.model_dir(local_models.CATALOG["smollm2-135m-instruct"])
+    policy.check(spec.model_copy(update={"model": str(folder)}), rules)
+    assert any(e.state is EngineState.RUNNING for e in await gateway_cluster.engines())
 
 
 async def _engine_metrics(cluster: GatewayCluster) -> dict[str, tuple[int, int, int]]:

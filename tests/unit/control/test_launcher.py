@@ -213,13 +213,14 @@ def test_engines_die_with_their_worker(tmp_path: Path, fake_python: str) -> None
         worker.kill()
         worker.wait()
         assert wait_until(lambda: gone(engine_pid), timeout=10), "engine outlived its worker"
-        # The fake's grandchild is not signalled by the kernel; the group it leaves behind is
-        # what a restarted worker's adopt() cleans up (tested above). Kill it here.
+        # The fake ends its grandchild on SIGTERM as the shim does; anything its group still
+        # holds is what a restarted worker's adopt() cleans up (tested above). Kill it here.
         for p in leftovers(engine_pid, engine_start):
             p.kill()
     finally:
         worker.kill()
         worker.wait()
+        worker.stdout.close()
 
 
 async def test_stop_of_an_already_dead_engine_is_quiet(tmp_path: Path, fake_python: str) -> None:

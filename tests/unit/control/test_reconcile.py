@@ -199,6 +199,13 @@ def test_failed_engine_backoff_and_max_restarts(
         assert decision.actions == [] and decision.wake_at is None
 
 
+def test_permanently_failed_engine_is_never_restarted() -> None:
+    """A launch-policy refusal: 0 restarts used, yet no restart (the spec must change)."""
+    refused = eng(0, S.FAILED, node="a", permanent=True, error="launch policy refused ...")
+    decision = run([spec(device="cpu")], [refused], [cpu_node("a")])
+    assert decision.actions == [] and decision.wake_at is None
+
+
 def test_backoff_is_capped() -> None:
     b = Backoff(base_s=2.0, max_s=60.0)
     assert [b.delay(r) for r in (0, 1, 2, 5, 100)] == [2.0, 4.0, 8.0, 60.0, 60.0]

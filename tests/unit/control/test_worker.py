@@ -69,6 +69,7 @@ def settings(**agent: float) -> Settings:
     st.agent.reconcile_interval_s = 0.3
     st.agent.stop_grace_s = 1.0
     st.agent.start_timeout_s = 60.0
+    st.agent.allowed_env = ["FAKE_ENGINE_MODE"]  # the fake engine's switch, no vLLM tunable
     for k, v in agent.items():
         setattr(st.agent, k, v)
     st.scheduler.restart_backoff_s = 4.0
@@ -267,3 +268,70 @@ async def test_a_failure_after_a_long_run_starts_the_restart_count_afresh(
     assert long_run.next_restart_at == pytest.approx(now + 4, abs=2)  # backoff 4 * 2**0
     assert short_run.restarts == 4
     assert short_run.next_restart_at == pytest.approx(now + 60, abs=2)  # capped at 60 s
+
+
+async def test_refused_spec_fails_for_good_without_a_process(
+    store: MetaStore, tmp_path: Path, fake_python: str
+) -> None:
+    """Whatever wrote the spec (here: straight into the store), the worker checks it."""
+    worker = Worker(
+        store, node_id="n1", settings=settings(), home=tmp_path, engine_python=fake_python
+    )
+    await worker.start()
+    try:
+        spec = DeploymentSpec(name="d", model="m", device="cpu", env={"LD_PRELOAD": "/tmp/x.so"})
+        await store.put(keys.deployment("d"), spec.encode())
+        e = Engine(id="d-0-x", deployment="d", node="n1", device="cpu")
+        await store.put(keys.engine("d-0-x"), e.transition(S.SCHEDULED, "placed").encode())
+        failed = await until(store, "d-0-x", lambda e: e.state == S.FAILED)
+        assert "rule env.never" in failed.error and "LD_PRELOAD" in failed.error
+        assert failed.permanent and failed.restarts == 0 and failed.pid == 0
+        assert failed.next_restart_at == 0.0
+        assert worker.launcher.processes == {}
+        assert not worker.launcher.log_path("d-0-x").exists()  # nothing was ever started
+    finally:
+        await worker.stop()
+
+
+async def test_secrets_resolved_by_the_worker_and_redacted(
+    store: MetaStore, tmp_path: Path, fake_python: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_TOKEN comes from the worker's secrets file, reaches the engine, is never stored, and
+    an engine that prints it has it redacted from the recorded cause."""
+    token = "hf_abcdefghijklmnopqrstuvwxyz123456"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    secrets_file = tmp_path / "secrets.env"
+    secrets_file.write_text(f"# worker secrets\nHF_TOKEN={token}\n")
+    st = settings()
+    st.agent.secrets_file = str(secrets_file)
+    worker = Worker(store, node_id="n1", settings=st, home=tmp_path, engine_python=fake_python)
+    await worker.start()
+    try:
+        spec = DeploymentSpec(
+            name="d",
+            model="m",
+            device="cpu",
+            env={"FAKE_ENGINE_MODE": "fail"},
+            secrets=["HF_TOKEN"],
+        )
+        await store.put(keys.deployment("d"), spec.encode())
+        e = Engine(id="d-0-x", deployment="d", node="n1", device="cpu")
+        await store.put(keys.engine("d-0-x"), e.transition(S.SCHEDULED, "placed").encode())
+        failed = await until(store, "d-0-x", lambda e: e.state == S.FAILED)
+        assert failed.error.endswith("cannot start fake: boom (token ***)"), failed.error
+        assert not failed.permanent
+        assert "hf-token set" in worker.launcher.log_path("d-0-x").read_text()
+        everything = b"".join(kv.value for kv in (await store.range(keys.ROOT)).items)
+        assert token.encode() not in everything
+    finally:
+        await worker.stop()
+    # a worker without the secret refuses the spec, saying where to put it
+    worker = Worker(store, node_id="n1", settings=settings(), home=tmp_path / "w2")
+    await worker.start()
+    try:
+        e = Engine(id="d-0-y", deployment="d", node="n1", device="cpu")
+        await store.put(keys.engine("d-0-y"), e.transition(S.SCHEDULED, "placed").encode())
+        failed = await until(store, "d-0-y", lambda e: e.state == S.FAILED)
+        assert "rule secrets.missing" in failed.error and failed.permanent
+    finally:
+        await worker.stop()

@@ -122,6 +122,8 @@ def test_end_processes_ends_a_sigterm_ignoring_child_without_waiting() -> None:
         for p in procs:
             p.kill()
             p.wait()
+            assert p.stdout is not None
+            p.stdout.close()
 
 
 def test_stderr_tail_sees_what_a_child_writes() -> None:

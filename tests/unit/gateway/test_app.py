@@ -341,13 +341,16 @@ async def test_deployments_api(gw: GatewayServer, cluster: Any) -> None:
             json={
                 "model": "m",
                 "name": "x2",
-                "engine_args": {"max_num_seqs": 8, "enable_x": True},
+                "engine_args": {"max_num_seqs": 8, "enable_prefix_caching": True},
                 "placement": {"strategy": "binpack"},
-                "env": {"HF_TOKEN": "secret"},
+                "env": {"VLLM_CPU_KVCACHE_SPACE": "2"},
+                "secrets": ["HF_TOKEN"],
             },
         )
-        assert r.json()["engine_args"] == ["--max-num-seqs", "8", "--enable-x"]
-        assert r.json()["env"] == {"HF_TOKEN": "***"}
+        assert r.json()["engine_args"] == ["--max-num-seqs", "8", "--enable-prefix-caching"]
+        assert r.json()["env"] == {"VLLM_CPU_KVCACHE_SPACE": "***"}
+        assert r.json()["secrets"] == ["HF_TOKEN"]
+        assert r.json()["created_by"] == r.json()["updated_by"] == "api-key"
 
         r = await http.patch("/v1/deployments/smol", json={"replicas": 3})
         assert r.status_code == 200 and r.json()["replicas"] == 3

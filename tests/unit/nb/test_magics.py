@@ -91,8 +91,28 @@ def test_chat_needs_a_cell_and_others_refuse_one(shell) -> None:
 def test_help_lists_every_subcommand(shell, capsys) -> None:
     magic(shell, "help")
     out = capsys.readouterr().out
-    for cmd in parsing.COMMANDS:
-        assert cmd in out
+    for cmd in parsing.COMMAND_TABLE:
+        prefix = "%%deepinfer" if cmd.cell else "%deepinfer"
+        assert f"{prefix} {cmd.name}" in out
+        assert cmd.summary in out
+
+
+def test_question_mark_help_is_the_same_generated_help(shell) -> None:
+    text = shell.object_inspect_text("%deepinfer")
+    assert parsing.HELP.splitlines()[0] in text
+    assert "%%deepinfer chat NAME" in text  # the whole table, not a one-line docstring
+
+
+def test_one_table_drives_parser_list_help_and_handlers(shell) -> None:
+    magics = shell.magics_manager.registry["DeepInferMagics"]
+    assert parsing.COMMANDS == [c.name for c in parsing.COMMAND_TABLE] == list(parsing.PARSERS)
+    for cmd in parsing.COMMAND_TABLE:
+        assert cmd.name == "help" or callable(getattr(magics, "_cmd_" + cmd.name))
+        # every flag the help shows is one the parser takes
+        for a in cmd.args:
+            if a.flags[0].startswith("--"):
+                assert a.flags[0] in parsing.PARSERS[cmd.name]._option_string_actions
+                assert a.flags[0] in parsing.HELP
 
 
 def test_down_without_up(shell, capsys) -> None:
@@ -139,6 +159,9 @@ class TestWithCluster:
         assert "Pending" in repr(table) and "Pending" in table._repr_html_()
         assert list(table.df["state"]) == ["Pending"]
         assert "demo" in repr(magic(shell, "status demo"))
+        assert "created by notebook" in repr(magic(shell, "status demo"))
+        with pytest.raises(UsageError, match=r"rule path\.outside_model_dirs"):
+            magic(shell, "deploy /etc --name escape --device cpu")
         assert "http://127.0.0.1:" in repr(magic(shell, "snippet demo"))
         assert "Authorization" not in repr(magic(shell, "snippet demo --lang curl"))
 

@@ -115,6 +115,11 @@ def test_snippets() -> None:
     assert "base_url='http://127.0.0.1:8082/v1'" in py and 'os.environ["GW_KEY"]' in py
     curl = snippet(lang="curl", api_base="http://h/v1", model="demo", key_env="")
     assert curl.startswith("curl -s http://h/v1/chat/completions") and '"model": "demo"' in curl
+    note = "GW_KEY: the key 'api-key', which can also create and delete deployments"
+    for lang in ("python", "curl"):
+        code = snippet(lang=lang, api_base="x", model="m", key_env="GW_KEY", key_note=note)
+        assert code.startswith(f"# {note}\n")
+    compile(snippet(lang="python", api_base="x", model="m", key_note=note), "<snippet>", "exec")
 
 
 def test_sparkline() -> None:
