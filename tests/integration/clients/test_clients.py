@@ -33,6 +33,9 @@ from deepinfer_nb.store import decode_record, keys
 
 from .conftest import CHAT, EMBED, Server, Servers
 
+# litellm's TypedDicts use typing's ReadOnly, which pydantic warns it cannot enforce
+pytestmark = pytest.mark.filterwarnings("ignore:.*the `ReadOnly` qualifier:UserWarning")
+
 _NEEDS_PARSER = (
     "vLLM 0.32's server refuses tool_choice required or a named function unless it runs with "
     "--tool-call-parser (vllm/renderers/online_renderer.py), and vLLM has no parser for SmolLM2; "
