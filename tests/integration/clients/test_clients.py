@@ -33,8 +33,13 @@ from deepinfer_nb.store import decode_record, keys
 
 from .conftest import CHAT, EMBED, Server, Servers
 
-# litellm's TypedDicts use typing's ReadOnly, which pydantic warns it cannot enforce
-pytestmark = pytest.mark.filterwarnings("ignore:.*the `ReadOnly` qualifier:UserWarning")
+pytestmark = [
+    # litellm's TypedDicts use typing's ReadOnly, which pydantic warns it cannot enforce
+    pytest.mark.filterwarnings("ignore:.*the `ReadOnly` qualifier:UserWarning"),
+    # litellm caches its HTTP clients per process and never closes them: their sockets are
+    # reported whenever the garbage collector finds them, in whichever test runs then
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
 
 _NEEDS_PARSER = (
     "vLLM 0.32's server refuses tool_choice required or a named function unless it runs with "
