@@ -212,7 +212,6 @@ async def _engine_ready_at(endpoint: str, token: str, *, timeout: float) -> floa
     load time ends here, whatever the worker's polling adds after it."""
     from deepinfer_nb.engine.client import EngineClient
     from deepinfer_nb.engine.process import poll_ready
-    from deepinfer_nb.errors import EngineError
 
     async with EngineClient(endpoint, token=token) as client:
         # The worker watches the process; here only the answer counts.
@@ -222,7 +221,6 @@ async def _engine_ready_at(endpoint: str, token: str, *, timeout: float) -> floa
             timeout=timeout,
             interval=0.02,
             health_timeout=1.0,
-            retry_on=(EngineError,),
         )
     if outcome != "ready":
         raise TimeoutError(f"engine at {endpoint} not ready after {timeout} s")

@@ -12,6 +12,8 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .errors import RecordError
+
 SCHEMA_VERSION = 1
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 
@@ -31,15 +33,6 @@ class Record(BaseModel):
 
 
 R = TypeVar("R", bound=Record)
-
-
-class RecordError(ValueError):
-    """A stored value that is not a valid record of the expected type."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(f"corrupt record at {key}: {reason}")
-        self.key = key
-        self.reason = reason
 
 
 def decode(cls: type[R], key: str, value: bytes) -> R:

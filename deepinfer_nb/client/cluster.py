@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..engine import local_models, policy
-from ..errors import DeepInferError, EngineUnavailableError
+from ..errors import DeepInferError, DeploymentError, EngineUnavailableError
 from ..models import NAME_PATTERN, DeploymentSpec, Engine, EngineState, Placement, decode
 from ..store import keys
 from . import runtime as rt
@@ -49,10 +49,6 @@ CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "max_model_len": 2048}
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 NOTEBOOK = "notebook"
 """Who the audit fields of deployment records name for writes made from a kernel."""
-
-
-class DeploymentError(DeepInferError):
-    """A deployment that cannot make progress; the message says what to do next."""
 
 
 def connect(

@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from .. import procenv
-from ..errors import DeepInferError, StoreError
+from ..errors import DeepInferError, RuntimeTimeoutError, StoreError
 from ..services import ServiceSet
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,6 @@ T = TypeVar("T")
 
 CANCEL_GRACE_S = 5.0
 """How long an interrupted wait lets the cancelled coroutine clean up (abort RPCs, streams)."""
-
-
-class RuntimeTimeoutError(DeepInferError):
-    """A call submitted to the runtime loop did not finish within its timeout (it was cancelled)."""
 
 
 class Runtime:

@@ -15,7 +15,8 @@ import logging
 import threading
 from collections.abc import Callable
 
-from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node, RecordError, decode
+from ..errors import RecordError
+from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node, decode
 from ..store import keys
 from ..store.base import EventType, MetaStore, RangeResult, WatchEvent
 from ..store.follow import follow

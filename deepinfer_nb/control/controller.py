@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import cast
 
 from ..config import SchedulerSettings
-from ..errors import ConfigError, StoreError, StoreUnavailableError
+from ..errors import ConfigError, NotLeaderError, StoreError, StoreUnavailableError
 from ..models import DeploymentSpec, Engine, GpuSamples, Node
 from ..store import Compare, Delete, EventType, KeyValue, Lease, MetaStore, Put, decode_record, keys
 from ..store.base import WatchEvent
@@ -41,10 +41,6 @@ LEADER_KEY = keys.leader("controller")
 APPLY_CONCURRENCY = 32
 """Writes in flight at once: enough to hide etcd round trips when placing many engines."""
 RETRY_S = 1.0
-
-
-class NotLeaderError(StoreError):
-    """A fenced write failed because this controller is no longer the leader."""
 
 
 @dataclasses.dataclass

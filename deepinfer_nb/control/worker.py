@@ -535,14 +535,14 @@ class Worker:
     async def _wait_ready(self, proc: EngineProcess, client: EngineClient) -> str | None:
         """None once HealthCheck says READY; else why it never will."""
         timeout = self.agent.start_timeout_s
-        # Any engine error means "not listening yet": the exit and the timeout say the rest.
-        outcome = await poll_ready(
-            client,
-            alive=proc.alive,
-            timeout=timeout,
-            interval=READY_POLL_S,
-            retry_on=(EngineError,),
-        )
+        # A temporary error means "not listening yet": the exit and the timeout say the rest. A
+        # permanent one (our token refused: another process answers on that port) never heals.
+        try:
+            outcome = await poll_ready(
+                client, alive=proc.alive, timeout=timeout, interval=READY_POLL_S
+            )
+        except EngineError as exc:
+            return f"health check refused: {exc}"
         if outcome == "exited":
             return self._exit_cause(proc)
         if outcome == "timeout":

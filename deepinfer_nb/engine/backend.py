@@ -12,13 +12,7 @@ import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ..errors import EngineError
 from .validation import Sampling
-
-
-class UnsupportedTaskError(EngineError):
-    """The loaded model cannot serve this kind of request (embeddings of a chat model, chat of
-    an embedding model); the shim answers FAILED_PRECONDITION."""
 
 
 @dataclasses.dataclass(frozen=True)

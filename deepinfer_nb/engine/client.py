@@ -2,10 +2,9 @@
 
 One grpc.aio channel per client (cheap to create, closed by `close()` or `async with`). Typed
 methods per RPC; streams are async generators, and closing one early (break, `aclose()`, task
-cancellation) cancels the gRPC call, which makes the shim abort the engine request. gRPC errors
-are translated once, here, into the project's exception tree (`deepinfer_nb.errors`); each
-raised `EngineError` carries `grpc_code` (the status name, e.g. "INVALID_ARGUMENT") and the
-shim's message.
+cancellation) cancels the gRPC call, which makes the shim abort the engine request. A failed call
+raises the `EngineError` subclass that `status.ERRORS` names for its status, with the shim's
+message.
 """
 
 from __future__ import annotations
@@ -18,29 +17,10 @@ import grpc
 
 from .._proto import engine_service_pb2 as pb
 from .._proto import engine_service_pb2_grpc as pb_grpc
-from ..errors import (
-    AuthenticationError,
-    EngineError,
-    EngineTimeoutError,
-    EngineUnavailableError,
-    InvalidRequestError,
-    RequestCancelledError,
-)
+from ..errors import EngineError
+from .status import error_for
 
 __all__ = ["EngineClient", "error_from_rpc"]
-
-_ERRORS: dict[grpc.StatusCode, type[EngineError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
-    # client-caused too: the request asks what this engine does not serve (embeddings of a chat
-    # model); another replica of the same deployment would answer the same
-    grpc.StatusCode.FAILED_PRECONDITION: InvalidRequestError,
-    grpc.StatusCode.OUT_OF_RANGE: InvalidRequestError,
-    grpc.StatusCode.UNIMPLEMENTED: InvalidRequestError,
-    grpc.StatusCode.UNAVAILABLE: EngineUnavailableError,
-    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: EngineTimeoutError,
-    grpc.StatusCode.CANCELLED: RequestCancelledError,
-}
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 << 20),
@@ -52,15 +32,12 @@ _CHANNEL_OPTIONS = [
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError, *, endpoint: str = "") -> EngineError:
-    """The project exception for a failed call; `grpc_code` names the status."""
+    """The project exception for a failed call (an unreachable engine's names its endpoint)."""
     code = exc.code()
-    cls = _ERRORS.get(code, EngineError)
     details = exc.details() or code.name
-    err = cls(
-        f"{details} (engine {endpoint})" if cls is EngineUnavailableError and endpoint else details
-    )
-    err.grpc_code = code.name  # type: ignore[attr-defined]
-    return err
+    if code == grpc.StatusCode.UNAVAILABLE and endpoint:
+        details = f"{details} (engine {endpoint})"
+    return error_for(code, details)
 
 
 class EngineClient:

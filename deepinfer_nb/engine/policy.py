@@ -40,7 +40,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from ..config import AgentSettings, home_dir
-from ..errors import DeepInferError
+from ..errors import PolicyError
 from ..models import DeploymentSpec
 from . import local_models
 
@@ -142,15 +142,6 @@ BACKEND_FLAGS: dict[str, dict[str, Flag]] = {"vllm": VLLM_FLAGS}
 """The documented engine flags each backend accepts through a deployment's `engine_args`."""
 PATH_KEYWORDS = frozenset({"auto", "vllm"})
 """Values of path-valued flags that are keywords, not paths (--generation-config auto)."""
-
-
-class PolicyError(DeepInferError):
-    """A deployment spec the launch policy refuses: permanent (fixing it needs a new spec)."""
-
-    def __init__(self, rule: str, param: str, message: str) -> None:
-        super().__init__(f"launch policy refused {param}: {message} (rule {rule})")
-        self.rule = rule
-        self.param = param
 
 
 @dataclasses.dataclass(frozen=True)

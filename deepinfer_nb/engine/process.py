@@ -30,7 +30,7 @@ import psutil
 
 from .. import procenv
 from .._proto import engine_service_pb2 as pb
-from ..errors import EngineError, EngineTimeoutError, EngineUnavailableError
+from ..errors import EngineError, EngineStartError, is_temporary
 from ..netutil import free_port
 from .client import EngineClient
 
@@ -68,10 +68,6 @@ TOKEN_ENV = "DEEPINFER_ENGINE_TOKEN"
 READY_POLL_S = 0.5
 
 ReadyOutcome = Literal["ready", "exited", "timeout"]
-
-
-class EngineStartError(EngineError):
-    """A shim exited or did not become READY in time; the message carries its log's tail."""
 
 
 def shim_command(
@@ -250,12 +246,12 @@ async def poll_ready(
     timeout: float,
     interval: float = READY_POLL_S,
     health_timeout: float = 2.0,
-    retry_on: tuple[type[EngineError], ...] = (EngineUnavailableError, EngineTimeoutError),
     progress: Callable[[pb.HealthCheckResponse | None], None] | None = None,
 ) -> ReadyOutcome:
     """Poll HealthCheck every `interval` s until READY ("ready"), until `alive()` says the
-    process is gone ("exited") or for at most `timeout` s ("timeout"). An error in `retry_on`
-    means "not listening yet, or too busy loading to answer in time"; any other one is raised.
+    process is gone ("exited") or for at most `timeout` s ("timeout"). A temporary error
+    (`errors.is_temporary`) means "not listening yet, or too busy loading to answer in time"; a
+    permanent one (e.g. a wrong token: another process holds the port) is raised.
     `progress` sees each answer that is not READY (None: no answer). Cancellable."""
     deadline = time.monotonic() + timeout
     while True:
@@ -264,8 +260,9 @@ async def poll_ready(
         reply: pb.HealthCheckResponse | None = None
         try:
             reply = await client.health(timeout=health_timeout)
-        except retry_on:
-            pass
+        except EngineError as exc:
+            if not is_temporary(exc):
+                raise
         if reply is not None and reply.status == pb.SERVING_STATUS_READY:
             return "ready"
         if time.monotonic() >= deadline:

@@ -3,8 +3,8 @@
 Owns the request lifecycle in the shim: validation (then INVALID_ARGUMENT), serving state
 (STARTING while the model loads, READY, DRAINING after Shutdown/SIGTERM), the table of in-flight
 requests used by Cancel and draining, usage counted from engine token ids, and the one place
-where exceptions become gRPC status codes. A cancelled or disconnected call closes the backend
-stream, which aborts the engine request.
+where exceptions become gRPC status codes (by status.py's table). A cancelled or disconnected
+call closes the backend stream, which aborts the engine request.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import grpc
 
 from .._proto import engine_service_pb2 as pb
 from .._proto import engine_service_pb2_grpc as pb_grpc
-from ..errors import EngineError, EngineUnavailableError, InvalidRequestError
+from ..errors import EngineError, EngineUnavailableError, InvalidRequestError, UnsupportedTaskError
 from ..procenv import freeze_heap
 from . import tool_calls, validation
-from .backend import ChoiceDelta, EngineBackend, ModelFacts, UnsupportedTaskError
+from .backend import ChoiceDelta, EngineBackend, ModelFacts
+from .status import status_for
 from .tool_calls import ToolCallReader, ToolRequest
 from .validation import Sampling, Structured
 
@@ -51,18 +52,8 @@ class BindError(OSError):
     """The shim's port could not be bound."""
 
 
-def _status_for(exc: Exception) -> grpc.StatusCode:
-    if isinstance(exc, InvalidRequestError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, UnsupportedTaskError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, EngineUnavailableError):
-        return grpc.StatusCode.UNAVAILABLE
-    return grpc.StatusCode.INTERNAL
-
-
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    code = _status_for(exc)
+    code = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("request failed", exc_info=exc)
     message = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"

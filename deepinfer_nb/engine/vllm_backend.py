@@ -18,17 +18,9 @@ from typing import Any
 
 import psutil
 
-from ..errors import EngineError, InvalidRequestError
+from ..errors import EngineError, InvalidRequestError, UnsupportedTaskError
 from . import tool_calls
-from .backend import (
-    ChoiceDelta,
-    EngineBackend,
-    EngineStats,
-    ModelFacts,
-    TokenLogprob,
-    TopToken,
-    UnsupportedTaskError,
-)
+from .backend import ChoiceDelta, EngineBackend, EngineStats, ModelFacts, TokenLogprob, TopToken
 from .stats import StatsAccumulator
 from .validation import Sampling, Structured
 
@@ -37,9 +29,6 @@ ABORT_GRACE_S = 2.0
 abandoned load needs no tidy exit; then SIGKILL)."""
 ABORT_WAIT_S = 10.0
 """How long an abandoned load thread gets to notice that its engine core is gone."""
-
-
-__all__ = ["UnsupportedTaskError", "VllmBackend"]
 
 
 class VllmBackend(EngineBackend):

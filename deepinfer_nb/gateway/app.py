@@ -20,6 +20,7 @@ from ..store import MetaStore
 from . import cluster_routes, deployments, openai_routes
 from .errors import install_handlers
 from .metrics import GatewayMetrics
+from .openapi import openapi_schema
 from .routing import ClientFactory, RoutingTable
 from .security import SecurityMiddleware, as_keys
 from .serving import OpenAIServing
@@ -65,4 +66,5 @@ def build_app(
         metrics_open=settings.server.metrics_open,
         max_body_bytes=settings.server.max_body_bytes,
     )
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app

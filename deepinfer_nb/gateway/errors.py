@@ -1,29 +1,29 @@
 """The gateway's one error boundary: every exception becomes an OpenAI `ErrorResponse`.
 
 `APIError` is what routers and the serving layer raise on purpose; `to_api_error` maps the
-package's exception tree (engine, store, validation) onto it, and `install_handlers` registers
-that mapping on the app so no router formats an error itself.
+package's exception tree (`deepinfer_nb.errors`) onto it by one table (`_HTTP`), and
+`install_handlers` registers that mapping on the app so no router formats an error itself.
 
     status  type                     when
-    400     invalid_request_error    bad parameters (OpenAI routes), engine rejected arguments
-                                     (INVALID_ARGUMENT, FAILED_PRECONDITION: e.g. embeddings of a
-                                     chat model), tool_choice auto without a tool parser;
-                                     never retried on another replica
+    400     invalid_request_error    bad parameters (OpenAI routes), engine rejected arguments,
+                                     the model serves another task, the engine lacks the call
     401     authentication_error     missing or wrong API key
     403     permission_error         the API key lacks the route's scope (inference vs admin)
-    404     invalid_request_error    unknown model / deployment / route
+    404     invalid_request_error    unknown model / deployment / route / engine resource
     409     invalid_request_error    deployment exists with another spec
     413     invalid_request_error    request body over the size cap
     499     client_disconnected      (metrics only: the client left before the answer)
     422     invalid_request_error    invalid deployment spec (names the field), or one the
                                      launch policy refuses (code launch_policy, names the rule)
-    502     engine_error             the engine failed or could not be reached
+    500     server_error             a corrupt record in the store, a bug
+    502     engine_error             the engine failed, could not be reached, refused our token
     503     service_unavailable      no Running replica (says why), store unreachable
     504     timeout_error            the engine did not answer in time
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -105,29 +105,44 @@ def validation_error(exc: ValidationError | RequestValidationError, *, status: i
     return APIError(status, message, param=param, code="validation_error")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    status: int
+    type: str
+    code: str
+    prefix: str = ""
+
+
+# The HTTP boundary's one table: the nearest class of an exception (by its MRO) decides what the
+# client sees. Client-caused errors are 4xx; an engine fault is the gateway's 502 (its engine
+# token included: the HTTP client's own key is checked before any engine is called).
+_HTTP: dict[type[BaseException], _Row] = {
+    E.InvalidRequestError: _Row(400, "invalid_request_error", "invalid_parameter"),
+    E.UnsupportedTaskError: _Row(400, "invalid_request_error", "unsupported_task"),
+    E.UnsupportedFeatureError: _Row(400, "invalid_request_error", "unsupported"),
+    E.NotFoundError: _Row(404, "invalid_request_error", "not_found"),
+    E.RequestCancelledError: _Row(499, "invalid_request_error", "cancelled", "request cancelled"),
+    E.EngineTimeoutError: _Row(
+        504, "timeout_error", "engine_timeout", "the engine did not answer in time"
+    ),
+    E.EngineError: _Row(502, "engine_error", "engine_error", "engine failure"),
+    E.StoreError: _Row(
+        503, "service_unavailable", "store_unavailable", "metadata store unavailable"
+    ),
+    E.RecordError: _Row(500, "server_error", "corrupt_record"),
+}
+
+
 def to_api_error(exc: BaseException) -> APIError:
     """Map any exception to the APIError the client sees."""
     if isinstance(exc, APIError):
         return exc
-    if isinstance(exc, E.InvalidRequestError):
-        return APIError(400, str(exc), code="invalid_parameter")
-    if isinstance(exc, E.EngineTimeoutError):
-        return APIError(504, f"the engine did not answer in time: {exc}", type="timeout_error")
-    if isinstance(exc, E.RequestCancelledError):
-        return APIError(499, f"request cancelled: {exc}", code="cancelled")
-    if isinstance(exc, E.EngineError):
-        # unavailable, authentication between gateway and engine, or an engine-side failure:
-        # the client did nothing wrong and the gateway could not get an answer
-        return APIError(502, f"engine failure: {exc}", type="engine_error", code="engine_error")
-    if isinstance(exc, E.StoreError):
-        return APIError(
-            503,
-            f"metadata store unavailable: {exc}",
-            type="service_unavailable",
-            code="store_unavailable",
-        )
-    log.error("unhandled error in the gateway", exc_info=exc)
-    return APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+    row = next((_HTTP[c] for c in type(exc).__mro__ if c in _HTTP), None)
+    if row is None:
+        log.error("unhandled error in the gateway", exc_info=exc)
+        return APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
+    message = f"{row.prefix}: {exc}" if row.prefix else str(exc)
+    return APIError(row.status, message, type=row.type, code=row.code)
 
 
 def install_handlers(app: FastAPI) -> None:

@@ -2,10 +2,11 @@
 
 Per request: resolve the model in the routing table, hold the least-loaded Running replica
 (a `Lease`), call its engine over the pooled gRPC channel, and translate the reply. A call that
-fails before its first byte (engine unreachable, draining, or failing) is retried once on another
-replica. Streams are opened before the HTTP response starts, so such failures still get a proper
-status; after that, an engine failure ends the stream with an OpenAI error event. A client that
-disconnects cancels the engine call (the shim then aborts the vLLM request).
+fails before its first byte with a temporary error (`errors.is_temporary`: engine unreachable,
+draining, or failing) is retried once on another replica; a client-caused one never is. Streams
+are opened before the HTTP response starts, so such failures still get a proper status; after
+that, an engine failure ends the stream with an OpenAI error event. A client that disconnects
+cancels the engine call (the shim then aborts the vLLM request).
 """
 
 from __future__ import annotations
@@ -36,15 +37,8 @@ from .routing import Lease, RoutingTable
 T = TypeVar("T")
 Stream = AsyncIterator[pb.GenerateStreamResponse]
 
-# errors after which another replica may well succeed; invalid arguments, timeouts and
-# cancellations would only repeat (or double the load)
-_RETRYABLE = (E.EngineUnavailableError, E.AuthenticationError)
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _TASK_WORDS = {"generate": "text generation (chat, completions)", "embed": "embeddings"}
-
-
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, _RETRYABLE) or type(exc) is E.EngineError
 
 
 class _Tracker:
@@ -229,7 +223,7 @@ class OpenAIServing:
             try:
                 return await call(lease.client)
             except E.EngineError as exc:
-                if error is not None or not _retryable(exc):
+                if error is not None or not E.is_temporary(exc):
                     raise
                 error = exc
                 tried.append(lease.engine_id)
@@ -252,7 +246,7 @@ class OpenAIServing:
             except BaseException as exc:
                 lease.release()
                 await _aclose(stream)
-                if not isinstance(exc, E.EngineError) or error is not None or not _retryable(exc):
+                if error is not None or not E.is_temporary(exc):
                     raise
                 error = exc
                 tried.append(lease.engine_id)

@@ -16,17 +16,28 @@ from IPython.display import display
 from traitlets import Bool, Float, Int, Unicode
 from traitlets.config import Configurable
 
+from .. import errors as E
 from ..client import cluster as api
 from ..client import render
 from ..client.view import STAGES
-from ..errors import DeepInferError
 from . import parsing
 
 CONFIG_FILE = "notebook.toml"
 
+# The magics' boundary table: the next step a user can take, added to the error's own message
+# (the nearest class of an error decides; most messages already say what to do).
+_NEXT_STEP: dict[type[E.DeepInferError], str] = {
+    E.StoreUnavailableError: "is the store running? %deepinfer doctor checks the set-up",
+    E.RecordError: "the store holds a record this version cannot read; %deepinfer rm NAME "
+    "removes a deployment",
+    E.RuntimeTimeoutError: "the cluster is busy or stuck: run the cell again, or %deepinfer down",
+}
 
-def _clean(exc: BaseException) -> UsageError:
-    return UsageError(str(exc))
+
+def usage_error(exc: E.DeepInferError) -> UsageError:
+    """The short, traceback-free error a cell shows for a package error."""
+    step = next((_NEXT_STEP[c] for c in type(exc).__mro__ if c in _NEXT_STEP), "")
+    return UsageError(f"{exc} ({step})" if step else str(exc))
 
 
 @magics_class
@@ -95,8 +106,8 @@ class DeepInferMagics(Magics, Configurable):
         handler = getattr(self, "_cmd_" + cmd)
         try:
             return handler(ns, cell) if cmd == "chat" else handler(ns)
-        except DeepInferError as exc:
-            raise _clean(exc) from None
+        except E.DeepInferError as exc:
+            raise usage_error(exc) from None
 
     deepinfer.__doc__ = "Deploy and use LLMs from this notebook.\n\n" + parsing.HELP
 

@@ -13,8 +13,8 @@ import logging
 import urllib.parse
 from typing import Any, TypeVar
 
-from ..errors import ConfigError
-from ..models import Record, RecordError, decode
+from ..errors import ConfigError, RecordError
+from ..models import Record, decode
 from .base import (
     Compare,
     Delete,

@@ -34,6 +34,7 @@ from ..errors import (
     RevisionCompactedError,
     StoreError,
     StoreUnavailableError,
+    is_temporary,
 )
 from ._util import END, LostCallback, QueueWatch, fire_lost_callbacks, prefix_range_end
 from .base import (
@@ -176,13 +177,23 @@ class EtcdStore(MetaStore):
     def _rotate(self) -> None:
         self._current = (self._current + 1) % len(self.endpoints)
 
-    def _retryable(self, exc: grpc.aio.AioRpcError, *, idempotent: bool) -> bool:
-        code = exc.code()
+    def _error(self, exc: grpc.aio.AioRpcError, what: str, *, idempotent: bool) -> StoreError:
+        """The etcd boundary's table: a failed call's status -> the store exception; whether it
+        is temporary is the only thing retry loops look at."""
+        code, detail = exc.code(), exc.details() or ""
         if code == grpc.StatusCode.UNAVAILABLE:
-            return True
+            return StoreUnavailableError(f"etcd: {what}: {detail}")
         if code == grpc.StatusCode.UNAUTHENTICATED and self._user:
-            return True  # a restarted etcd forgets simple tokens: re-authenticate and retry
-        return idempotent and code == grpc.StatusCode.DEADLINE_EXCEEDED
+            # a restarted etcd forgets simple tokens: re-authenticate and retry
+            return StoreUnavailableError(f"etcd: {what}: auth token expired: {detail}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and idempotent:
+            # a write that timed out may have been applied: only reads are sent again
+            return StoreUnavailableError(f"etcd: {what}: timed out: {detail}")
+        if code == grpc.StatusCode.NOT_FOUND and "lease" in detail:
+            return LeaseLostError(f"etcd: {what}: {detail}")
+        if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in detail:
+            return RevisionCompactedError(f"etcd: {what}: {detail}")
+        return StoreError(f"etcd: {what} failed: {code.name}: {detail}")
 
     def _unavailable(self, what: str, waited: float, exc: BaseException) -> StoreUnavailableError:
         detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
@@ -205,8 +216,9 @@ class EtcdStore(MetaStore):
                 conn = await self._connection()
                 return await fn(conn)
             except grpc.aio.AioRpcError as exc:
-                if not self._retryable(exc, idempotent=idempotent):
-                    raise _translate(exc, what) from None
+                error = self._error(exc, what, idempotent=idempotent)
+                if not is_temporary(error):
+                    raise error from None
                 if conn is not None and exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     await self._forget(conn)
                 failure = exc
@@ -422,8 +434,9 @@ class EtcdWatch(QueueWatch):
                                 next_rev = resp.header.revision + 1
                         next_rev = self._deliver(resp, next_rev)
             except grpc.aio.AioRpcError as exc:
-                if not store._retryable(exc, idempotent=True):
-                    raise _translate(exc, f"watch {self.prefix}") from None
+                error = store._error(exc, f"watch {self.prefix}", idempotent=True)
+                if not is_temporary(error):
+                    raise error from None
                 failure = exc
             now = loop.time()
             failing_since = now if failing_since is None else failing_since
@@ -580,15 +593,6 @@ def _request_op(op: Put | Delete) -> Any:
             request_put=rpc.PutRequest(key=op.key.encode(), value=op.value, lease=op.lease)
         )
     return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=op.key.encode()))
-
-
-def _translate(exc: grpc.aio.AioRpcError, what: str) -> StoreError:
-    code, detail = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.NOT_FOUND and "lease" in detail:
-        return LeaseLostError(f"etcd: {what}: {detail}")
-    if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in detail:
-        return RevisionCompactedError(f"etcd: {what}: {detail}")
-    return StoreError(f"etcd: {what} failed: {code.name}: {detail}")
 
 
 def _tls_credentials(ca_cert: str, cert: str, key: str) -> grpc.ChannelCredentials | None:

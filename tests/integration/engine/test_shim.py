@@ -1,7 +1,9 @@
 """The engine shim against a real vLLM engine on CPU (issue 2's Must-show list).
 
 All tests share the session's `engine` fixture (one shim process) except the shutdown test,
-which starts its own process because it ends it.
+which starts its own process because it ends it. The servicer's own logic (validation, choices,
+auth, serving states) is tested over the FakeBackend in tests/unit/engine/test_servicer.py; here
+is what needs vLLM itself.
 """
 
 from __future__ import annotations
@@ -16,12 +18,7 @@ import pytest
 
 from deepinfer_nb._proto import engine_service_pb2 as pb
 from deepinfer_nb.engine.cpu_dtype import best_cpu_dtype
-from deepinfer_nb.errors import (
-    AuthenticationError,
-    EngineError,
-    EngineUnavailableError,
-    InvalidRequestError,
-)
+from deepinfer_nb.errors import EngineUnavailableError, UnsupportedTaskError
 from tests.fixtures.engine import ShimProcess
 
 pytestmark = pytest.mark.engine
@@ -111,19 +108,6 @@ async def test_stop_token_ids(engine: ShimProcess) -> None:
     assert list(stopped.choices[0].token_ids) == list(first.choices[0].token_ids[:3])
 
 
-async def test_n_two_returns_two_choices(engine: ShimProcess) -> None:
-    async with engine.client() as client:
-        reply = await client.chat(chat(temperature=1.0, n=2, seed=7, max_tokens=24))
-        texts, _, usage, _ = await collect(
-            client.chat_stream(chat(temperature=1.0, n=2, seed=7, max_tokens=24))
-        )
-    assert [c.index for c in reply.choices] == [0, 1]
-    assert all(c.text and c.finish_reason for c in reply.choices)
-    assert reply.usage.completion_tokens == sum(len(c.token_ids) for c in reply.choices)
-    assert sorted(texts) == [0, 1]
-    assert usage.completion_tokens > 0
-
-
 async def test_seeded_sampled_request_is_reproducible(engine: ShimProcess) -> None:
     req = chat("Tell me a story about a dragon.", temperature=1.2, seed=42, max_tokens=40)
     async with engine.client() as client:
@@ -190,55 +174,6 @@ async def test_disconnecting_client_aborts_the_request(engine: ShimProcess) -> N
     assert metrics.running_requests == 0 and metrics.inflight_rpcs == 0
 
 
-BAD_REQUESTS = {
-    "empty messages": (pb.ChatRequest(), "at least one message"),
-    "unknown role": (
-        pb.ChatRequest(messages=[pb.ChatMessage(role="wizard", content="hi")]),
-        "role 'wizard'",
-    ),
-    "temperature < 0": (chat(temperature=-0.5), "temperature"),
-    "top_p = 0": (chat(top_p=0.0), "top_p"),
-    "top_p > 1": (chat(top_p=1.5), "top_p"),
-    "max_tokens < 1": (chat(max_tokens=0), "max_tokens"),
-    "max_tokens beyond context": (chat(max_tokens=5000), "context window"),
-    "n < 1": (chat(n=0), "n must be"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_REQUESTS))
-async def test_bad_input_is_invalid_argument(engine: ShimProcess, case: str) -> None:
-    request, phrase = BAD_REQUESTS[case]
-    async with engine.client() as client:
-        with pytest.raises(InvalidRequestError, match=phrase) as unary:
-            await client.chat(request)
-        with pytest.raises(InvalidRequestError, match=phrase):
-            await collect(client.chat_stream(request))
-    assert unary.value.grpc_code == "INVALID_ARGUMENT"  # type: ignore[attr-defined]
-
-
-async def test_bad_requests_do_not_disturb_a_running_one(engine: ShimProcess) -> None:
-    async with engine.client() as client:
-        good = asyncio.create_task(
-            collect(client.chat_stream(chat(temperature=0, max_tokens=24, ignore_eos=True)))
-        )
-        for request, _ in BAD_REQUESTS.values():
-            with pytest.raises(InvalidRequestError):
-                await client.chat(request)
-        texts, reasons, usage, _ = await good
-    assert reasons == {0: "length"} and usage.completion_tokens == 24 and texts[0]
-
-
-async def test_auth_token_enforced(engine: ShimProcess) -> None:
-    for token in ("", "wrong-token"):
-        async with engine.client(token=token) as client:
-            with pytest.raises(AuthenticationError):
-                await client.health()
-            with pytest.raises(AuthenticationError):
-                await client.chat(chat(max_tokens=4))
-            with pytest.raises(AuthenticationError):
-                await collect(client.chat_stream(chat(max_tokens=4)))
-
-
 async def test_json_object_response_format(engine: ShimProcess) -> None:
     req = chat(
         "Give me a JSON object describing a cat with name and age.",
@@ -286,11 +221,10 @@ async def test_generate_with_raw_prompt(engine: ShimProcess) -> None:
 
 
 async def test_embeddings_refused_on_a_generative_model(engine: ShimProcess) -> None:
+    # vLLM's own list of supported tasks decides; the shim answers FAILED_PRECONDITION
     async with engine.client() as client:
-        with pytest.raises(EngineError) as err:
+        with pytest.raises(UnsupportedTaskError, match="embedding"):
             await client.embed(pb.EmbeddingRequest(input=["hello"]))
-    assert err.value.grpc_code == "FAILED_PRECONDITION"  # type: ignore[attr-defined]
-    assert "embedding" in str(err.value)
 
 
 async def test_model_info_and_kv_cache_come_from_the_engine(engine: ShimProcess) -> None:

@@ -24,8 +24,10 @@ from deepinfer_nb.store import MetaStore, keys
 
 @dataclasses.dataclass
 class Behaviour:
-    mode: str = "ok"  # ok | unavailable | invalid | precondition | fail_mid | hang
+    mode: str = "ok"  # ok | unavailable | invalid | fail_mid | hang | status
     words: tuple[str, ...] = ("The", " capital", " of", " France", " is", " Paris", ".")
+    status: grpc.StatusCode = grpc.StatusCode.OK
+    """mode "status": the call fails with this gRPC status, decoded by the real client's table."""
 
 
 class FakeFleet:
@@ -57,14 +59,12 @@ class FakeClient:
             raise EngineUnavailableError(f"connection refused (engine {self.endpoint})")
         if b.mode == "invalid":
             raise InvalidRequestError("max_tokens 5000 exceeds the context window")
-        if b.mode == "precondition":  # through the real gRPC translation table
+        if b.mode == "status":
             raise error_from_rpc(
                 grpc.aio.AioRpcError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    grpc.aio.Metadata(),
-                    grpc.aio.Metadata(),
-                    details="model 'smollm2' serves generate, not embeddings",
-                )
+                    b.status, grpc.aio.Metadata(), grpc.aio.Metadata(), details="the shim says why"
+                ),
+                endpoint=self.endpoint,
             )
         return b
 

@@ -9,6 +9,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import httpx
 import openai
 import pytest
@@ -167,15 +168,21 @@ async def test_wrong_task_is_a_400_that_reaches_no_engine(gw: GatewayServer, clu
     assert sum(fleet.calls.values()) == 0
 
 
-@pytest.mark.parametrize("mode", ["invalid", "precondition"])
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        Behaviour(mode="invalid"),
+        Behaviour(mode="status", status=grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+)
 async def test_client_caused_engine_errors_are_400_and_not_retried(
-    gw: GatewayServer, cluster: Any, mode: str
+    gw: GatewayServer, cluster: Any, behaviour: Behaviour
 ) -> None:
     """INVALID_ARGUMENT and FAILED_PRECONDITION from an engine: a 400 invalid_request_error,
     from the one replica asked; the other replica (which would answer) is never tried."""
     _, fleet = cluster
-    fleet.behaviour["10.0.0.1:5000"] = Behaviour(mode=mode)
-    fleet.behaviour["10.0.0.2:5000"] = Behaviour(mode=mode)
+    fleet.behaviour["10.0.0.1:5000"] = behaviour
+    fleet.behaviour["10.0.0.2:5000"] = behaviour
     async with _oai(gw) as client:
         for stream in (False, True):
             with pytest.raises(openai.BadRequestError) as bad:
