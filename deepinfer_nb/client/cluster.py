@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import specs
 from ..control import specfile
-from ..engine import policy
+from ..engine import local_models, policy
 from ..errors import DeepInferError, DeploymentError, EngineUnavailableError
 from ..models import NAME_PATTERN, DeploymentSpec, Engine, EngineState, Placement, decode
 from ..store import keys
@@ -43,6 +43,8 @@ SPEC_FIELDS = {
     "max_model_len",
     "dtype",
     "enforce_eager",
+    "task",
+    "tool_call_parser",
     "env",
     "max_restarts",
 }
@@ -118,6 +120,9 @@ def build_spec(
     if device == "cpu":
         fields.update(CPU_DEFAULTS)
         fields["env"] = dict(CPU_ENV_DEFAULTS)
+        local = local_models.lookup(model)
+        if local is not None and local.task == "embed":
+            del fields["max_model_len"]  # an encoder's window is its own (256 for MiniLM)
     for key, value in engine_args.items():
         if key in SPEC_FIELDS:
             fields[key] = {**fields.get("env", {}), **value} if key == "env" else value

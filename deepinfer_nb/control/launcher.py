@@ -100,6 +100,10 @@ def build_command(
         flags += ["--device", "cpu"]
     if spec.enforce_eager and spec.backend == "vllm":
         flags.append("--enforce-eager")
+    if spec.task != "auto":
+        flags += ["--task", spec.task]
+    if spec.tool_call_parser != "auto":
+        flags += ["--tool-call-parser", spec.tool_call_parser]
     return shim_command(
         model=spec.model,
         port=port,
