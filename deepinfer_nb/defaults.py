@@ -7,8 +7,8 @@ see README "Engine defaults"):
 
 - eager mode: ready in about 30 s, where vLLM's compiled mode took 114 s before the first token
   (start-up time matters most in a notebook; steady tokens/s differ little on CPU);
-- a 2048-token context (or the model's own, when shorter): the KV cache fits the small CPU KV
-  space (VLLM_CPU_KVCACHE_SPACE=1 GiB);
+- a 2048-token context (the model's own when shorter, e.g. an embedder's): the KV cache fits
+  the small CPU KV space (VLLM_CPU_KVCACHE_SPACE=1 GiB);
 - dtype auto: bfloat16 only where the CPU computes it natively (AVX512-BF16/AMX), else float32
   (`engine/cpu_dtype.py`: emulated bf16 ran 6x slower).
 
@@ -33,10 +33,10 @@ def effective(
     the node's CPU (known on the node only)."""
     cpu = device == "cpu"
     eager = spec.enforce_eager if spec.enforce_eager is not None else cpu
-    max_len = spec.max_model_len or (CPU_MAX_MODEL_LEN if cpu else None)
+    max_len = spec.max_model_len
     known = spec.facts.max_position_embeddings if spec.facts is not None else 0
-    if not spec.max_model_len and max_len and known:
-        max_len = min(max_len, known)  # a short-context model (an embedder: 512) keeps its own
+    if not max_len and cpu and spec.task != "embed" and not 0 < known <= CPU_MAX_MODEL_LEN:
+        max_len = CPU_MAX_MODEL_LEN  # a shorter window (an embedder's) is left to the engine
     dtype = spec.dtype
     if dtype == "auto" and cpu and cpu_dtype:
         dtype = cpu_dtype

@@ -127,6 +127,15 @@ class DeploymentSpec(Record):
     enforce_eager: bool | None = Field(
         default=None, description="None: the device's default (eager on CPU; see defaults.py)"
     )
+    task: Literal["auto", "generate", "embed"] = Field(
+        default="auto",
+        description="generate (chat, completions) or embed (/v1/embeddings); auto: the model's",
+    )
+    tool_call_parser: str = Field(
+        default="auto",
+        description="vLLM tool parser for tool_choice auto (hermes, llama3_json, ...); auto: "
+        "the model family's where vLLM knows one; none: no parser",
+    )
     engine_args: list[str] = Field(default_factory=list, description="extra vLLM CLI args")
     env: dict[str, str] = Field(default_factory=dict)
     secrets: list[str] = Field(

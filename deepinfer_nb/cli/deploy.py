@@ -1,6 +1,7 @@
 """`deepinfer-nb deploy | scale | rollback | restart | stop | rm`: change deployments.
 
     deepinfer-nb deploy MODEL [--name N] [--replicas R] [--device D] [--gpus G]
+                        [--task auto|generate|embed] [--tool-call-parser NAME]
                         [--engine-arg KEY[=VALUE]]... [--wait [--timeout S]]
     deepinfer-nb scale NAME REPLICAS [--wait]
     deepinfer-nb rollback NAME [--wait]   |   deepinfer-nb restart NAME [--wait]
@@ -40,6 +41,18 @@ def register(sub: Any) -> None:
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--gpus", type=int, default=0, help="GPUs per replica (tensor parallel)")
+    p.add_argument(
+        "--task",
+        default=None,
+        choices=["auto", "generate", "embed"],
+        help="generate (chat, completions) or embed (embeddings); auto: what the model is",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        metavar="NAME",
+        help="vLLM tool parser for tool_choice auto (hermes, llama3_json, ...; none: no parser)",
+    )
     p.add_argument(
         "--engine-arg",
         action="append",
@@ -100,6 +113,12 @@ def engine_args(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _spec_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """--task and --tool-call-parser as the spec fields they name (as the notebook passes them)."""
+    flags = {"task": args.task, "tool_call_parser": args.tool_call_parser}
+    return {key: value for key, value in flags.items() if value is not None}
+
+
 def _deploy(args: argparse.Namespace) -> int:
     if args.replicas < 0 or args.gpus < 0:
         raise CommandError("--replicas and --gpus must be >= 0", code=EXIT_USAGE)
@@ -110,7 +129,7 @@ def _deploy(args: argparse.Namespace) -> int:
             gpus=args.gpus,
             replicas=args.replicas,
             device=args.device,
-            engine_args=engine_args(args.engine_arg),
+            engine_args=_spec_flags(args) | engine_args(args.engine_arg),
         )
     except DeploymentError as exc:
         raise CommandError(str(exc), code=EXIT_USAGE) from None

@@ -15,7 +15,7 @@ def register(sub: Any) -> None:
     msub = parser.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     msub.add_parser("list", help="the local catalog and what is built").set_defaults(func=_list)
     build = msub.add_parser("build", help="build a local model folder (idempotent)")
-    build.add_argument("name", help="alias, e.g. smollm2 or smollm2-135m-instruct")
+    build.add_argument("name", help="alias, e.g. smollm2 or all-minilm-l6-v2")
     build.add_argument("--force", action="store_true", help="rebuild even if already built")
     build.set_defaults(func=_build)
     path = msub.add_parser("path", help="print the folder a model name resolves to")

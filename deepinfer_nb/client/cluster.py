@@ -53,6 +53,8 @@ SPEC_FIELDS = {
     "max_model_len",
     "dtype",
     "enforce_eager",
+    "task",
+    "tool_call_parser",
     "env",
     "max_restarts",
 }

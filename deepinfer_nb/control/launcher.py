@@ -110,6 +110,10 @@ def build_command(
         flags += ["--device", "cpu"]
     if settings.enforce_eager and spec.backend == "vllm":
         flags.append("--enforce-eager")
+    if spec.task != "auto":
+        flags += ["--task", spec.task]
+    if spec.tool_call_parser != "auto":
+        flags += ["--tool-call-parser", spec.tool_call_parser]
     return shim_command(
         model=model_path or spec.model,
         port=port,

@@ -4,6 +4,7 @@ llama.cpp).
     python -m deepinfer_nb.engine --model M --port P [--backend vllm|llama.cpp] [--host H]
         [--served-model-name N] [--dtype D] [--max-model-len L] [--tensor-parallel-size T]
         [--gpu-memory-utilization F] [--device cuda:N|cpu] [--enforce-eager] [--threads T]
+        [--task auto|generate|embed] [--tool-call-parser auto|none|NAME]
         [--auth-token-env VAR] [--grace-period S] [-- extra engine args]
 
 `--backend` picks the engine (`BACKENDS` below: a name -> factory mapping); the extra args after
@@ -81,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="", help="cuda:N or cpu (default: what vLLM finds)")
     p.add_argument("--enforce-eager", action="store_true", help="no compilation/CUDA graphs")
     p.add_argument(
+        "--task",
+        choices=("auto", "generate", "embed"),
+        default="auto",
+        help="generate (chat, completions) or embed (embeddings; vLLM's pooling runner); "
+        "auto: what the model is",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        help="vLLM tool parser for tool_choice auto (e.g. hermes, llama3_json); auto: the "
+        "model family's where vLLM has one; none: no parser",
+    )
+    p.add_argument(
         "--auth-token-env",
         default="",
         help="environment variable holding the token every RPC must present",
@@ -121,6 +135,8 @@ def vllm_argv(args: argparse.Namespace, model_path: str, extra: list[str]) -> li
         out += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if args.enforce_eager:
         out.append("--enforce-eager")
+    if args.task != "auto":
+        out += ["--runner", "pooling" if args.task == "embed" else "generate"]
     return out + extra
 
 
@@ -322,7 +338,8 @@ def vllm_backend(args: argparse.Namespace, extra: list[str]) -> EngineBackend:
 
     require_vllm()
     model_path = resolve_model(args.model)
-    return VllmBackend(engine_args(vllm_argv(args, model_path, extra)))
+    eargs = engine_args(vllm_argv(args, model_path, extra))
+    return VllmBackend(eargs, tool_call_parser=args.tool_call_parser)
 
 
 def llamacpp_backend(args: argparse.Namespace, extra: list[str]) -> EngineBackend:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import AsyncIterator
+from typing import Any
 
 from .validation import Sampling
 
@@ -70,6 +71,7 @@ class ModelFacts:
     engine_version: str
     num_kv_blocks: int
     block_size: int
+    tool_call_parser: str = ""  # the vLLM tool parser `tool_choice: auto` uses ("" = none)
 
 
 class EngineBackend(abc.ABC):
@@ -93,8 +95,20 @@ class EngineBackend(abc.ABC):
     def facts(self) -> ModelFacts: ...
 
     @abc.abstractmethod
-    def render_chat(self, messages: list[dict[str, str]], *, chat_template: str = "") -> str:
-        """The prompt text for a conversation, generation prompt appended."""
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        chat_template: str = "",
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text for a conversation, generation prompt appended; the chat template
+        receives `tools` (OpenAI function tools) where the request has them."""
+
+    def tool_parser(self) -> Any:
+        """A fresh tool-call parser for `tool_choice: auto` (it keeps one stream's state), or
+        None when the engine has none."""
+        return None
 
     @abc.abstractmethod
     def tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]: ...

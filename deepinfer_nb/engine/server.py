@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import functools
 import hmac
 import logging
@@ -24,19 +25,28 @@ import grpc
 
 from .._proto import engine_service_pb2 as pb
 from .._proto import engine_service_pb2_grpc as pb_grpc
-from ..errors import EngineError, EngineUnavailableError, InvalidRequestError
+from ..errors import EngineError, EngineUnavailableError, InvalidRequestError, UnsupportedTaskError
 from ..procenv import freeze_heap
-from . import validation
+from . import tool_calls, validation
 from .backend import ChoiceDelta, EngineBackend, ModelFacts
 from .backends import check_supported
 from .status import status_for
-from .validation import Sampling
+from .tool_calls import ToolCallReader, ToolRequest
+from .validation import Sampling, Structured
 
 log = logging.getLogger("deepinfer_nb.engine")
 
 T = TypeVar("T")
 
-Prepared = tuple[str, list[int], Sampling]
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A checked request, ready for the engine."""
+
+    rid: str
+    ids: list[int]
+    sampling: Sampling
+    tools: ToolRequest | None = None
 
 
 class BindError(OSError):
@@ -162,6 +172,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             tensor_parallel_size=f.tensor_parallel_size,
             device=f.device,
             engine_version=f.engine_version,
+            tool_call_parser=f.tool_call_parser,
         )
 
     @_unary
@@ -250,21 +261,40 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
     async def CreateEmbedding(
         self, request: pb.EmbeddingRequest, context: grpc.aio.ServicerContext
     ) -> pb.EmbeddingResponse:
-        f = self._ready_facts()
-        if not request.input:
+        f = self._accepting()
+        if f.task != "embed":
+            raise UnsupportedTaskError(
+                f"model {self._model!r} serves {f.task}, not embeddings: "
+                "use an embedding deployment (e.g. all-minilm-l6-v2) for /v1/embeddings"
+            )
+        if request.input and request.input_ids:
+            raise InvalidRequestError("give either input or input_ids, not both")
+        inputs = [list(t.ids) for t in request.input_ids] or [
+            self._backend.tokenize(text, add_special_tokens=True) for text in request.input
+        ]
+        if not inputs:
             raise InvalidRequestError("input must contain at least one string")
-        rid = request.request_id or uuid.uuid4().hex
-        data, prompt_tokens = [], 0
-        for i, text in enumerate(request.input):
-            ids = self._backend.tokenize(text, add_special_tokens=True)
+        for i, ids in enumerate(inputs):
             if not ids or len(ids) > f.max_model_len:
                 raise InvalidRequestError(
                     f"input[{i}] has {len(ids)} tokens; allowed 1 to {f.max_model_len}"
                 )
-            prompt_tokens += len(ids)
-            with self._tracked(rid):
-                values = await self._backend.embed(request_id=f"{rid}-{i}", prompt_token_ids=ids)
-            data.append(pb.Embedding(index=i, values=values))
+            if max(ids) >= f.vocab_size:
+                raise InvalidRequestError(
+                    f"input[{i}] contains token {max(ids)}, beyond the vocabulary "
+                    f"({f.vocab_size} tokens)"
+                )
+        rid = request.request_id or uuid.uuid4().hex
+        with self._tracked(rid):
+            # all at once, as vLLM's server does: the engine batches them
+            vectors = await asyncio.gather(
+                *(
+                    self._backend.embed(request_id=f"{rid}-{i}", prompt_token_ids=ids)
+                    for i, ids in enumerate(inputs)
+                )
+            )
+        data = [pb.Embedding(index=i, values=v) for i, v in enumerate(vectors)]
+        prompt_tokens = sum(len(ids) for ids in inputs)
         usage = pb.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
         return pb.EmbeddingResponse(request_id=rid, data=data, usage=usage, model=self._model)
 
@@ -281,17 +311,26 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             raise EngineUnavailableError("the engine is shutting down and accepts no new requests")
         return facts
 
-    def _sampling(self, params: pb.SamplingParams) -> Sampling:
+    def _sampling(self, params: pb.SamplingParams, *, tools: bool = False) -> Sampling:
         sampling = validation.sampling_from_proto(params)
         name = self._backend.name
         if name == "vllm":
-            check_supported(sampling, backend="vllm")
+            check_supported(sampling, backend="vllm", tools=tools)
         elif name == "llama.cpp":
-            check_supported(sampling, backend="llama.cpp")
+            check_supported(sampling, backend="llama.cpp", tools=tools)
         return sampling
 
-    def _prepare_generate(self, request: pb.GenerateRequest) -> Prepared:
+    def _generating(self, what: str) -> ModelFacts:
         facts = self._accepting()
+        if facts.task != "generate":
+            raise UnsupportedTaskError(
+                f"model {self._model!r} serves {facts.task}, not {what}: "
+                "use /v1/embeddings with it, or a generative deployment for text"
+            )
+        return facts
+
+    def _prepare_generate(self, request: pb.GenerateRequest) -> Prepared:
+        facts = self._generating("completions")
         sampling = self._sampling(request.sampling)
         if request.prompt and request.prompt_token_ids:
             raise InvalidRequestError("give either prompt or prompt_token_ids, not both")
@@ -307,22 +346,58 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         sampling = validation.fit_context(
             sampling, prompt_tokens=len(ids), max_model_len=facts.max_model_len
         )
-        return request.request_id or uuid.uuid4().hex, ids, sampling
+        return Prepared(request.request_id or uuid.uuid4().hex, ids, sampling)
 
     def _prepare_chat(self, request: pb.ChatRequest) -> Prepared:
-        facts = self._accepting()
-        sampling = self._sampling(request.sampling)
+        facts = self._generating("chat completions")
+        tools = tool_calls.tool_request_from_proto(request)
+        sampling = self._sampling(request.sampling, tools=tools is not None)
         messages = validation.messages_from_proto(list(request.messages))
-        text = self._backend.render_chat(messages, chat_template=request.chat_template)
+        if tools is not None:
+            sampling = self._tool_sampling(tools, sampling, facts)
+        text = self._backend.render_chat(
+            messages,
+            chat_template=request.chat_template,
+            tools=tools.tools if tools is not None else None,
+        )
         # The template already carries the special tokens, as in vLLM's own chat serving.
         ids = self._backend.tokenize(text, add_special_tokens=False)
         sampling = validation.fit_context(
             sampling, prompt_tokens=len(ids), max_model_len=facts.max_model_len
         )
-        return request.request_id or uuid.uuid4().hex, ids, sampling
+        return Prepared(request.request_id or uuid.uuid4().hex, ids, sampling, tools)
+
+    def _tool_sampling(self, tools: ToolRequest, sampling: Sampling, facts: ModelFacts) -> Sampling:
+        """`required` and a named function force a call through structured outputs; `auto`
+        needs the engine's tool parser to read calls back."""
+        if tools.choice == "auto" and not facts.tool_call_parser:
+            raise tool_calls.ToolParserMissingError(
+                f"tool_choice auto needs a tool-call parser, and model {self._model!r} has none "
+                "(vLLM knows no parser for its family): deploy it with tool_call_parser "
+                "(--tool-call-parser NAME, e.g. hermes), or use tool_choice required or a "
+                "named function, which work on any model"
+            )
+        schema = tools.schema()
+        if schema is None:
+            return sampling
+        # the call's schema replaces response_format, as in vLLM's server
+        return dataclasses.replace(
+            sampling, structured=Structured(json_schema=schema), json_object=False
+        )
+
+    def _readers(self, prepared: Prepared) -> list[ToolCallReader | None]:
+        tools = prepared.tools
+        if tools is None or tools.choice == "none":
+            return [None] * prepared.sampling.n
+        return [
+            ToolCallReader(
+                tools, parser=self._backend.tool_parser() if tools.choice == "auto" else None
+            )
+            for _ in range(prepared.sampling.n)
+        ]
 
     async def _deltas(self, prepared: Prepared) -> AsyncGenerator[list[ChoiceDelta], None]:
-        rid, ids, sampling = prepared
+        rid, ids, sampling = prepared.rid, prepared.ids, prepared.sampling
         with self._tracked(rid):
             stream = self._backend.generate(request_id=rid, prompt_token_ids=ids, sampling=sampling)
             # Closing runs on normal end, on error and when gRPC cancels this handler (client
@@ -332,18 +407,23 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
                     yield deltas
 
     async def _stream(self, prepared: Prepared) -> AsyncGenerator[pb.GenerateStreamResponse, None]:
-        rid, ids, _ = prepared
+        rid, ids = prepared.rid, prepared.ids
+        readers = self._readers(prepared)
         completion = 0
         async with contextlib.aclosing(self._deltas(prepared)) as stream:
             async for deltas in stream:
                 completion += sum(len(d.token_ids) for d in deltas)
-                yield pb.GenerateStreamResponse(request_id=rid, deltas=[_choice(d) for d in deltas])
+                choices = [_choice(d) for d in deltas]
+                for c in choices:
+                    _read_tools(c, prepared.tools, readers[c.index])
+                yield pb.GenerateStreamResponse(request_id=rid, deltas=choices)
         yield pb.GenerateStreamResponse(
             request_id=rid, usage=_usage(len(ids), completion), finished=True
         )
 
     async def _complete(self, prepared: Prepared) -> pb.GenerateResponse:
-        rid, ids, sampling = prepared
+        rid, ids, sampling = prepared.rid, prepared.ids, prepared.sampling
+        readers = self._readers(prepared)
         start = time.perf_counter()
         ttft = 0.0
         choices = [pb.Choice(index=i) for i in range(sampling.n)]
@@ -360,8 +440,14 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
                     if d.finish_reason:
                         choice.finish_reason = d.finish_reason
                         choice.stop_reason = d.stop_reason
-        for choice, parts in zip(choices, texts, strict=True):
+        for choice, parts, reader in zip(choices, texts, readers, strict=True):
             choice.text = "".join(parts)
+            if reader is not None:
+                choice.text, calls = reader.final(choice.text)
+                choice.tool_calls.extend(calls)
+                choice.finish_reason = tool_calls.finish_reason(
+                    prepared.tools, reader, choice.finish_reason
+                )
         completion = sum(len(c.token_ids) for c in choices)
         return pb.GenerateResponse(
             request_id=rid,
@@ -419,6 +505,19 @@ def _choice(d: ChoiceDelta) -> pb.Choice:
         stop_reason=d.stop_reason,
         logprobs=[_logprob(lp) for lp in d.logprobs],
     )
+
+
+def _read_tools(
+    choice: pb.Choice, tools: ToolRequest | None, reader: ToolCallReader | None
+) -> None:
+    """Replace a streamed choice's text delta by its content and tool-call deltas."""
+    if reader is None:
+        return
+    content, calls = reader.feed(choice.text, list(choice.token_ids))
+    choice.text = content
+    choice.tool_calls.extend(calls)
+    if choice.finish_reason:
+        choice.finish_reason = tool_calls.finish_reason(tools, reader, choice.finish_reason)
 
 
 def _logprob(lp: Any) -> pb.TokenLogprob:

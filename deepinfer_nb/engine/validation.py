@@ -9,6 +9,7 @@ run after tokenisation.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from .._proto import engine_service_pb2 as pb
 from ..errors import InvalidRequestError
@@ -34,6 +35,37 @@ class Sampling:
     logprobs: int | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    structured: Structured | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Structured:
+    """One constraint for structured outputs (vLLM's `StructuredOutputsParams`)."""
+
+    json_schema: dict[str, object] | None = None
+    regex: str = ""
+    choice: tuple[str, ...] = ()
+    grammar: str = ""
+
+
+def structured_from_proto(s: pb.StructuredOutput) -> Structured | None:
+    """The constraint the request sets, checked; None when it sets none."""
+    given = [n for n in ("json_schema", "regex", "choice", "grammar") if getattr(s, n)]
+    if len(given) > 1:
+        raise InvalidRequestError(
+            f"give one structured-output constraint, not {' and '.join(given)}"
+        )
+    if not given:
+        return None
+    schema = None
+    if s.json_schema:
+        try:
+            schema = json.loads(s.json_schema)
+        except ValueError as exc:
+            raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, dict):
+            raise InvalidRequestError("the JSON schema must be a JSON object")
+    return Structured(json_schema=schema, regex=s.regex, choice=tuple(s.choice), grammar=s.grammar)
 
 
 def sampling_from_proto(params: pb.SamplingParams) -> Sampling:
@@ -78,11 +110,13 @@ def sampling_from_proto(params: pb.SamplingParams) -> Sampling:
         logprobs=params.logprobs if has("logprobs") else None,
         min_tokens=min_tokens,
         ignore_eos=params.ignore_eos if has("ignore_eos") else False,
+        structured=structured_from_proto(params.structured) if has("structured") else None,
     )
 
 
-def messages_from_proto(messages: list[pb.ChatMessage]) -> list[dict[str, str]]:
-    """Chat messages as the tokenizer's chat template expects them."""
+def messages_from_proto(messages: list[pb.ChatMessage]) -> list[dict[str, object]]:
+    """Chat messages as the tokenizer's chat template expects them (tool-call arguments as
+    objects, as vLLM's server hands them to templates)."""
     if not messages:
         raise InvalidRequestError("messages must contain at least one message")
     out = []
@@ -92,11 +126,29 @@ def messages_from_proto(messages: list[pb.ChatMessage]) -> list[dict[str, str]]:
             raise InvalidRequestError(
                 f"messages[{i}].role {message.role!r} is not one of: {allowed}"
             )
-        item = {"role": message.role, "content": message.content}
+        item: dict[str, object] = {"role": message.role, "content": message.content}
         if message.name:
             item["name"] = message.name
+        if message.tool_call_id:
+            item["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            item["tool_calls"] = [_tool_call(i, tc) for tc in message.tool_calls]
         out.append(item)
     return out
+
+
+def _tool_call(i: int, tc: pb.ToolCall) -> dict[str, object]:
+    try:
+        arguments = json.loads(tc.arguments) if tc.arguments else {}
+    except ValueError:
+        raise InvalidRequestError(
+            f"messages[{i}].tool_calls: arguments of {tc.name!r} are not valid JSON"
+        ) from None
+    return {
+        "id": tc.id,
+        "type": "function",
+        "function": {"name": tc.name, "arguments": arguments},
+    }
 
 
 def fit_context(sampling: Sampling, *, prompt_tokens: int, max_model_len: int) -> Sampling:

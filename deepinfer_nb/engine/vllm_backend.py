@@ -19,9 +19,10 @@ from typing import Any
 import psutil
 
 from ..errors import EngineError, InvalidRequestError, UnsupportedTaskError
+from . import tool_calls
 from .backend import ChoiceDelta, EngineBackend, EngineStats, ModelFacts, TokenLogprob, TopToken
 from .stats import StatsAccumulator
-from .validation import Sampling
+from .validation import Sampling, Structured
 
 ABORT_GRACE_S = 2.0
 """How long the engine processes get to exit on SIGTERM when a stop comes during the load (an
@@ -31,9 +32,11 @@ ABORT_WAIT_S = 10.0
 
 
 class VllmBackend(EngineBackend):
-    def __init__(self, engine_args: Any) -> None:
-        """`engine_args` is a `vllm.engine.arg_utils.AsyncEngineArgs`."""
+    def __init__(self, engine_args: Any, *, tool_call_parser: str = "auto") -> None:
+        """`engine_args` is a `vllm.engine.arg_utils.AsyncEngineArgs`; `tool_call_parser` is a
+        vLLM tool parser's name, "auto" (the model family's, if vLLM has one) or "none"."""
         self._args = engine_args
+        self._tool_parser = tool_call_parser
         self._args.disable_log_stats = False  # the stat logger below needs scheduler stats
         self._stats = StatsAccumulator()
         self._engine: Any = None
@@ -61,6 +64,21 @@ class VllmBackend(EngineBackend):
         threading.Thread(target=load, name="vllm-load", daemon=True).start()
         self._engine = await asyncio.shield(loading)
         self._tasks = tuple(await self._engine.get_supported_tasks())
+        self._tool_parser = self._resolve_tool_parser()
+
+    def _resolve_tool_parser(self) -> str:
+        name = self._tool_parser
+        if name == "none" or "generate" not in self._tasks:
+            return ""
+        if name == "auto":
+            model = self._engine.vllm_config.model_config
+            hf = model.hf_config
+            label = f"{model.model} {getattr(hf, '_name_or_path', '')} {model.served_model_name}"
+            return tool_calls.default_parser(model_type=str(hf.model_type), name=label)
+        known = tool_calls.parser_names()
+        if name not in known:
+            raise ValueError(f"unknown --tool-call-parser {name!r}; vLLM knows: {', '.join(known)}")
+        return name
 
     async def abort_start(self) -> None:
         from .process import end_processes
@@ -100,13 +118,26 @@ class VllmBackend(EngineBackend):
             engine_version=str(vllm.__version__),
             num_kv_blocks=int(config.cache_config.num_gpu_blocks or 0),
             block_size=int(config.cache_config.block_size or 0),
+            tool_call_parser=self._tool_parser,
         )
 
-    def render_chat(self, messages: list[dict[str, str]], *, chat_template: str = "") -> str:
+    def tool_parser(self) -> Any:
+        if not self._tool_parser:
+            return None
+        return tool_calls.make_parser(self._tool_parser, self._engine.get_tokenizer())
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        chat_template: str = "",
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         tokenizer = self._engine.get_tokenizer()
         try:
             text = tokenizer.apply_chat_template(
                 messages,
+                tools=tools or None,
                 tokenize=False,
                 add_generation_prompt=True,
                 chat_template=chat_template or None,
@@ -142,8 +173,8 @@ class VllmBackend(EngineBackend):
 
         if "embed" not in self._tasks:
             raise UnsupportedTaskError(
-                f"this model serves {', '.join(self._tasks) or 'no tasks'}, not embeddings; "
-                "deploy an embedding model (or start vLLM with --convert embed)"
+                f"this model serves {', '.join(self._tasks) or 'no tasks'}, not embeddings: "
+                "deploy an embedding model (e.g. all-minilm-l6-v2) for /v1/embeddings"
             )
         final = None
         async for out in self._engine.encode(
@@ -152,7 +183,8 @@ class VllmBackend(EngineBackend):
             final = out
         if final is None:
             raise EngineError(f"request {request_id}: the engine returned no embedding")
-        return [float(x) for x in final.outputs.data.flatten().tolist()]
+        values: list[float] = final.outputs.data.flatten().tolist()  # Python floats already
+        return values
 
     def stats(self) -> EngineStats:
         return self._stats.snapshot()
@@ -204,9 +236,21 @@ def _sampling_params(s: Sampling) -> Any:
         logprobs=s.logprobs,
         min_tokens=s.min_tokens,
         ignore_eos=s.ignore_eos,
-        structured_outputs=StructuredOutputsParams(json_object=True) if s.json_object else None,
+        structured_outputs=_structured(s.structured, StructuredOutputsParams)
+        if s.structured
+        else (StructuredOutputsParams(json_object=True) if s.json_object else None),
         output_kind=RequestOutputKind.DELTA,
     )
+
+
+def _structured(s: Structured, params_cls: Any) -> Any:
+    if s.json_schema is not None:
+        return params_cls(json=s.json_schema)
+    if s.regex:
+        return params_cls(regex=s.regex)
+    if s.choice:
+        return params_cls(choice=list(s.choice))
+    return params_cls(grammar=s.grammar)
 
 
 def _delta(co: Any, top_n: int | None) -> ChoiceDelta:

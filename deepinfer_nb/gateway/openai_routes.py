@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.routing import Route
 
+from ..models import DeploymentSpec
 from .errors import model_not_found, validation_error
 from .protocol import (
     ChatCompletionRequest,
@@ -75,21 +76,22 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
-    return ModelList(
-        data=[
-            _card(spec.model_name, spec.model, spec.created_at)
-            for spec in _table(request).serving()
-        ]
-    )
+    serving = _serving(request)
+    return ModelList(data=[await _card(serving, spec) for spec in _table(request).serving()])
 
 
 @router.get("/v1/models/{model:path}")
 async def get_model(model: str, request: Request) -> ModelCard:
     for spec in _table(request).serving():
         if model in (spec.model_name, spec.name):
-            return _card(spec.model_name, spec.model, spec.created_at)
+            return await _card(_serving(request), spec)
     raise model_not_found(model)
 
 
-def _card(name: str, root: str, created: float) -> ModelCard:
-    return ModelCard(id=name, root=root, created=int(created))
+async def _card(serving: OpenAIServing, spec: DeploymentSpec) -> ModelCard:
+    return ModelCard(
+        id=spec.model_name,
+        root=spec.model,
+        created=int(spec.created_at),
+        task=await serving.task(spec),
+    )

@@ -2,8 +2,8 @@
 
 Requests validate what OpenAI validates (ranges, types) so a bad parameter becomes a 400 naming
 the field. Unknown fields are accepted and ignored, as OpenAI-compatible servers commonly do, so
-that clients sending newer optional fields keep working; fields we cannot honour (tools,
-logit_bias, image parts) are rejected in `serving.py` rather than silently dropped.
+that clients sending newer optional fields keep working; fields we cannot honour (logit_bias,
+image parts) are rejected in `translate.py` rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -32,9 +32,27 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    name: str = "response"
+    description: str | None = None
+    # `schema` shadows a BaseModel attribute, hence the alias
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(OpenAIModel):
+    """vLLM's `structured_outputs` extra: one constraint."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class SamplingFields(OpenAIModel):
@@ -58,6 +76,12 @@ class SamplingFields(OpenAIModel):
     min_tokens: int | None = Field(default=None, ge=0, le=UINT32_MAX)
     ignore_eos: bool | None = None
     stop_token_ids: list[TokenId] | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older names for the same constraints
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class Usage(BaseModel):
@@ -85,10 +109,44 @@ class ContentPart(OpenAIModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = ""
+
+
+class ToolCallIn(OpenAIModel):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageIn(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+
+
+class FunctionDef(OpenAIModel):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -97,8 +155,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TopLogprobOut(BaseModel):
@@ -115,9 +174,16 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprobOut] | None = None
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -226,6 +292,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "deepinfer-nb"
     root: str = ""
+    task: str | None = None  # generate | embed (None: not known until an engine runs)
 
 
 class ModelList(BaseModel):

@@ -25,10 +25,11 @@ from starlette.types import Receive, Scope, Send
 
 from .. import errors as E
 from .._proto import engine_service_pb2 as pb
+from ..engine import local_models
 from ..engine.client import EngineClient
 from ..models import DeploymentSpec
 from . import translate
-from .errors import APIError, ClientDisconnected, to_api_error
+from .errors import APIError, ClientDisconnected, invalid, to_api_error
 from .metrics import GatewayMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .routing import Lease, RoutingTable
@@ -37,6 +38,7 @@ T = TypeVar("T")
 Stream = AsyncIterator[pb.GenerateStreamResponse]
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_TASK_WORDS = {"generate": "text generation (chat, completions)", "embed": "embeddings"}
 
 
 class _Tracker:
@@ -91,11 +93,56 @@ class OpenAIServing:
     def __init__(self, table: RoutingTable, metrics: GatewayMetrics) -> None:
         self.table = table
         self.metrics = metrics
+        # tasks the engines reported, for deployments whose spec and model do not say
+        self._tasks: dict[tuple[str, float], str] = {}
+
+    # ---- what a deployment serves -------------------------------------------------------------
+
+    def known_task(self, spec: DeploymentSpec) -> str | None:
+        """generate | embed from the spec's `task`, the local model catalog, or what an engine
+        of the deployment reported; None while none of them says."""
+        if spec.task != "auto":
+            return spec.task
+        local = local_models.lookup(spec.model)
+        if local is not None:
+            return local.task
+        return self._tasks.get((spec.name, spec.created_at))
+
+    async def task(self, spec: DeploymentSpec) -> str | None:
+        """`known_task`, asking a Running engine when nothing else says."""
+        known = self.known_task(spec)
+        if known is not None:
+            return known
+        try:
+            lease = self.table.acquire(spec)
+        except APIError:
+            return None
+        try:
+            info = await lease.client.model_info()
+        except E.EngineError:
+            return None
+        finally:
+            lease.release()
+        self._tasks[(spec.name, spec.created_at)] = info.task
+        return info.task or None
+
+    def _require_task(self, spec: DeploymentSpec, task: str, what: str) -> None:
+        served = self.known_task(spec)
+        if served is None or served == task:
+            return  # unknown: the engine checks (FAILED_PRECONDITION, mapped to a 400)
+        use = "/v1/embeddings" if served == "embed" else "/v1/chat/completions or /v1/completions"
+        raise invalid(
+            f"deployment {spec.name!r} (model {spec.model_name!r}) serves "
+            f"{_TASK_WORDS[served]}, not {what}: use {use} with it, or a deployment that serves "
+            f"{_TASK_WORDS[task]}",
+            param="model",
+        )
 
     # ---- endpoints ------------------------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         spec = self.table.resolve(body.model)
+        self._require_task(spec, "generate", "chat completions")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         preq = translate.chat_request(body, rid)
         track = _Tracker(self.metrics, model=spec.model_name, endpoint="chat")
@@ -116,6 +163,7 @@ class OpenAIServing:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         spec = self.table.resolve(body.model)
+        self._require_task(spec, "generate", "completions")
         rid = f"cmpl-{uuid.uuid4().hex}"
         preqs = translate.completion_requests(body, rid)
         track = _Tracker(self.metrics, model=spec.model_name, endpoint="completions")
@@ -144,6 +192,7 @@ class OpenAIServing:
 
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> Response:
         spec = self.table.resolve(body.model)
+        self._require_task(spec, "embed", "embeddings")
         preq = translate.embedding_request(body, f"embd-{uuid.uuid4().hex}")
         track = _Tracker(self.metrics, model=spec.model_name, endpoint="embeddings")
         resp = await self._tracked(track, request, self._call(spec, lambda c: c.embed(preq)))

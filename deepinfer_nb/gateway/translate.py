@@ -13,6 +13,7 @@ import json
 import struct
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from .._proto import engine_service_pb2 as pb
 from .errors import invalid
@@ -29,9 +30,12 @@ from .protocol import (
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
+    FunctionCall,
+    NamedToolChoice,
     ResponseFormat,
     SamplingFields,
     TokenLogprobOut,
+    ToolCallOut,
     TopLogprobOut,
     Usage,
 )
@@ -74,20 +78,63 @@ def sampling(
         s.stop.extend([req.stop] if isinstance(req.stop, str) else req.stop)
     if req.stop_token_ids:
         s.stop_token_ids.extend(req.stop_token_ids)
-    if response_format is not None:
-        if response_format.type not in _FORMATS:
-            raise invalid(
-                f"response_format {response_format.type} is not supported "
-                "(use text or json_object)",
-                param="response_format",
-            )
+    structured = structured_output(req, response_format)
+    if structured is not None:
+        s.structured.CopyFrom(structured)
+    elif response_format is not None and response_format.type in _FORMATS:
         s.response_format = _FORMATS[response_format.type]
     return s
 
 
+def structured_output(
+    req: SamplingFields, response_format: ResponseFormat | None
+) -> pb.StructuredOutput | None:
+    """The one structured-output constraint a request sets, from `response_format`
+    json_schema, vLLM's `structured_outputs`, or its older `guided_*` fields."""
+    found: list[tuple[str, pb.StructuredOutput]] = []
+    if response_format is not None and response_format.type == "json_schema":
+        spec = response_format.json_schema
+        if spec is None or not isinstance(spec.json_schema, dict):
+            raise invalid(
+                "response_format json_schema needs json_schema.schema (a JSON Schema object)",
+                param="response_format.json_schema",
+            )
+        found.append(("response_format", pb.StructuredOutput(json_schema=_dumps(spec.json_schema))))
+    so = req.structured_outputs
+    if so is not None:
+        if so.json_ is not None:
+            found.append(
+                ("structured_outputs.json", pb.StructuredOutput(json_schema=_schema(so.json_)))
+            )
+        if so.regex:
+            found.append(("structured_outputs.regex", pb.StructuredOutput(regex=so.regex)))
+        if so.choice:
+            found.append(("structured_outputs.choice", pb.StructuredOutput(choice=so.choice)))
+        if so.grammar:
+            found.append(("structured_outputs.grammar", pb.StructuredOutput(grammar=so.grammar)))
+    if req.guided_json is not None:
+        found.append(("guided_json", pb.StructuredOutput(json_schema=_schema(req.guided_json))))
+    if req.guided_regex:
+        found.append(("guided_regex", pb.StructuredOutput(regex=req.guided_regex)))
+    if req.guided_choice:
+        found.append(("guided_choice", pb.StructuredOutput(choice=req.guided_choice)))
+    if req.guided_grammar:
+        found.append(("guided_grammar", pb.StructuredOutput(grammar=req.guided_grammar)))
+    if len(found) > 1:
+        names = " and ".join(name for name, _ in found)
+        raise invalid(f"give one structured-output constraint, not {names}", param=found[1][0])
+    return found[0][1] if found else None
+
+
+def _schema(value: dict[str, Any] | str) -> str:
+    return value if isinstance(value, str) else _dumps(value)
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 def chat_request(req: ChatCompletionRequest, request_id: str) -> pb.ChatRequest:
-    if req.tools:
-        raise invalid("tools are not supported by this gateway", param="tools")
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs requires logprobs to be true", param="top_logprobs")
     messages = []
@@ -105,7 +152,18 @@ def chat_request(req: ChatCompletionRequest, request_id: str) -> pb.ChatRequest:
         else:
             content = m.content or ""
         messages.append(
-            pb.ChatMessage(role=_ROLES.get(m.role, m.role), content=content, name=m.name or "")
+            pb.ChatMessage(
+                role=_ROLES.get(m.role, m.role),
+                content=content,
+                name=m.name or "",
+                tool_call_id=m.tool_call_id or "",
+                tool_calls=[
+                    pb.ToolCall(
+                        index=k, id=tc.id, name=tc.function.name, arguments=tc.function.arguments
+                    )
+                    for k, tc in enumerate(m.tool_calls or [])
+                ],
+            )
         )
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling(
@@ -114,7 +172,31 @@ def chat_request(req: ChatCompletionRequest, request_id: str) -> pb.ChatRequest:
         logprobs=logprobs,
         response_format=req.response_format,
     )
-    return pb.ChatRequest(request_id=request_id, messages=messages, sampling=params)
+    out = pb.ChatRequest(request_id=request_id, messages=messages, sampling=params)
+    _tools(req, out)
+    return out
+
+
+def _tools(req: ChatCompletionRequest, out: pb.ChatRequest) -> None:
+    """Tools and tool_choice, checked as OpenAI checks them (the shim enforces them)."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice not in (None, "none"):
+            raise invalid("tool_choice needs tools: the request has none", param="tool_choice")
+        return
+    out.tools_json = _dumps([t.model_dump(exclude_none=True) for t in req.tools])
+    out.parallel_tool_calls = req.parallel_tool_calls is not False
+    if isinstance(choice, NamedToolChoice):
+        names = [t.function.name for t in req.tools]
+        if choice.function.name not in names:
+            raise invalid(
+                f"tool_choice names the function {choice.function.name!r}, which is not in "
+                f"tools ({', '.join(names)})",
+                param="tool_choice",
+            )
+        out.tool_choice, out.tool_choice_name = "function", choice.function.name
+    else:
+        out.tool_choice = choice or "auto"
 
 
 def completion_requests(req: CompletionRequest, request_id: str) -> list[pb.GenerateRequest]:
@@ -151,12 +233,31 @@ def completion_requests(req: CompletionRequest, request_id: str) -> list[pb.Gene
 
 
 def embedding_request(req: EmbeddingRequest, request_id: str) -> pb.EmbeddingRequest:
+    """One engine request for the whole input: a string, strings, token ids, or lists of them."""
     if req.dimensions is not None:
         raise invalid("dimensions is not supported", param="dimensions")
-    inputs = [req.input] if isinstance(req.input, str) else req.input
-    if not inputs or not all(isinstance(x, str) for x in inputs):
-        raise invalid("input must be a string or a non-empty list of strings", param="input")
-    return pb.EmbeddingRequest(request_id=request_id, input=inputs)  # type: ignore[arg-type]
+    given = req.input
+    if isinstance(given, str):
+        return pb.EmbeddingRequest(request_id=request_id, input=[given])
+    if not given:
+        raise invalid("input must not be empty", param="input")
+    if all(isinstance(x, str) for x in given):
+        return pb.EmbeddingRequest(request_id=request_id, input=given)  # type: ignore[arg-type]
+    batch: list[list[int]]
+    if all(isinstance(x, int) for x in given):
+        batch = [list(given)]  # type: ignore[arg-type]
+    elif all(isinstance(x, list) for x in given):
+        batch = list(given)  # type: ignore[arg-type]
+    else:
+        raise invalid(
+            "input must be a string, a list of strings, a list of token ids, or a list of them",
+            param="input",
+        )
+    if any(not ids or min(ids) < 0 for ids in batch):
+        raise invalid("token-id inputs must be non-empty lists of ids >= 0", param="input")
+    return pb.EmbeddingRequest(
+        request_id=request_id, input_ids=[pb.TokenIds(ids=ids) for ids in batch]
+    )
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -204,7 +305,16 @@ def chat_response(
     choices = [
         ChatChoice(
             index=c.index,
-            message=ChatMessageOut(content=c.text),
+            message=ChatMessageOut(
+                # with tool calls and nothing besides them, content is null as in OpenAI's API
+                content=c.text if c.text or not c.tool_calls else None,
+                tool_calls=[
+                    ToolCallOut(
+                        id=tc.id, function=FunctionCall(name=tc.name, arguments=tc.arguments)
+                    )
+                    for tc in c.tool_calls
+                ],
+            ),
             logprobs=chat_logprobs(c.logprobs) if logprobs else None,
             finish_reason=c.finish_reason or "stop",
         )
@@ -245,8 +355,10 @@ def embedding_response(
             if base64_out
             else values
         )
-        data.append(EmbeddingData(index=e.index, embedding=vector))
-    return EmbeddingResponse(data=data, model=model, usage=usage(resp.usage))
+        # built from the engine's typed floats: validating every float again (the union with
+        # base64's str) cost about 60 ms per 256 vectors of 384
+        data.append(EmbeddingData.model_construct(index=e.index, embedding=vector))
+    return EmbeddingResponse.model_construct(data=data, model=model, usage=usage(resp.usage))
 
 
 # ---- streaming ---------------------------------------------------------------------------------
@@ -292,7 +404,7 @@ class _Chunks:
     def event(self, ev: pb.GenerateStreamResponse) -> list[str]:
         out = []
         for d in ev.deltas:
-            if d.text or d.logprobs:
+            if d.text or d.logprobs or d.tool_calls:
                 out.append(self._chunk([self._delta(d)]))
             if d.finish_reason:
                 out.append(self._finish(d.index, d.finish_reason))
@@ -335,18 +447,28 @@ class ChatChunks(_Chunks):
 
     def _delta(self, d: pb.Choice) -> dict[str, object]:
         lp = chat_logprobs(d.logprobs).model_dump() if self.logprobs else None
-        return {
-            "index": d.index,
-            "delta": {"content": d.text},
-            "logprobs": lp,
-            "finish_reason": None,
-        }
+        delta: dict[str, object] = {"content": d.text} if d.text or not d.tool_calls else {}
+        if d.tool_calls:
+            delta["tool_calls"] = [_tool_call_delta(tc) for tc in d.tool_calls]
+        return {"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": None}
 
     def _finish(self, index: int, reason: str) -> str:
         self.finished.add(index)
         return self._chunk(
             [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]
         )
+
+
+def _tool_call_delta(tc: pb.ToolCall) -> dict[str, object]:
+    """OpenAI's streamed tool call: id, type and name on a call's first delta only."""
+    if tc.id:
+        return {
+            "index": tc.index,
+            "id": tc.id,
+            "type": "function",
+            "function": {"name": tc.name, "arguments": tc.arguments},
+        }
+    return {"index": tc.index, "function": {"arguments": tc.arguments}}
 
 
 class CompletionChunks(_Chunks):

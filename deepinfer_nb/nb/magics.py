@@ -214,6 +214,10 @@ class DeepInferMagics(Magics, Configurable):
         kwargs: dict[str, Any] = {"extra_args": ns.extra} if ns.extra else {}
         if ns.engine:
             kwargs["engine"] = ns.engine
+        if ns.task:
+            kwargs["task"] = ns.task
+        if ns.tool_call_parser:
+            kwargs["tool_call_parser"] = ns.tool_call_parser
         dep = cluster.deploy(
             ns.model, name=ns.name, gpus=ns.gpus, replicas=ns.replicas, device=device, **kwargs
         )

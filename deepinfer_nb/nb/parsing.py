@@ -67,6 +67,8 @@ COMMAND_TABLE: tuple[Command, ...] = (
             arg("--replicas", type=int, default=1, metavar="R"),
             arg("--device", default=None, metavar="auto|cpu|cuda|cuda:N"),
             arg("--engine", default=None, choices=["vllm", "llama.cpp", "auto"]),
+            arg("--task", default=None, choices=["auto", "generate", "embed"]),
+            arg("--tool-call-parser", default=None, metavar="NAME"),
             arg("--wait", action="store_true"),
             arg("--timeout", type=float, default=None, metavar="S"),
         ),

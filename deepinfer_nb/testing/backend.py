@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import math
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from ..engine.backend import (
     ChoiceDelta,
@@ -166,10 +167,18 @@ class FakeBackend(EngineBackend):
 
     # ---- prompts -----------------------------------------------------------------------------
 
-    def render_chat(self, messages: list[dict[str, str]], *, chat_template: str = "") -> str:
-        """Every conversation renders the same way (`chat_template` is not interpreted)."""
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        chat_template: str = "",
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """Every conversation renders the same way (`chat_template` is not interpreted); tools
+        are listed by name first, as a template would show them to the model."""
+        names = ",".join(t["function"]["name"] for t in tools or [])
         turns = "".join(f"<|{m['role']}|>{m.get('content', '')}\n" for m in messages)
-        return turns + "<|assistant|>"
+        return (f"<|tools|>{names}\n" if names else "") + turns + "<|assistant|>"
 
     def tokenize(self, text: str, *, add_special_tokens: bool) -> list[int]:
         ids = [token_id(ch) for ch in text]

@@ -38,6 +38,10 @@ class Capabilities:
     stop: bool = dataclasses.field(default=True, metadata=_label("Stop strings / token ids"))
     logprobs: bool = dataclasses.field(default=True, metadata=_label("Logprobs (top-N)"))
     json_object: bool = dataclasses.field(default=True, metadata=_label("`json_object`"))
+    structured_outputs: bool = dataclasses.field(
+        default=True, metadata=_label("Structured outputs (`json_schema`, regex, choice, grammar)")
+    )
+    tools: bool = dataclasses.field(default=True, metadata=_label("`tools` / `tool_choice`"))
     min_tokens: bool = dataclasses.field(default=True, metadata=_label("`min_tokens`"))
     ignore_eos: bool = dataclasses.field(default=True, metadata=_label("`ignore_eos`"))
     embeddings: str = dataclasses.field(default="", metadata=_label("Embeddings"))
@@ -60,6 +64,8 @@ CAPABILITIES: dict[BackendName, Capabilities] = {
         concurrency="fair FIFO queue, one sequence at a time (`n` choices one after another)",
         chat_template="the GGUF's `tokenizer.chat_template`",
         json_object=True,
+        structured_outputs=False,
+        tools=False,
         min_tokens=False,
         embeddings="encoder GGUFs (BERT family)",
     ),
@@ -79,9 +85,9 @@ def capability_table() -> str:
     return "\n".join(rows)
 
 
-def check_supported(sampling: Sampling, *, backend: BackendName) -> None:
+def check_supported(sampling: Sampling, *, backend: BackendName, tools: bool = False) -> None:
     """UnsupportedFeatureError (gRPC UNIMPLEMENTED) naming the first feature the request asks
-    for that `backend` lacks."""
+    for that `backend` lacks; `tools`: the chat request carries tools."""
     caps = CAPABILITIES[backend]
     asked = {
         "n": sampling.n > 1,
@@ -89,6 +95,8 @@ def check_supported(sampling: Sampling, *, backend: BackendName) -> None:
         "stop": bool(sampling.stop or sampling.stop_token_ids),
         "logprobs": sampling.logprobs is not None,
         "json_object": sampling.json_object,
+        "structured_outputs": sampling.structured is not None,
+        "tools": tools,
         "min_tokens": sampling.min_tokens > 0,
         "ignore_eos": sampling.ignore_eos,
     }

@@ -174,7 +174,13 @@ class LlamaCppBackend(EngineBackend):
             block_size=1,
         )
 
-    def render_chat(self, messages: list[dict[str, str]], *, chat_template: str = "") -> str:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        chat_template: str = "",
+        tools: list[dict[str, Any]] | None = None,  # never set: CAPABILITIES refuses tools
+    ) -> str:
         formatter = self._template
         if chat_template:
             formatter = _chat_formatter(self._llm, template=chat_template)

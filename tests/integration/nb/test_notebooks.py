@@ -83,6 +83,8 @@ def test_quickstart_notebook(deepinfer_home: Path, tmp_path: Path) -> None:
     openai_out = cell_output(sources, outputs, "deepinfer_nb.connect()")
     assert "openai:" in openai_out and "Paris" in openai_out
     assert "Paris" in cell_output(sources, outputs, '"smollm2-135m-instruct-gguf"')  # llama.cpp
+    langchain_out = cell_output(sources, outputs, "with_structured_output")
+    assert "langchain: country=" in langchain_out and "capital=" in langchain_out
     assert "Running" in cell_output(sources, outputs, "%deepinfer ls")
     assert "Running" in cell_output(sources, outputs, "%deepinfer monitor")
     assert "curl -s http://127.0.0.1:" in cell_output(sources, outputs, "%deepinfer snippet")

@@ -9,6 +9,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import httpx
 import openai
 import pytest
@@ -134,20 +135,69 @@ async def test_completions_stream_and_batch(gw: GatewayServer) -> None:
     CompletionResponse.model_validate(batch.model_dump())
 
 
-async def test_embeddings_float_and_base64(gw: GatewayServer) -> None:
+async def _embedding_deployment(store: MemoryStore) -> None:
+    await put_deployment(store, "minilm", model="all-minilm-l6-v2")
+    await put_engine(store, "minilm", 0, endpoint="10.0.1.1:5000")
+    await asyncio.sleep(0.2)  # the gateway's routing table follows the store
+
+
+async def test_embeddings_float_and_base64(gw: GatewayServer, cluster: Any) -> None:
+    await _embedding_deployment(cluster[0])
     async with _oai(gw) as client:
         out = await client.embeddings.create(
-            model="smollm2", input=["ab", "c"], encoding_format="float"
+            model="minilm", input=["ab", "c"], encoding_format="float"
         )
-        b64 = await client.embeddings.create(model="smollm2", input="abc")  # base64 by default
+        b64 = await client.embeddings.create(model="minilm", input="abc")  # base64 by default
     assert out.data[0].embedding == [0.5, -1.0, 2.0]
     assert b64.data[0].embedding == [0.5, -1.0, 3.0]
 
 
-async def test_models_list_only_serving_deployments(gw: GatewayServer) -> None:
+async def test_wrong_task_is_a_400_that_reaches_no_engine(gw: GatewayServer, cluster: Any) -> None:
+    store, fleet = cluster
+    await _embedding_deployment(store)
+    async with _oai(gw) as client:
+        with pytest.raises(openai.BadRequestError) as embed:
+            await client.embeddings.create(model="smollm2", input="abc")
+        with pytest.raises(openai.BadRequestError) as chat:
+            await client.chat.completions.create(
+                model="minilm", messages=[{"role": "user", "content": "hi"}]
+            )
+    assert embed.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    assert "'smol'" in embed.value.message and "serves text generation" in embed.value.message
+    assert "'minilm'" in chat.value.message and "serves embeddings" in chat.value.message
+    assert sum(fleet.calls.values()) == 0
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    [
+        Behaviour(mode="invalid"),
+        Behaviour(mode="status", status=grpc.StatusCode.FAILED_PRECONDITION),
+    ],
+)
+async def test_client_caused_engine_errors_are_400_and_not_retried(
+    gw: GatewayServer, cluster: Any, behaviour: Behaviour
+) -> None:
+    """INVALID_ARGUMENT and FAILED_PRECONDITION from an engine: a 400 invalid_request_error,
+    from the one replica asked; the other replica (which would answer) is never tried."""
+    _, fleet = cluster
+    fleet.behaviour["10.0.0.1:5000"] = behaviour
+    fleet.behaviour["10.0.0.2:5000"] = behaviour
+    async with _oai(gw) as client:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as bad:
+                await client.chat.completions.create(
+                    model="smollm2", messages=[{"role": "user", "content": "hi"}], stream=stream
+                )
+            assert bad.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    assert sum(fleet.calls.values()) == 2  # one engine call per request
+
+
+async def test_models_list_only_serving_deployments(gw: GatewayServer, cluster: Any) -> None:
+    await _embedding_deployment(cluster[0])
     async with _oai(gw) as client:
         models = await client.models.list()
-        assert [m.id for m in models.data] == ["smollm2"]
+        assert {m.id: m.task for m in models.data} == {"minilm": "embed", "smollm2": "generate"}
         assert (await client.models.retrieve("smollm2")).id == "smollm2"
 
 
@@ -175,11 +225,12 @@ async def test_error_statuses(gw: GatewayServer, cluster: Any) -> None:
                 messages=msgs,  # type: ignore
                 top_logprobs=2,
             )
-        with pytest.raises(openai.BadRequestError, match="tools"):
+        with pytest.raises(openai.BadRequestError, match="not in tools"):
             await client.chat.completions.create(
                 model="smollm2",
                 messages=msgs,  # type: ignore
                 tools=[{"type": "function", "function": {"name": "f"}}],
+                tool_choice={"type": "function", "function": {"name": "g"}},
             )
         fleet.behaviour["10.0.0.1:5000"] = Behaviour(mode="invalid")
         fleet.behaviour["10.0.0.2:5000"] = Behaviour(mode="invalid")

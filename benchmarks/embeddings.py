@@ -1,0 +1,217 @@
+"""Embeddings through the gateway (+ shim + vLLM) against vLLM's own OpenAI server.
+
+Both sides serve the locally built all-MiniLM-L6-v2 with vLLM's pooling runner and the same flags
+(--enforce-eager --dtype D, VLLM_CPU_KVCACHE_SPACE=1; D as the shim picks it for CPU; the
+model's own 256-token window). The gateway side is the product as a user runs it:
+`deepinfer-nb up` (memory store, controller, worker and gateway in one process) and a
+deployment created with POST /v1/deployments. The client is aiohttp (light, as in serve.py),
+one request at a time.
+
+For batches of 1, 32 and 256 short texts per request: embeddings/s (texts embedded over the time
+spent in requests) and p50 request latency, per side, after one unmeasured warm-up request per
+side; the requests of a batch size run in rounds in ABBA order (vLLM, gateway, gateway, vLLM,
+...) so a machine whose speed drifts slows both sides alike. Ratios are gateway / vLLM for
+embeddings/s and vLLM / gateway for latency, so >= 1.0 means the gateway is at least as fast.
+
+    .venv/bin/python benchmarks/embeddings.py [--rounds 4]
+
+Prints a table and writes benchmarks/results/embeddings.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from serve import spawn, stop, wait_http  # noqa: E402
+
+from deepinfer_nb.engine import local_models  # noqa: E402
+from deepinfer_nb.engine.cpu_dtype import best_cpu_dtype  # noqa: E402
+from deepinfer_nb.netutil import free_port  # noqa: E402
+
+SERVED = "minilm"
+ALIAS = "all-minilm-l6-v2"
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+DTYPE = best_cpu_dtype()
+REQUESTS = {1: 50, 32: 10, 256: 2}  # batch size -> requests per side and round
+TEXTS = [
+    f"Sentence number {i} about {topic}."
+    for i, topic in enumerate(["cats", "markets", "weather", "football", "music", "code"] * 60)
+]
+
+
+@contextlib.asynccontextmanager
+async def vllm_side(folder: str, work: Path) -> AsyncIterator[str]:
+    port = free_port()
+    log = work / "vllm_server.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        folder,
+        "--served-model-name",
+        SERVED,
+        "--runner",
+        "pooling",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enforce-eager",
+        "--dtype",
+        DTYPE,
+    ]
+    proc = spawn(cmd, log, ENV)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await wait_http(url + "/health", proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
+@contextlib.asynccontextmanager
+async def gateway_side(work: Path) -> AsyncIterator[str]:
+    port = free_port()
+    log = work / "up.log"
+    cmd = [
+        sys.executable,
+        "-c",
+        "from deepinfer_nb.cli import main; raise SystemExit(main())",
+        "up",
+        "--store",
+        "memory://",
+        "--node",
+        "bench",
+        "--gateway-port",
+        str(port),
+    ]
+    proc = spawn(cmd, log, {})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_http(url + "/health", proc, log)
+        spec = {
+            "model": ALIAS,
+            "name": SERVED,
+            "device": "cpu",
+            "dtype": DTYPE,
+            "enforce_eager": True,
+            "task": "embed",
+            "env": ENV,
+        }
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url + "/v1/deployments", json=spec) as r,
+        ):
+            if r.status >= 400:
+                raise RuntimeError(f"POST /v1/deployments: {r.status} {await r.text()}")
+        await wait_http(
+            url + f"/v1/deployments/{SERVED}",
+            proc,
+            log,
+            ok=lambda status, body: status == 200 and body["ready_replicas"] == 1,
+        )
+        yield url
+    finally:
+        stop(proc)
+
+
+async def embed(http: aiohttp.ClientSession, url: str, texts: list[str]) -> float:
+    body = {"model": SERVED, "input": texts, "encoding_format": "float"}
+    start = time.perf_counter()
+    async with http.post(url + "/v1/embeddings", json=body) as r:
+        data = await r.json()
+        if r.status != 200 or len(data["data"]) != len(texts):
+            raise RuntimeError(f"{url}: {r.status} {str(data)[:300]}")
+    return time.perf_counter() - start
+
+
+async def measure(urls: dict[str, str], rounds: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with aiohttp.ClientSession() as http:
+        for url in urls.values():
+            await embed(http, url, TEXTS[:8])  # warm-up
+        for batch, count in REQUESTS.items():
+            lat: dict[str, list[float]] = {side: [] for side in urls}
+            order = list(urls)
+            for r in range(rounds):
+                for side in order if r % 2 == 0 else order[::-1]:
+                    for i in range(count):
+                        texts = [TEXTS[(i * batch + k) % len(TEXTS)] for k in range(batch)]
+                        lat[side].append(await embed(http, urls[side], texts))
+            sides = {
+                side: {
+                    "requests": len(values),
+                    "embeddings_per_s": batch * len(values) / sum(values),
+                    "p50_ms": statistics.median(values) * 1000,
+                }
+                for side, values in lat.items()
+            }
+            v, g = sides["vllm"], sides["gateway"]
+            out[str(batch)] = {
+                **sides,
+                "throughput_ratio": g["embeddings_per_s"] / v["embeddings_per_s"],
+                "latency_ratio": v["p50_ms"] / g["p50_ms"],
+            }
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        "batch | vLLM emb/s | gateway emb/s | ratio | vLLM p50 ms | gateway p50 ms | ratio",
+        "----- | ---------- | ------------- | ----- | ----------- | -------------- | -----",
+    ]
+    for batch, r in results.items():
+        v, g = r["vllm"], r["gateway"]
+        lines.append(
+            f"{batch} | {v['embeddings_per_s']:.1f} | {g['embeddings_per_s']:.1f} | "
+            f"{r['throughput_ratio']:.2f}x | {v['p50_ms']:.1f} | {g['p50_ms']:.1f} | "
+            f"{r['latency_ratio']:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    folder = str(local_models.build(local_models.CATALOG[ALIAS]))
+    work = Path(tempfile.mkdtemp(prefix="bench-embeddings-"))
+    async with vllm_side(folder, work) as vllm_url, gateway_side(work) as gw_url:
+        print("both sides ready", flush=True)
+        results = await measure({"vllm": vllm_url, "gateway": gw_url}, args.rounds)
+    print(table(results))
+    out = HERE / "results" / "embeddings.json"
+    out.parent.mkdir(exist_ok=True)
+    payload = {
+        "benchmark": "embeddings",
+        "model": ALIAS,
+        "dtype": DTYPE,
+        "rounds": args.rounds,
+        "requests_per_side_and_round": REQUESTS,
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "results": results,
+    }
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
