@@ -82,7 +82,7 @@ def test_deploy_wait_shows_stages_and_reaches_running(gateway: str) -> None:
     assert result.returncode == 0, result.stderr
     assert f"{NAME}: created" in result.stderr
     assert "Starting (" in result.stderr, result.stderr  # staged progress, as in the notebook
-    assert "[Pending -> Scheduled -> Starting -> Running]" in result.stderr
+    assert "[Pending -> Scheduled -> Downloading -> Starting -> Running]" in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"{NAME}: Running (")
     assert "Running 1/1" in result.stdout
     again = cli(gateway, "deploy", "smollm2-135m-instruct", "--name", NAME, "--device", "cpu")
@@ -106,7 +106,8 @@ def test_status(gateway: str) -> None:
     assert table.returncode == 0 and f"Deployment '{NAME}'" in table.stdout
     view = json.loads(cli(gateway, "status", NAME, "-o", "json").stdout)
     assert view["ready_replicas"] == 1 and view["engines"][0]["state"] == "Running"
-    assert view["max_model_len"] == 2048 and view["enforce_eager"]  # the notebook's CPU defaults
+    effective = view["effective"]  # the CPU defaults every entry point gets (defaults.py)
+    assert effective["max_model_len"] == 2048 and effective["enforce_eager"]
 
 
 def test_logs_and_follow(gateway: str) -> None:

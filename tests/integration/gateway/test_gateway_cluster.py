@@ -114,7 +114,7 @@ async def test_error_statuses(gateway_cluster: GatewayCluster) -> None:
         r = await http.post(
             "/v1/deployments",
             json={
-                "model": "Qwen/Qwen2.5-7B-Instruct",
+                "model": "smollm2-135m-instruct",
                 "name": "qwen",
                 "device": "cpu",
                 "placement": {"nodes": ["nowhere"]},
