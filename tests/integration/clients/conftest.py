@@ -41,6 +41,10 @@ from deepinfer_nb.models import DeploymentSpec, Engine, EngineState
 from deepinfer_nb.store import decode_record, keys
 from deepinfer_nb.store.memory import MemoryStore
 
+# litellm fetches a model price map from the internet when imported, unless told to use its own
+# copy: these tests reach only 127.0.0.1.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 CHAT_ALIAS = "smollm2-135m-instruct"
 EMBED_ALIAS = "all-minilm-l6-v2"
 CHAT = "smollm2"  # the served model names, the same on both sides
@@ -181,10 +185,12 @@ async def gateway_cluster() -> AsyncIterator[tuple[str, Worker, MemoryStore]]:
             max_model_len=2048,
             env=ENV,
         ),
-        # an encoder keeps its own window (256 tokens for MiniLM), on vLLM's server too
+        # an encoder keeps its own window (256 tokens for MiniLM), on vLLM's server too; written
+        # straight to the store (no preflight reads its config.json), so the task is named
         DeploymentSpec(
             name=EMBED,
             model=EMBED_ALIAS,
+            task="embed",
             device="cpu",
             enforce_eager=True,
             env=ENV,
