@@ -16,6 +16,7 @@ import math
 import struct
 from typing import Any
 
+import grpc
 import httpx
 import litellm
 import openai
@@ -27,7 +28,8 @@ from pydantic import BaseModel
 
 from deepinfer_nb._proto import engine_service_pb2 as pb
 from deepinfer_nb.engine.client import EngineClient
-from deepinfer_nb.errors import InvalidRequestError
+from deepinfer_nb.engine.status import status_for
+from deepinfer_nb.errors import UnsupportedTaskError
 from deepinfer_nb.gateway.errors import to_api_error
 from deepinfer_nb.models import Engine
 from deepinfer_nb.store import decode_record, keys
@@ -458,9 +460,9 @@ async def test_engine_refuses_the_wrong_task_with_failed_precondition(servers: S
     ):
         engine = next(e for e in engines if e and e.deployment == deployment)
         async with EngineClient(engine.endpoint, token=engine.auth_token) as client:
-            with pytest.raises(InvalidRequestError) as err:
+            with pytest.raises(UnsupportedTaskError) as err:
                 await call(client)
-        assert err.value.grpc_code == "FAILED_PRECONDITION"  # type: ignore[attr-defined]
+        assert status_for(err.value) is grpc.StatusCode.FAILED_PRECONDITION
         api = to_api_error(err.value)
         assert api.status == 400 and api.type == "invalid_request_error"
         assert f"model {deployment!r} serves" in api.message
