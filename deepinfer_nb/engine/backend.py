@@ -9,6 +9,8 @@ over llama-cpp-python; what each can do is listed in `backends.CAPABILITIES`.
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
@@ -131,3 +133,24 @@ class EngineBackend(abc.ABC):
     @abc.abstractmethod
     async def shutdown(self) -> None:
         """Stop the engine and its worker processes."""
+
+
+def settle_from_thread(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    result: Any = None,
+    exc: BaseException | None = None,
+) -> None:
+    """Hand a worker thread's outcome (`exc`, else `result`) to `future` on `loop`, if the loop
+    still runs: backends load models and run blocking calls in threads."""
+
+    def settle() -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
+        loop.call_soon_threadsafe(settle)

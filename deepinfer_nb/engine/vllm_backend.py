@@ -20,7 +20,15 @@ import psutil
 
 from ..errors import EngineError, InvalidRequestError, UnsupportedTaskError
 from . import tool_calls
-from .backend import ChoiceDelta, EngineBackend, EngineStats, ModelFacts, TokenLogprob, TopToken
+from .backend import (
+    ChoiceDelta,
+    EngineBackend,
+    EngineStats,
+    ModelFacts,
+    TokenLogprob,
+    TopToken,
+    settle_from_thread,
+)
 from .stats import StatsAccumulator
 from .validation import Sampling, Structured
 
@@ -55,9 +63,9 @@ class VllmBackend(EngineBackend):
             try:
                 engine = AsyncLLM.from_engine_args(self._args, stat_loggers=[logger_cls])
             except BaseException as exc:  # handed to the loop, which re-raises it
-                _settle(loop, loading, None, exc)
+                settle_from_thread(loop, loading, exc=exc)
             else:
-                _settle(loop, loading, engine, None)
+                settle_from_thread(loop, loading, engine)
 
         # A daemon thread, not the loop's executor: asyncio.run joins the executor's threads at
         # exit, so a load abandoned after a stop would keep the process alive.
@@ -197,26 +205,6 @@ class VllmBackend(EngineBackend):
         if handler is not None:
             handler.cancel()
         await asyncio.to_thread(self._engine.shutdown)
-
-
-def _settle(
-    loop: asyncio.AbstractEventLoop,
-    future: asyncio.Future[Any],
-    result: Any,
-    exc: BaseException | None,
-) -> None:
-    """Hand the load thread's outcome to the loop (if the loop still runs)."""
-
-    def settle() -> None:
-        if future.done():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
-        loop.call_soon_threadsafe(settle)
 
 
 def _sampling_params(s: Sampling) -> Any:

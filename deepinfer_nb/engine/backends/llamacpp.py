@@ -34,6 +34,7 @@ from ..backend import (
     ModelFacts,
     TokenLogprob,
     TopToken,
+    settle_from_thread,
 )
 from ..gguf_header import DEFAULT_MAX_CTX, default_n_ctx
 from ..stats import StatsAccumulator
@@ -94,9 +95,9 @@ class LlamaCppBackend(EngineBackend):
             try:
                 self._load()
             except BaseException as exc:
-                _settle(loop, done, exc)
+                settle_from_thread(loop, done, exc=exc)
             else:
-                _settle(loop, done, None)
+                settle_from_thread(loop, done)
             finally:
                 self._loaded.set()
 
@@ -246,9 +247,9 @@ class LlamaCppBackend(EngineBackend):
             try:
                 values = self._llm.embed(self._llm.detokenize(prompt_token_ids).decode())
             except BaseException as exc:
-                _settle(loop, result, exc)
+                settle_from_thread(loop, result, exc=exc)
             else:
-                _settle(loop, result, None, [float(x) for x in values])
+                settle_from_thread(loop, result, [float(x) for x in values])
 
         self._queue.put(_Embedding(run))
         return await result
@@ -439,24 +440,6 @@ def _merge(items: list[Any]) -> tuple[list[ChoiceDelta], bool]:
 
 def _queue() -> asyncio.Queue[ChoiceDelta | BaseException | None]:
     return asyncio.Queue()
-
-
-def _settle(
-    loop: asyncio.AbstractEventLoop,
-    future: asyncio.Future[Any],
-    exc: BaseException | None,
-    result: Any = None,
-) -> None:
-    def settle() -> None:
-        if future.done():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
-        loop.call_soon_threadsafe(settle)
 
 
 def _chat_formatter(llm: Any, *, template: str = "") -> Any:
