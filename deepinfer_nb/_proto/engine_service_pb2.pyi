@@ -240,12 +240,12 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Embedding(_message.Message):
-    __slots__ = ("index", "values")
+    __slots__ = ("index", "float32_le")
     INDEX_FIELD_NUMBER: _ClassVar[int]
-    VALUES_FIELD_NUMBER: _ClassVar[int]
+    FLOAT32_LE_FIELD_NUMBER: _ClassVar[int]
     index: int
-    values: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, index: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+    float32_le: bytes
+    def __init__(self, index: _Optional[int] = ..., float32_le: _Optional[bytes] = ...) -> None: ...
 
 class EmbeddingResponse(_message.Message):
     __slots__ = ("request_id", "data", "usage", "model")

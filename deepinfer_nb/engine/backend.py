@@ -9,10 +9,12 @@ over llama-cpp-python; what each can do is listed in `backends.CAPABILITIES`.
 from __future__ import annotations
 
 import abc
+import array
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from .validation import Sampling
@@ -125,7 +127,9 @@ class EngineBackend(abc.ABC):
     async def abort(self, request_id: str) -> None: ...
 
     @abc.abstractmethod
-    async def embed(self, *, request_id: str, prompt_token_ids: list[int]) -> list[float]: ...
+    async def embed(self, *, request_id: str, prompt_token_ids: list[int]) -> bytes:
+        """The input's embedding as little-endian float32 bytes (`float32_le`): what the proto
+        carries, with no Python float per dimension on the way."""
 
     @abc.abstractmethod
     def stats(self) -> EngineStats: ...
@@ -133,6 +137,14 @@ class EngineBackend(abc.ABC):
     @abc.abstractmethod
     async def shutdown(self) -> None:
         """Stop the engine and its worker processes."""
+
+
+def float32_le(values: Sequence[float]) -> bytes:
+    """`values` as little-endian float32 bytes (the wire form of an embedding)."""
+    packed = array.array("f", values)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def settle_from_thread(

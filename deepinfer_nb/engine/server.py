@@ -293,7 +293,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
                     for i, ids in enumerate(inputs)
                 )
             )
-        data = [pb.Embedding(index=i, values=v) for i, v in enumerate(vectors)]
+        data = [pb.Embedding(index=i, float32_le=v) for i, v in enumerate(vectors)]
         prompt_tokens = sum(len(ids) for ids in inputs)
         usage = pb.Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
         return pb.EmbeddingResponse(request_id=rid, data=data, usage=usage, model=self._model)

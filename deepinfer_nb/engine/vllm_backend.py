@@ -176,7 +176,7 @@ class VllmBackend(EngineBackend):
     async def abort(self, request_id: str) -> None:
         await self._engine.abort(request_id)
 
-    async def embed(self, *, request_id: str, prompt_token_ids: list[int]) -> list[float]:
+    async def embed(self, *, request_id: str, prompt_token_ids: list[int]) -> bytes:
         from vllm.pooling_params import PoolingParams
 
         if "embed" not in self._tasks:
@@ -191,8 +191,10 @@ class VllmBackend(EngineBackend):
             final = out
         if final is None:
             raise EngineError(f"request {request_id}: the engine returned no embedding")
-        values: list[float] = final.outputs.data.flatten().tolist()  # Python floats already
-        return values
+        # straight from the tensor's memory: a Python float per dimension cost the gateway
+        # about 30 ms per 256 vectors of 384
+        vector = final.outputs.data.detach().flatten().float().cpu().numpy()
+        return bytes(vector.astype("<f4", copy=False).tobytes())
 
     def stats(self) -> EngineStats:
         return self._stats.snapshot()

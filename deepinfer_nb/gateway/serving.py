@@ -198,10 +198,10 @@ class OpenAIServing:
         resp = await self._tracked(track, request, self._call(spec, lambda c: c.embed(preq)))
         track.tokens(resp.usage)
         track.done()
-        out = translate.embedding_response(
+        out = translate.embedding_json(
             resp, model=body.model, base64_out=body.encoding_format == "base64"
         )
-        return _json(out)
+        return Response(out, media_type="application/json")
 
     # ---- calling replicas -----------------------------------------------------------------------
 

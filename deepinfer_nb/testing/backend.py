@@ -28,6 +28,7 @@ from ..engine.backend import (
     ModelFacts,
     TokenLogprob,
     TopToken,
+    float32_le,
 )
 from ..engine.validation import Sampling
 from ..errors import EngineError, UnsupportedTaskError
@@ -265,7 +266,7 @@ class FakeBackend(EngineBackend):
             stop.set()
             self.aborted.append(request_id)
 
-    async def embed(self, *, request_id: str, prompt_token_ids: list[int]) -> list[float]:
+    async def embed(self, *, request_id: str, prompt_token_ids: list[int]) -> bytes:
         self.requests += 1
         if self.task != "embed":
             raise UnsupportedTaskError(
@@ -281,7 +282,7 @@ class FakeBackend(EngineBackend):
             for j in range(self.embedding_dims)
         ]
         norm = math.sqrt(sum(v * v for v in values)) or 1.0
-        return [v / norm for v in values]
+        return float32_le([v / norm for v in values])
 
 
 def _aborted(c: _Choice) -> ChoiceDelta:

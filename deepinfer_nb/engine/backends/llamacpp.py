@@ -34,6 +34,7 @@ from ..backend import (
     ModelFacts,
     TokenLogprob,
     TopToken,
+    float32_le,
     settle_from_thread,
 )
 from ..gguf_header import DEFAULT_MAX_CTX, default_n_ctx
@@ -233,7 +234,7 @@ class LlamaCppBackend(EngineBackend):
         if job is not None:
             job.cancel.set()
 
-    async def embed(self, *, request_id: str, prompt_token_ids: list[int]) -> list[float]:
+    async def embed(self, *, request_id: str, prompt_token_ids: list[int]) -> bytes:
         if not self._embedding:
             raise UnsupportedTaskError(
                 "this model serves generate, not embeddings; deploy an embedding GGUF (a BERT "
@@ -241,7 +242,7 @@ class LlamaCppBackend(EngineBackend):
             )
         # Embeddings share the worker thread's context: run them as queued jobs would, in order.
         loop = asyncio.get_running_loop()
-        result: asyncio.Future[list[float]] = loop.create_future()
+        result: asyncio.Future[bytes] = loop.create_future()
 
         def run() -> None:
             try:
@@ -249,7 +250,7 @@ class LlamaCppBackend(EngineBackend):
             except BaseException as exc:
                 settle_from_thread(loop, result, exc=exc)
             else:
-                settle_from_thread(loop, result, [float(x) for x in values])
+                settle_from_thread(loop, result, float32_le(values))
 
         self._queue.put(_Embedding(run))
         return await result

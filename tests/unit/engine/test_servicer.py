@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 import pytest_asyncio
 
@@ -196,7 +197,7 @@ async def test_embeddings_from_an_embedding_model() -> None:
         reply = await client.embed(pb.EmbeddingRequest(input=["hello", "hello", "other"]))
         with pytest.raises(InvalidRequestError, match="at least one string"):
             await client.embed(pb.EmbeddingRequest())
-    vectors = [list(e.values) for e in reply.data]
+    vectors = [np.frombuffer(e.float32_le, dtype="<f4").tolist() for e in reply.data]
     assert [len(v) for v in vectors] == [4, 4, 4]
     assert vectors[0] == vectors[1] != vectors[2]
     assert reply.usage.prompt_tokens == 2 * 6 + 6  # BOS + characters, per input

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from deepinfer_nb._proto import engine_service_pb2 as pb
+from deepinfer_nb.engine.backend import float32_le
 from deepinfer_nb.engine.client import error_from_rpc
 from deepinfer_nb.errors import EngineError, EngineUnavailableError, InvalidRequestError
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState
@@ -167,7 +168,7 @@ class FakeClient:
     async def embed(self, request: pb.EmbeddingRequest, **_: Any) -> pb.EmbeddingResponse:
         self._behaviour(request)
         data = [
-            pb.Embedding(index=i, values=[0.5, -1.0, float(len(t))])
+            pb.Embedding(index=i, float32_le=float32_le([0.5, -1.0, float(len(t))]))
             for i, t in enumerate(request.input)
         ]
         return pb.EmbeddingResponse(data=data, usage=pb.Usage(prompt_tokens=3, total_tokens=3))
