@@ -18,7 +18,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -565,10 +565,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def build_server(
-    servicer: EngineServicer, *, host: str, port: int, token: str = ""
+    servicer: EngineServicer,
+    *,
+    host: str,
+    port: int,
+    token: str = "",
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int]:
-    """A started-later grpc.aio server bound to host:port (port 0 = pick one); returns the port."""
-    interceptors = [AuthInterceptor(token)] if token else []
+    """A started-later grpc.aio server bound to host:port (port 0 = pick one); returns the port.
+    `interceptors` run before the token check (the test shim counts the RPCs it receives)."""
+    interceptors = [*interceptors, *([AuthInterceptor(token)] if token else [])]
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

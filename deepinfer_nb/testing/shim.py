@@ -12,12 +12,16 @@ loop instead (no process, no signal handlers) for tests of the servicer and its 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
 
 from ..engine.client import EngineClient
 from ..engine.server import EngineServicer, build_server, serve
@@ -32,6 +36,9 @@ class InProcessShim:
     token: str
     servicer: EngineServicer
     backend: FakeBackend
+    rpcs: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    """The RPCs this shim received, by method name ("Chat", "CreateEmbedding", ...), counted
+    before any check: which replica a gateway asked, also for calls the shim refuses."""
 
     def client(self, *, token: str | None = None, timeout: float | None = None) -> EngineClient:
         """A new client of this shim (with its token unless `token` says otherwise); close it."""
@@ -53,16 +60,28 @@ async def running_shim(
     model "loading") until the test calls `shim.servicer.mark_ready()`."""
     backend = backend or FakeBackend()
     servicer = EngineServicer(backend, model_name=model_name, default_grace_s=grace_s)
-    server, port = build_server(servicer, host="127.0.0.1", port=0, token=token)
+    rpcs: collections.Counter[str] = collections.Counter()
+    server, port = build_server(
+        servicer, host="127.0.0.1", port=0, token=token, interceptors=[_Counter(rpcs)]
+    )
     await server.start()
     try:
         if ready:
             await backend.start()
             servicer.mark_ready()
-        yield InProcessShim(f"127.0.0.1:{port}", token, servicer, backend)
+        yield InProcessShim(f"127.0.0.1:{port}", token, servicer, backend, rpcs)
     finally:
         await server.stop(grace=None)
         await backend.shutdown()
+
+
+class _Counter(grpc.aio.ServerInterceptor):
+    def __init__(self, rpcs: collections.Counter[str]) -> None:
+        self._rpcs = rpcs
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        self._rpcs[details.method.rsplit("/", 1)[-1]] += 1
+        return await continuation(details)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

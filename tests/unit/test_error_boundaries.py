@@ -8,6 +8,7 @@ fake fleet where a status must be forced that no exception class sends.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -28,7 +29,7 @@ from deepinfer_nb.nb.magics import usage_error
 from deepinfer_nb.store import keys
 from deepinfer_nb.store.etcd import EtcdStore
 from deepinfer_nb.store.memory import MemoryStore
-from deepinfer_nb.testing import FakeBackend, running_shim
+from deepinfer_nb.testing import FakeBackend, InProcessShim, running_shim
 
 from .gateway.fakes import Behaviour, FakeFleet, put_deployment, put_engine
 
@@ -166,51 +167,161 @@ def test_gateway_answers_other_errors(exc: BaseException, status: int, type_: st
     assert (err.status, err.type) == (status, type_)
 
 
-async def _engine_at(store: MemoryStore, replica: int, endpoint: str, token: str) -> None:
+async def _engine_at(store: MemoryStore, name: str, replica: int, endpoint: str) -> None:
     engine = Engine(
-        id=f"smol-{replica}",
-        deployment="smol",
+        id=f"{name}-{replica}",
+        deployment=name,
         replica=replica,
         state=EngineState.RUNNING,
         endpoint=endpoint,
-        auth_token=token,
+        auth_token="t",
     )
     await store.put(keys.engine(engine.id), engine.encode())
 
 
-async def test_failed_precondition_from_an_engine_is_400_and_no_other_replica_is_tried() -> None:
-    """Embeddings asked of a generative model: the shim answers FAILED_PRECONDITION (real gRPC),
-    the gateway 400 without trying the second replica. A draining replica (UNAVAILABLE), by
-    contrast, is passed over for the other one."""
-    store = MemoryStore()
-    a, b = FakeBackend(), FakeBackend()
-    async with running_shim(a, token="ta") as sa, running_shim(b, token="tb") as sb:
-        # a hub id the local catalog does not know: only the engine can say what it serves
-        await put_deployment(store, "smol", model="HuggingFaceTB/SmolLM2-135M-Instruct")
-        await _engine_at(store, 0, sa.endpoint, "ta")
-        await _engine_at(store, 1, sb.endpoint, "tb")
-        async with (
-            GatewayServer(build_app(store), host="127.0.0.1", port=0) as gw,
-            httpx.AsyncClient(base_url=gw.url) as http,
-        ):
-            r = await http.post("/v1/embeddings", json={"model": "smol", "input": "hello"})
-            assert r.status_code == 400, r.text
-            assert r.json()["error"]["code"] == "unsupported_task"
-            assert "not embeddings" in r.json()["error"]["message"]
-            # the shim checks the task before its backend, so neither backend counts the call
-            # (which replica answered is not observable here since the clients merge)
-            assert a.requests == b.requests == 0
+@dataclasses.dataclass
+class Replicas:
+    """Two deployments of two real shims each (FakeBackends behind real gRPC), whose models the
+    gateway's catalog does not know, so only the engines can refuse a wrong task."""
 
-            sa.servicer.begin_shutdown()
-            before = b.requests
-            for _ in range(4):
-                r = await http.post(
-                    "/v1/chat/completions",
-                    json={"model": "smol", "messages": [{"role": "user", "content": "hi"}]},
-                )
-                assert r.status_code == 200, r.text
-            assert b.requests - before == 4 and a.requests <= 1
+    http: httpx.AsyncClient
+    shims: dict[str, tuple[InProcessShim, InProcessShim]]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def replicas() -> AsyncIterator[Replicas]:
+    store = MemoryStore()
+    async with contextlib.AsyncExitStack() as stack:
+        shims: dict[str, tuple[InProcessShim, InProcessShim]] = {}
+        for name, task in (("smol", "generate"), ("mini", "embed")):
+            pair = [
+                await stack.enter_async_context(running_shim(FakeBackend(task=task), token="t"))
+                for _ in range(2)
+            ]
+            shims[name] = (pair[0], pair[1])
+            await put_deployment(store, name, model=f"some-org/{name}-unknown-here")
+            for replica, shim in enumerate(pair):
+                await _engine_at(store, name, replica, shim.endpoint)
+        gw = await stack.enter_async_context(
+            GatewayServer(build_app(store), host="127.0.0.1", port=0)
+        )
+        http = await stack.enter_async_context(httpx.AsyncClient(base_url=gw.url, timeout=30))
+        yield Replicas(http, shims)
     await store.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Ask:
+    """One HTTP request, the deployment it names and the RPC the gateway sends for it."""
+
+    path: str
+    body: dict[str, object]
+    rpc: str
+
+    @property
+    def deployment(self) -> str:
+        return str(self.body["model"])
+
+    def of(self, deployment: str) -> Ask:
+        return dataclasses.replace(self, body={**self.body, "model": deployment})
+
+
+_CHAT: dict[str, object] = {"model": "smol", "messages": [{"role": "user", "content": "hi"}]}
+ASKS = {
+    "chat": Ask("/v1/chat/completions", _CHAT, "Chat"),
+    "chat-stream": Ask("/v1/chat/completions", {**_CHAT, "stream": True}, "ChatStream"),
+    "completion": Ask("/v1/completions", {"model": "smol", "prompt": "hi"}, "Generate"),
+    "embeddings": Ask("/v1/embeddings", {"model": "mini", "input": ["a", "b"]}, "CreateEmbedding"),
+}
+
+
+async def _post(replicas: Replicas, ask: Ask) -> tuple[httpx.Response, list[int]]:
+    """The gateway's answer, and how often each replica of the deployment received the RPC."""
+    pair = replicas.shims[ask.deployment]
+    for shim in pair:
+        shim.rpcs.clear()
+    r = await replicas.http.post(ask.path, json=ask.body)
+    return r, [shim.rpcs[ask.rpc] for shim in pair]
+
+
+async def _one_engine_asked(
+    replicas: Replicas, ask: Ask, *, status: int, type_: str, says: str
+) -> None:
+    """`status` with OpenAI error `type_` and a message with `says`, from exactly one engine asked
+    once; the other replica, which would answer the same, never."""
+    r, asked = await _post(replicas, ask)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["type"] == type_
+    assert says in r.json()["error"]["message"]
+    assert sorted(asked) == [0, 1], asked
+
+
+@pytest.mark.parametrize(
+    ("ask", "says"),
+    [
+        (ASKS["embeddings"].of("smol"), "not embeddings"),
+        (ASKS["chat"].of("mini"), "not chat completions"),
+        (ASKS["chat-stream"].of("mini"), "not chat completions"),
+        (ASKS["completion"].of("mini"), "not completions"),
+    ],
+    ids=["embeddings-of-generate", "chat-of-embed", "chat-stream-of-embed", "completion-of-embed"],
+)
+async def test_wrong_task_is_refused_by_one_engine_only(
+    replicas: Replicas, ask: Ask, says: str
+) -> None:
+    """Asked of the wrong deployment, the shim answers FAILED_PRECONDITION: a 400
+    invalid_request_error, and the second replica is never tried."""
+    await _one_engine_asked(replicas, ask, status=400, type_="invalid_request_error", says=says)
+
+
+@pytest.mark.parametrize("ask", list(ASKS.values()), ids=list(ASKS))
+@pytest.mark.parametrize(
+    "row", [r for r in ROWS if not r.retried and SENT[r.cls] is r.code], ids=str
+)
+async def test_client_caused_errors_come_from_one_engine_only(
+    replicas: Replicas, row: Row, ask: Ask
+) -> None:
+    """Each client-caused status, raised by both replicas' engines: the gateway answers its row's
+    HTTP status and type from the one replica it asked."""
+    pair = replicas.shims[ask.deployment]
+    for shim in pair:
+        shim.backend.error = row.cls("the backend says why")
+    try:
+        await _one_engine_asked(
+            replicas, ask, status=row.http, type_=row.type, says="the backend says why"
+        )
+    finally:
+        for shim in pair:
+            shim.backend.error = None
+
+
+async def test_the_shims_own_invalid_argument_comes_from_one_engine_only(
+    replicas: Replicas,
+) -> None:
+    """A request the shim's validation refuses (more tokens than the context window)."""
+    ask = Ask("/v1/chat/completions", {**_CHAT, "max_tokens": 1_000_000}, "Chat")
+    await _one_engine_asked(
+        replicas, ask, status=400, type_="invalid_request_error", says="max_tokens"
+    )
+
+
+@pytest.mark.parametrize("ask", list(ASKS.values()), ids=list(ASKS))
+async def test_an_engine_fault_is_retried_on_the_other_replica(
+    replicas: Replicas, ask: Ask
+) -> None:
+    """The contrast: an engine fault before the first byte (UNAVAILABLE from both) is tried on
+    each replica once, then answered 502."""
+    pair = replicas.shims[ask.deployment]
+    for shim in pair:
+        shim.backend.error = E.EngineUnavailableError("the backend says why")
+    try:
+        r, asked = await _post(replicas, ask)
+    finally:
+        for shim in pair:
+            shim.backend.error = None
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["type"] == "engine_error"
+    assert asked == [1, 1]
 
 
 # ---- the other boundaries: etcd, magics, polling an engine until READY ------------------------
