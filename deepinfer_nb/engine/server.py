@@ -311,13 +311,13 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             raise EngineUnavailableError("the engine is shutting down and accepts no new requests")
         return facts
 
-    def _sampling(self, params: pb.SamplingParams, *, tools: bool = False) -> Sampling:
+    def _sampling(self, params: pb.SamplingParams, *, tool_choice: str | None = None) -> Sampling:
         sampling = validation.sampling_from_proto(params)
         name = self._backend.name
         if name == "vllm":
-            check_supported(sampling, backend="vllm", tools=tools)
+            check_supported(sampling, backend="vllm", tool_choice=tool_choice)
         elif name == "llama.cpp":
-            check_supported(sampling, backend="llama.cpp", tools=tools)
+            check_supported(sampling, backend="llama.cpp", tool_choice=tool_choice)
         return sampling
 
     def _generating(self, what: str) -> ModelFacts:
@@ -351,7 +351,9 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
     def _prepare_chat(self, request: pb.ChatRequest) -> Prepared:
         facts = self._generating("chat completions")
         tools = tool_calls.tool_request_from_proto(request)
-        sampling = self._sampling(request.sampling, tools=tools is not None)
+        sampling = self._sampling(
+            request.sampling, tool_choice=tools.choice if tools is not None else None
+        )
         messages = validation.messages_from_proto(list(request.messages))
         if tools is not None:
             sampling = self._tool_sampling(tools, sampling, facts)
@@ -391,7 +393,10 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             return [None] * prepared.sampling.n
         return [
             ToolCallReader(
-                tools, parser=self._backend.tool_parser() if tools.choice == "auto" else None
+                tools,
+                parser=self._backend.tool_parser() if tools.choice == "auto" else None,
+                # vLLM's streaming helper for `required` would import vLLM into llama.cpp's shim
+                whole_calls=self._backend.name == "llama.cpp",
             )
             for _ in range(prepared.sampling.n)
         ]

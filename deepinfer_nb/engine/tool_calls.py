@@ -114,6 +114,9 @@ def tool_request_from_proto(request: pb.ChatRequest) -> ToolRequest | None:
     return tr
 
 
+_DECODER = json.JSONDecoder()
+
+
 def call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
@@ -126,9 +129,16 @@ class ToolCallReader:
     `final()` parses a whole text for a unary answer.
     """
 
-    def __init__(self, request: ToolRequest, *, parser: Any = None) -> None:
+    def __init__(
+        self, request: ToolRequest, *, parser: Any = None, whole_calls: bool = False
+    ) -> None:
         self.request = request
         self._parser = parser  # a vLLM ToolParser instance, for choice "auto"
+        # `required` streamed without vLLM (llama.cpp): each call is sent whole, arguments and
+        # all, as soon as its element of the JSON array closes
+        self._whole_calls = whole_calls
+        self._scan = 0  # where the next unread array element starts (whole_calls)
+        self._sent = 0
         self._vllm_request: Any = None
         self._text = ""
         self._ids: list[int] = []
@@ -149,7 +159,7 @@ class ToolCallReader:
                 self.called = True
             return "", [call]
         if choice == "required":
-            return "", self._required_delta(previous)
+            return "", self._whole_delta() if self._whole_calls else self._required_delta(previous)
         if choice == "auto" and self._parser is not None:
             return self._auto_delta(previous, delta, prev_ids, token_ids)
         return delta, []
@@ -191,6 +201,42 @@ class ToolCallReader:
             ]
             return info.content or "", calls
         return text, []
+
+    def _whole_delta(self) -> list[pb.ToolCall]:
+        """The calls of the `required` array completed since the last delta, each whole."""
+        calls = []
+        for item in self._completed_items():
+            calls.append(
+                pb.ToolCall(
+                    index=self._sent,
+                    id=call_id(),
+                    name=item["name"],
+                    arguments=json.dumps(item["parameters"], ensure_ascii=False),
+                )
+            )
+            self._sent += 1
+        self.called = self.called or bool(calls)
+        return calls
+
+    def _completed_items(self) -> list[dict[str, Any]]:
+        """Array elements that closed since the last call. The grammar makes every element an
+        object with name and parameters, so an element decodes only once it is complete."""
+        text = self._text
+        items: list[dict[str, Any]] = []
+        if not self._scan:
+            opening = text.find("[")
+            if opening < 0:
+                return []
+            self._scan = opening + 1
+        while True:
+            pos = self._scan
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            try:
+                item, self._scan = _DECODER.raw_decode(text, pos)
+            except ValueError:
+                return items
+            items.append(item)
 
     def _required_delta(self, previous: str) -> list[pb.ToolCall]:
         from vllm.tool_parsers.streaming import extract_required_tool_call_streaming

@@ -38,10 +38,18 @@ class Capabilities:
     stop: bool = dataclasses.field(default=True, metadata=_label("Stop strings / token ids"))
     logprobs: bool = dataclasses.field(default=True, metadata=_label("Logprobs (top-N)"))
     json_object: bool = dataclasses.field(default=True, metadata=_label("`json_object`"))
-    structured_outputs: bool = dataclasses.field(
-        default=True, metadata=_label("Structured outputs (`json_schema`, regex, choice, grammar)")
+    json_schema: bool = dataclasses.field(
+        default=True, metadata=_label("`json_schema` (response_format, structured outputs)")
     )
-    tools: bool = dataclasses.field(default=True, metadata=_label("`tools` / `tool_choice`"))
+    structured_outputs: bool = dataclasses.field(
+        default=True, metadata=_label("Structured outputs: regex, choice, grammar")
+    )
+    tools: bool = dataclasses.field(
+        default=True, metadata=_label("`tools`; `tool_choice` none, required, a named function")
+    )
+    tool_choice_auto: bool = dataclasses.field(
+        default=True, metadata=_label("`tool_choice: auto` (the model's tool-call parser)")
+    )
     min_tokens: bool = dataclasses.field(default=True, metadata=_label("`min_tokens`"))
     ignore_eos: bool = dataclasses.field(default=True, metadata=_label("`ignore_eos`"))
     embeddings: str = dataclasses.field(default="", metadata=_label("Embeddings"))
@@ -64,8 +72,9 @@ CAPABILITIES: dict[BackendName, Capabilities] = {
         concurrency="fair FIFO queue, one sequence at a time (`n` choices one after another)",
         chat_template="the GGUF's `tokenizer.chat_template`",
         json_object=True,
+        json_schema=True,  # llama.cpp grammars (llama-cpp-python's json-schema-to-GBNF)
         structured_outputs=False,
-        tools=False,
+        tool_choice_auto=False,  # llama.cpp has no tool-call parser in this shim
         min_tokens=False,
         embeddings="encoder GGUFs (BERT family)",
     ),
@@ -85,18 +94,24 @@ def capability_table() -> str:
     return "\n".join(rows)
 
 
-def check_supported(sampling: Sampling, *, backend: BackendName, tools: bool = False) -> None:
+def check_supported(
+    sampling: Sampling, *, backend: BackendName, tool_choice: str | None = None
+) -> None:
     """UnsupportedFeatureError (gRPC UNIMPLEMENTED) naming the first feature the request asks
-    for that `backend` lacks; `tools`: the chat request carries tools."""
+    for that `backend` lacks; `tool_choice`: the chat request's, when it carries tools."""
     caps = CAPABILITIES[backend]
+    structured = sampling.structured
+    schema = structured is not None and structured.json_schema is not None
     asked = {
         "n": sampling.n > 1,
         "seed": sampling.seed is not None,
         "stop": bool(sampling.stop or sampling.stop_token_ids),
         "logprobs": sampling.logprobs is not None,
         "json_object": sampling.json_object,
-        "structured_outputs": sampling.structured is not None,
-        "tools": tools,
+        "json_schema": schema,
+        "structured_outputs": structured is not None and not schema,
+        "tools": tool_choice is not None,
+        "tool_choice_auto": tool_choice == "auto",
         "min_tokens": sampling.min_tokens > 0,
         "ignore_eos": sampling.ignore_eos,
     }

@@ -19,6 +19,8 @@ import asyncio
 import codecs
 import contextlib
 import dataclasses
+import functools
+import json
 import queue
 import random
 import threading
@@ -63,6 +65,7 @@ class _Job:
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[ChoiceDelta | BaseException | None]
+    grammar: Any = None  # the LlamaGrammar that constrains every choice (json_object/json_schema)
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
 
     def emit(self, item: ChoiceDelta | BaseException | None) -> None:
@@ -181,7 +184,7 @@ class LlamaCppBackend(EngineBackend):
         messages: list[dict[str, Any]],
         *,
         chat_template: str = "",
-        tools: list[dict[str, Any]] | None = None,  # never set: CAPABILITIES refuses tools
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         formatter = self._template
         if chat_template:
@@ -192,7 +195,7 @@ class LlamaCppBackend(EngineBackend):
                 "prompt (completions) or pass chat_template"
             )
         try:
-            return str(formatter(messages=messages).prompt)
+            return str(formatter(messages=messages, tools=tools or None).prompt)
         except Exception as exc:  # jinja errors: the template rejected these messages
             raise InvalidRequestError(f"the chat template rejected the messages: {exc}") from None
 
@@ -210,7 +213,14 @@ class LlamaCppBackend(EngineBackend):
             raise UnsupportedTaskError(
                 "this model serves embeddings, not generation; deploy a chat or text model"
             )
-        job = _Job(request_id, prompt_token_ids, sampling, asyncio.get_running_loop(), _queue())
+        job = _Job(
+            request_id,
+            prompt_token_ids,
+            sampling,
+            asyncio.get_running_loop(),
+            _queue(),
+            grammar=_grammar(sampling),  # a bad schema fails here, before the request queues
+        )
         self._jobs[request_id] = job
         self._queue.put(job)
         self._gauges()
@@ -342,7 +352,7 @@ class _Choice:
             repeat_penalty=1.0,
             frequency_penalty=s.frequency_penalty,
             presence_penalty=s.presence_penalty,
-            grammar=_json_grammar() if s.json_object else None,
+            grammar=job.grammar,
         )
         generated = 0
         stop_ids = set(s.stop_token_ids)
@@ -459,6 +469,30 @@ def _chat_formatter(llm: Any, *, template: str = "") -> Any:
 
 
 _GRAMMAR: Any = None
+
+
+def _grammar(sampling: Sampling) -> Any:
+    """The grammar a request's output must follow: its JSON schema's (structured outputs, and
+    tool_choice required/named, which the servicer turns into a schema), any JSON value
+    (json_object), or None."""
+    if sampling.structured is not None and sampling.structured.json_schema is not None:
+        return _schema_grammar(json.dumps(sampling.structured.json_schema))
+    return _json_grammar() if sampling.json_object else None
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_grammar(schema: str) -> Any:
+    """llama-cpp-python's JSON-schema-to-GBNF conversion (its port of llama.cpp's
+    json_schema_to_grammar); what it cannot convert is the caller's error."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_json_schema(schema, verbose=False)
+    except Exception as exc:  # the converter reports unsupported schemas with asserts
+        cause = str(exc) or type(exc).__name__
+        raise InvalidRequestError(
+            f"the JSON schema cannot be turned into a llama.cpp grammar: {cause}"
+        ) from None
 
 
 def _json_grammar() -> Any:

@@ -25,6 +25,7 @@ from deepinfer_nb.engine.backends import CAPABILITIES, NAMES
 from deepinfer_nb.engine.cpu_dtype import best_cpu_dtype
 from deepinfer_nb.errors import (
     EngineUnavailableError,
+    InvalidRequestError,
     UnsupportedFeatureError,
     UnsupportedTaskError,
 )
@@ -254,6 +255,131 @@ async def test_generate_with_raw_prompt(engine: ShimProcess) -> None:
     assert "Paris" in reply.choices[0].text
     assert texts[0] == reply.choices[0].text
     assert usage.completion_tokens == reply.usage.completion_tokens == 5
+
+
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+    "required": ["city", "country"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "parameters": {
+                "type": "object",
+                "properties": {key: {"type": "string"}},
+                "required": [key],
+            },
+        },
+    }
+    for name, key in (("get_weather", "city"), ("get_time", "timezone"))
+]
+
+
+def tool_chat(choice: str, name: str = "") -> pb.ChatRequest:
+    req = chat("What is the weather in Paris?", temperature=0, max_tokens=80)
+    req.tools_json, req.tool_choice, req.tool_choice_name = json.dumps(TOOLS), choice, name
+    req.parallel_tool_calls = True
+    return req
+
+
+async def streamed_calls(stream: object) -> tuple[dict[int, dict[str, str]], str]:
+    """Tool calls reassembled as an OpenAI client does (by index, arguments concatenated)."""
+    calls: dict[int, dict[str, str]] = {}
+    finish = ""
+    async for event in stream:  # type: ignore[attr-defined]
+        for d in event.deltas:
+            finish = d.finish_reason or finish
+            for tc in d.tool_calls:
+                call = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += tc.id
+                call["name"] += tc.name
+                call["arguments"] += tc.arguments
+    return calls, finish
+
+
+async def test_json_schema_output_follows_the_schema(engine: ShimProcess) -> None:
+    """vLLM's structured outputs, llama.cpp's grammar from the schema: both answer an object of
+    exactly the schema's shape, streamed the same as unary."""
+    req = chat(
+        "Name a city in France and its country, as JSON.",
+        temperature=0,
+        max_tokens=60,
+        structured=pb.StructuredOutput(json_schema=json.dumps(CITY_SCHEMA)),
+    )
+    async with engine.client() as client:
+        unary = await client.chat(req)
+        texts, reasons, _, _ = await collect(client.chat_stream(req))
+    answer = json.loads(unary.choices[0].text)
+    assert set(answer) == {"city", "country"}
+    assert all(isinstance(v, str) for v in answer.values())
+    assert texts[0] == unary.choices[0].text and reasons[0] == "stop"
+
+
+async def test_invalid_json_schema_is_invalid_argument_with_its_cause(engine: ShimProcess) -> None:
+    bad = {"type": "object", "properties": {"a": {"type": "no-such-type"}}}
+    req = chat(max_tokens=5, structured=pb.StructuredOutput(json_schema=json.dumps(bad)))
+    async with engine.client() as client:
+        with pytest.raises(InvalidRequestError, match="no-such-type") as unary:
+            await client.chat(req)
+        with pytest.raises(InvalidRequestError, match="no-such-type"):
+            await collect(client.chat_stream(req))
+        assert (await wait_idle(client)).running_requests == 0
+    assert "schema" in str(unary.value).lower()
+
+
+async def test_choice_constraint_or_unimplemented(engine: ShimProcess) -> None:
+    req = chat(
+        "Is Paris in France?",
+        temperature=0,
+        max_tokens=5,
+        structured=pb.StructuredOutput(choice=["yes", "no"]),
+    )
+    async with engine.client() as client:
+        if CAPABILITIES[engine.backend].structured_outputs:  # type: ignore[index]
+            assert (await client.chat(req)).choices[0].text in ("yes", "no")
+            return
+        with pytest.raises(UnsupportedFeatureError, match="structured_outputs is not supported"):
+            await client.chat(req)
+
+
+async def test_tool_choice_required_forces_a_call_unary_and_streamed(engine: ShimProcess) -> None:
+    async with engine.client() as client:
+        unary = await client.chat(tool_chat("required"))
+        calls, finish = await streamed_calls(client.chat_stream(tool_chat("required")))
+    choice = unary.choices[0]
+    assert choice.finish_reason == "tool_calls" == finish
+    assert choice.tool_calls and all(c.id.startswith("chatcmpl-tool-") for c in choice.tool_calls)
+    assert [c.name for c in choice.tool_calls] == [c["name"] for c in calls.values()]
+    for whole, streamed in zip(choice.tool_calls, calls.values(), strict=True):
+        assert json.loads(whole.arguments) == json.loads(streamed["arguments"])
+        key = "city" if whole.name == "get_weather" else "timezone"
+        assert isinstance(json.loads(whole.arguments)[key], str)
+
+
+async def test_named_tool_choice_calls_that_function(engine: ShimProcess) -> None:
+    async with engine.client() as client:
+        unary = await client.chat(tool_chat("function", "get_time"))
+        calls, finish = await streamed_calls(client.chat_stream(tool_chat("function", "get_time")))
+    (call,) = unary.choices[0].tool_calls
+    assert call.name == calls[0]["name"] == "get_time" and finish == "stop"
+    assert set(json.loads(call.arguments)) == {"timezone"}
+    assert json.loads(calls[0]["arguments"]) == json.loads(call.arguments)
+
+
+async def test_tool_choice_auto_needs_a_parser(engine: ShimProcess) -> None:
+    """SmolLM2 has no vLLM tool parser: vLLM asks for one (INVALID_ARGUMENT); llama.cpp has
+    none at all (UNIMPLEMENTED, naming the engine that has it)."""
+    async with engine.client() as client:
+        if CAPABILITIES[engine.backend].tool_choice_auto:  # type: ignore[index]
+            with pytest.raises(InvalidRequestError, match="tool-call parser"):
+                await client.chat(tool_chat("auto"))
+            return
+        with pytest.raises(UnsupportedFeatureError, match=r"tool_choice_auto .* engine vllm"):
+            await client.chat(tool_chat("auto"))
 
 
 async def test_embeddings_refused_on_a_generative_model(engine: ShimProcess) -> None:

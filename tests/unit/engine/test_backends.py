@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deepinfer_nb.engine.backends import CAPABILITIES, capability_table, check_supported
-from deepinfer_nb.engine.validation import Sampling
+from deepinfer_nb.engine.validation import Sampling, Structured
 from deepinfer_nb.errors import UnsupportedFeatureError
 from deepinfer_nb.models import DeploymentSpec, engine_for
 
@@ -39,6 +39,18 @@ def test_features_both_have_pass_on_both() -> None:
     asked = Sampling(n=2, seed=1, stop=("x",), logprobs=2, json_object=True, ignore_eos=True)
     for name in CAPABILITIES:
         check_supported(asked, backend=name)
+
+
+def test_llamacpp_takes_json_schema_and_forced_tools_but_not_regex_or_auto_tools() -> None:
+    schema = Sampling(structured=Structured(json_schema={"type": "object"}))
+    for name in CAPABILITIES:
+        check_supported(schema, backend=name, tool_choice="required")
+        check_supported(schema, backend=name, tool_choice="function")
+    with pytest.raises(UnsupportedFeatureError, match=r"structured_outputs .* engine vllm"):
+        check_supported(Sampling(structured=Structured(regex="a+")), backend="llama.cpp")
+    with pytest.raises(UnsupportedFeatureError, match=r"tool_choice_auto .* engine vllm"):
+        check_supported(Sampling(), backend="llama.cpp", tool_choice="auto")
+    check_supported(Sampling(structured=Structured(regex="a+")), backend="vllm", tool_choice="auto")
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,10 @@ def _merge(deltas: list[pb.ToolCall]) -> dict[int, dict[str, str]]:
     return calls
 
 
-def test_required_calls_whole_and_streamed_agree() -> None:
+@pytest.mark.parametrize("whole_calls", [False, True], ids=["vllm-helper", "whole-calls"])
+def test_required_calls_whole_and_streamed_agree(whole_calls: bool) -> None:
+    """Streamed by vLLM's helper (argument deltas) or whole per array element (llama.cpp, which
+    has no vLLM to import), the deltas reassemble to the calls the unary answer has."""
     tr = ToolRequest(tools=[WEATHER, CLOCK], choice="required")
     text = json.dumps(
         [
@@ -92,7 +95,7 @@ def test_required_calls_whole_and_streamed_agree() -> None:
     content, calls = ToolCallReader(tr).final(text)
     assert content == "" and [c.name for c in calls] == ["get_weather", "get_time"]
     assert json.loads(calls[0].arguments) == {"city": "Paris"} and calls[0].id
-    reader = ToolCallReader(tr)
+    reader = ToolCallReader(tr, whole_calls=whole_calls)
     content, deltas = _stream(reader, text)
     merged = _merge(deltas)
     assert content == "" and reader.called
@@ -101,6 +104,20 @@ def test_required_calls_whole_and_streamed_agree() -> None:
     assert all(merged[i]["id"].startswith("chatcmpl-tool-") for i in (0, 1))
     assert sum(1 for d in deltas if d.id) == 2  # id and name once per call
     assert tool_calls.finish_reason(tr, reader, "stop") == "tool_calls"
+
+
+def test_whole_calls_are_sent_as_each_array_element_closes() -> None:
+    reader = ToolCallReader(
+        ToolRequest(tools=[WEATHER, CLOCK], choice="required"), whole_calls=True
+    )
+    first = '[{"name": "get_weather", "parameters": {"city": "Par'
+    assert reader.feed(first, []) == ("", [])
+    _, calls = reader.feed('is, {[\\"x"}}, ', [])  # braces inside a string do not close it
+    assert [(c.index, c.name) for c in calls] == [(0, "get_weather")]
+    assert json.loads(calls[0].arguments) == {"city": 'Paris, {["x'}
+    _, calls = reader.feed('{"name": "get_time", "parameters": {}}]', [])
+    assert [(c.index, c.name, c.arguments) for c in calls] == [(1, "get_time", "{}")]
+    assert reader.called and reader.feed("", []) == ("", [])
 
 
 def test_named_call_streams_its_arguments() -> None:
