@@ -320,15 +320,16 @@ async def test_json_schema_output_follows_the_schema(engine: ShimProcess) -> Non
 
 
 async def test_invalid_json_schema_is_invalid_argument_with_its_cause(engine: ShimProcess) -> None:
+    """The cause names the bad type: vLLM's "Grammar error: Invalid type: no-such-type", or
+    llama.cpp's converter's "Unrecognized schema: {'type': 'no-such-type'}"."""
     bad = {"type": "object", "properties": {"a": {"type": "no-such-type"}}}
     req = chat(max_tokens=5, structured=pb.StructuredOutput(json_schema=json.dumps(bad)))
     async with engine.client() as client:
-        with pytest.raises(InvalidRequestError, match="no-such-type") as unary:
+        with pytest.raises(InvalidRequestError, match="no-such-type"):
             await client.chat(req)
         with pytest.raises(InvalidRequestError, match="no-such-type"):
             await collect(client.chat_stream(req))
         assert (await wait_idle(client)).running_requests == 0
-    assert "schema" in str(unary.value).lower()
 
 
 async def test_choice_constraint_or_unimplemented(engine: ShimProcess) -> None:
