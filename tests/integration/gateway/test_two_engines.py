@@ -5,6 +5,7 @@ the official `openai` client, each served by the engine its spec resolves to."""
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -113,6 +114,67 @@ async def test_each_deployment_runs_the_engine_its_spec_names(two_engines: Gatew
     assert not versions["smol-vllm"][0].startswith("llama-cpp-python")
     assert versions["smol-gguf"][0].startswith("llama-cpp-python")
     assert versions["smol-gguf"][1].endswith(".gguf")  # the shipped file, no conversion
+
+
+async def test_json_schema_and_forced_tool_calls_on_both_engines(
+    two_engines: GatewayCluster,
+) -> None:
+    """response_format json_schema (vLLM's structured outputs, llama.cpp's grammar) and
+    tool_choice required, the same OpenAI shapes from both deployments."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+    ask = [{"role": "user", "content": "Name a city in France and its country, as JSON."}]
+    async with two_engines.client() as client:
+        answers = await asyncio.gather(
+            *[
+                client.chat.completions.create(
+                    model=spec.name,
+                    messages=ask,  # type: ignore[arg-type]
+                    temperature=0,
+                    max_tokens=60,
+                    response_format={
+                        "type": "json_schema",
+                        "json_schema": {"name": "city", "schema": schema, "strict": True},
+                    },
+                )
+                for spec in SPECS
+            ]
+        )
+        calls = await asyncio.gather(
+            *[
+                client.chat.completions.create(
+                    model=spec.name,
+                    messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                    tools=[tool],  # type: ignore[list-item]
+                    tool_choice="required",
+                    temperature=0,
+                    max_tokens=60,
+                )
+                for spec in SPECS
+            ]
+        )
+    for answer in answers:
+        assert set(json.loads(answer.choices[0].message.content or "")) == {"city", "country"}
+    for reply in calls:
+        assert reply.choices[0].finish_reason == "tool_calls"
+        (call, *_) = reply.choices[0].message.tool_calls or []
+        assert call.function.name == "get_weather"  # type: ignore[union-attr]
+        assert isinstance(json.loads(call.function.arguments)["city"], str)  # type: ignore[union-attr]
 
 
 async def test_unsupported_feature_is_a_400_naming_the_engine(two_engines: GatewayCluster) -> None:
