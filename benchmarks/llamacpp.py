@@ -12,7 +12,9 @@ same tokens.
    start to the first streamed token; ours from POST /v1/deployments (the cluster, `deepinfer-nb
    up` on the embedded store, already running) to the first token through the gateway.
 2. Tokens/s and TTFT p50 at concurrency 1 and 4, interleaved rounds in ABBA order (only one side
-   has requests at a time), after one unmeasured warm-up request per side.
+   has requests at a time), after one unmeasured warm-up request per side. Ratios (ours/theirs)
+   per round, reported as the median over rounds with the spread (min-max), beside the pooled
+   figures.
 3. On our cluster: the same model by vLLM (the built folder, CPU, eager) deployed after the
    llama.cpp one is removed: deploy -> first token; and each engine's peak memory (the sum of
    VmHWM, peak resident set, over the engine's processes: shim, and vLLM's EngineCore).
@@ -31,6 +33,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -283,9 +286,29 @@ async def compare(sides: dict[str, str], rounds: int) -> dict[str, Any]:
                         sides[name], concurrency=concurrency, requests=requests, first=r * requests
                     )
                 )
-        levels[str(concurrency)] = {name: summarize(rs) for name, rs in per_side.items()}
+        theirs, ours = (per_side[name] for name in sides)  # sides: theirs first, then ours
+        per_round = [(summarize([t]), summarize([o])) for t, o in zip(theirs, ours, strict=True)]
+        levels[str(concurrency)] = {
+            **{name: summarize(rs) for name, rs in per_side.items()},
+            # per round: ours / theirs (tokens/s: >= 1.0 is as fast; TTFT: <= 1.1 is the target)
+            "tokens_per_s_ratio": spread(
+                [o["output_tokens_per_s"] / t["output_tokens_per_s"] for t, o in per_round]
+            ),
+            "ttft_p50_ratio": spread(
+                [o["ttft_p50_ms"] / max(t["ttft_p50_ms"], 1e-9) for t, o in per_round]
+            ),
+        }
         print(f"concurrency {concurrency}: {levels[str(concurrency)]}", flush=True)
     return levels
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {
+        "per_round": [round(v, 4) for v in values],
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 async def main() -> None:
@@ -302,6 +325,7 @@ async def main() -> None:
             "cpus": os.cpu_count(),
             "threads": threads,
             "python": platform.python_version(),
+            "load_average_at_start": os.getloadavg(),
         },
         "gguf": gguf,
         "n_ctx": N_CTX,
@@ -348,7 +372,10 @@ async def main() -> None:
                 },
             }
             await undeploy(url)
+    result["machine"]["load_average_at_end"] = os.getloadavg()
     print(table(result))
+    print(f"load average (1, 5, 15 min) at the start: {result['machine']['load_average_at_start']}")
+    print(f"load average (1, 5, 15 min) at the end: {result['machine']['load_average_at_end']}")
     write(Path(args.out), result)
 
 
@@ -367,9 +394,19 @@ def table(result: dict[str, Any]) -> str:
             rows.append(
                 f"| {level} | {name} | {s['output_tokens_per_s']:.1f} | {s['ttft_p50_ms']:.0f} |"
             )
-        ratio = sides[ours]["output_tokens_per_s"] / sides[theirs]["output_tokens_per_s"]
-        ttft = sides[ours]["ttft_p50_ms"] / max(sides[theirs]["ttft_p50_ms"], 1e-9)
-        rows.append(f"| {level} | ours/theirs | {ratio:.2f}x | {ttft:.2f}x |")
+        t, f = sides["tokens_per_s_ratio"], sides["ttft_p50_ratio"]
+        rows.append(
+            f"| {level} | ours/theirs, median [min-max] | {t['median']:.2f}x "
+            f"[{t['min']:.2f}-{t['max']:.2f}] | "
+            f"{f['median']:.2f}x [{f['min']:.2f}-{f['max']:.2f}] |"
+        )
+        rows.append(
+            f"| {level} | ours/theirs per round | "
+            + ", ".join(f"{x:.2f}" for x in t["per_round"])
+            + " | "
+            + ", ".join(f"{x:.2f}" for x in f["per_round"])
+            + " |"
+        )
     d = result["deploy_to_first_token_s"]
     rows.append(f"\ndeploy -> first token: {theirs} {d[theirs]:.2f} s, {ours} {d[ours]:.2f} s")
     for name, e in result.get("engines", {}).items():
