@@ -7,7 +7,15 @@ import pytest
 from deepinfer_nb.client import cluster as api
 from deepinfer_nb.client import render, view
 from deepinfer_nb.client.view import Snapshot
-from deepinfer_nb.models import DeploymentSpec, Engine, EngineState, GpuInfo, GpuSamples, Node
+from deepinfer_nb.models import (
+    DeploymentSpec,
+    Engine,
+    EngineState,
+    GpuInfo,
+    GpuProcess,
+    GpuSamples,
+    Node,
+)
 from deepinfer_nb.nb.links import browser_url, snippet
 from deepinfer_nb.nb.widgets import sparkline
 
@@ -85,6 +93,12 @@ def test_gpu_rows_explain_missing_gpus() -> None:
                     memory_total=80 << 30,
                     memory_used=8 << 30,
                     utilization=50.0,
+                    processes=[
+                        GpuProcess(pid=77, used_memory=1 << 29),
+                        GpuProcess(pid=12, used_memory=3 << 30, engine="d-0-a", deployment="d"),
+                        GpuProcess(pid=13, used_memory=1 << 30, engine="d-0-a", deployment="d"),
+                        GpuProcess(pid=78),
+                    ],
                 )
             ],
         )
@@ -92,7 +106,9 @@ def test_gpu_rows_explain_missing_gpus() -> None:
     e = Engine(id="d-0-a", deployment="d", state=EngineState.RUNNING, node="b", gpus=[0])
     rows = render.gpu_rows(snap([e], nodes=nodes, gpus=gpus))
     assert rows[0]["note"] == "no NVIDIA GPU on node a (no NVIDIA driver)"
-    assert (rows[1]["name"], rows[1]["mem used GiB"], rows[1]["engines"]) == ("H100", 8.0, "d-0-a")
+    assert (rows[1]["name"], rows[1]["mem used GiB"], rows[1]["booked"]) == ("H100", 8.0, "d-0-a")
+    # what runs: the engine's two processes summed, then each unknown pid (memory where known)
+    assert rows[1]["processes"] == "d-0-a 4.00 GiB, unknown pid 77 0.50 GiB, unknown pid 78"
 
 
 def test_tables_escape_and_colour() -> None:
