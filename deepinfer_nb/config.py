@@ -48,6 +48,9 @@ class ServerSettings:
     """TOML file of named keys: `[admin]` and `[inference]` tables of `name = "key"`."""
     metrics_open: bool = False
     """Serve /metrics without a key even when keys are configured."""
+    metrics_interval_s: float = 5.0
+    """Seconds between the gateway's polls of engine metrics (GetMetrics) and the store's metrics
+    snapshots, and between each process's own snapshot writes (controller, worker, store)."""
     max_body_bytes: int = 4 * 1024 * 1024
     max_connections: int = 0
     """Most connections the gateway serves at once; more get 503 (0 = no limit)."""

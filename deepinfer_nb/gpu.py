@@ -147,9 +147,9 @@ def join_processes(devices: list[GpuInfo], owners: Mapping[int, Owner]) -> list[
     """`devices` with each GPU process's engine and deployment named from `owners`."""
     joined = []
     for device in devices:
-        processes = [
-            p.model_copy(update=dict(zip(("engine", "deployment"), owners.get(p.pid, ("", "")))))
-            for p in device.processes
-        ]
+        processes = []
+        for p in device.processes:
+            engine, deployment = owners.get(p.pid, ("", ""))
+            processes.append(p.model_copy(update={"engine": engine, "deployment": deployment}))
         joined.append(device.model_copy(update={"processes": processes}))
     return joined

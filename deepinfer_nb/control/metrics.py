@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -28,9 +29,14 @@ log = logging.getLogger(__name__)
 RECONCILE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+_names = itertools.count(1)
+
+
 def process_name() -> str:
-    """This process in metric labels and its snapshot key: `host-pid`."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """A new name for one set of services in metric labels and its snapshot key: `host-pid`,
+    then `host-pid-2`, ... for further sets in the same process (tests, a notebook beside a CLI)."""
+    n = next(_names)
+    return f"{socket.gethostname()}-{os.getpid()}" + (f"-{n}" if n > 1 else "")
 
 
 class ControllerCounters:
@@ -48,11 +54,12 @@ class ControllerCounters:
 
     def snapshot(self, *, identity: str, leader: bool) -> ControllerMetrics:
         h = self._duration.snapshot()
+        duration = HistogramData(bounds=list(h.bounds), counts=list(h.counts), sum=h.sum)
         return ControllerMetrics(
             identity=identity,
             leader=leader,
             rounds=self.rounds,
-            reconcile_seconds=HistogramData(bounds=list(h.bounds), counts=list(h.counts), sum=h.sum),
+            reconcile_seconds=duration,
             actions=dict(self.actions),
             conflicts=self.conflicts,
             placements=self.placements,
@@ -74,10 +81,11 @@ class WorkerCounters:
             self._renewal_failures += old.renewal_failures
 
     def snapshot(self, *, node: str, lease: Lease | None, engines: int) -> WorkerMetrics:
+        renewals, failures = (lease.renewals, lease.renewal_failures) if lease else (0, 0)
         return WorkerMetrics(
             node=node,
-            lease_renewals=self._renewals + (lease.renewals if lease else 0),
-            lease_renewal_failures=self._renewal_failures + (lease.renewal_failures if lease else 0),
+            lease_renewals=self._renewals + renewals,
+            lease_renewal_failures=self._renewal_failures + failures,
             lease_losses=self.lease_losses,
             launches=dict(self.launches),
             engines=engines,

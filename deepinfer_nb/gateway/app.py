@@ -1,8 +1,9 @@
 """`build_app`: the gateway's FastAPI application over one metadata store.
 
-Wires the routing table (started and stopped by the app's lifespan), the serving layer, the
-metrics registry, the routers, the error handlers and the security middleware. The app holds no
-global state: several gateways can live in one process (tests, a notebook next to a CLI).
+Wires the routing table and the cluster metrics poll (started and stopped by the app's
+lifespan), the serving layer, the metrics registry, the routers, the error handlers and the
+security middleware. The app holds no global state: several gateways can live in one process
+(tests, a notebook next to a CLI).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..engine.client import EngineClient
 from ..engine.policy import LaunchPolicy
 from ..store import MetaStore
 from . import cluster_routes, deployments, engine_logs, openai_routes
+from .cluster_metrics import ClusterMetrics
 from .errors import install_handlers
 from .metrics import GatewayMetrics
 from .openapi import openapi_schema
@@ -40,13 +42,17 @@ def build_app(
     keys = as_keys(api_keys)
     metrics = GatewayMetrics()
     table = RoutingTable(store, client_factory=client_factory, observer=metrics)
+    cluster = ClusterMetrics(table, store, interval_s=settings.server.metrics_interval_s)
+    metrics.registry.register(cluster)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await table.start()
+        cluster.start()
         try:
             yield
         finally:
+            await cluster.close()
             await table.close()
 
     app = FastAPI(title="deepinfer-nb gateway", version=__version__, lifespan=lifespan)
@@ -54,6 +60,7 @@ def build_app(
     app.state.settings = settings
     app.state.table = table
     app.state.metrics = metrics
+    app.state.cluster_metrics = cluster
     app.state.serving = OpenAIServing(table, metrics)
     app.state.auth_enabled = bool(keys)
     app.state.log_source = None  # a worker in the same process sets itself (engine_logs)
