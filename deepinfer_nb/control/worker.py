@@ -316,12 +316,15 @@ class Worker:
         devices, reason = gpu.probe()
         if any(d.processes for d in devices):
             roots = {
-                proc.pid: (eid, record.deployment if record else "")
+                proc.pid: (eid, self._deployment_of(eid))
                 for eid, proc in list(self.launcher.processes.items())
-                for record in [self._records.get(eid)]
             }
             devices = gpu.join_processes(devices, gpu.process_owners(roots))
         return devices, reason
+
+    def _deployment_of(self, eid: str) -> str:
+        record = self._records.get(eid)
+        return record.deployment if record is not None else ""
 
     # ---- following the records ----------------------------------------------------------------
 

@@ -167,3 +167,8 @@ async def test_process_snapshots_and_gpus_from_the_store(
     procs = fams["deepinfer_gpu_process_memory_bytes"]
     assert _value(procs, pid="10", engine="smol-0-x", deployment="smol") == 8 << 30
     assert _value(procs, pid="99", engine="") == 1 << 30
+    # /v1/gpus shows the same join (the worker wrote it into the samples)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        (node,) = (await http.get("/v1/gpus")).json()["data"]
+    shown = [(p["pid"], p["engine"]) for p in node["gpus"][0]["processes"]]
+    assert shown == [(10, "smol-0-x"), (99, "")]
