@@ -17,7 +17,7 @@ from ..config import ApiKey, Settings
 from ..engine.client import EngineClient
 from ..engine.policy import LaunchPolicy
 from ..store import MetaStore
-from . import cluster_routes, deployments, engine_logs, openai_routes
+from . import cluster_routes, deployments, engine_logs, landing, openai_routes
 from .errors import install_handlers
 from .metrics import GatewayMetrics
 from .openapi import openapi_schema
@@ -49,7 +49,15 @@ def build_app(
         finally:
             await table.close()
 
-    app = FastAPI(title="deepinfer-nb gateway", version=__version__, lifespan=lifespan)
+    # landing.py serves /docs with a relative schema URL (FastAPI's asks for /openapi.json,
+    # which misses under a proxy prefix); no ReDoc
+    app = FastAPI(
+        title="deepinfer-nb gateway",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.store = store
     app.state.settings = settings
     app.state.table = table
@@ -60,7 +68,7 @@ def build_app(
     app.state.policy = LaunchPolicy.from_settings(settings.agent)
     install_handlers(app)
     app.router.routes[:0] = openai_routes.GENERATION_ROUTES  # first: they are matched most
-    for module in (openai_routes, deployments, cluster_routes, engine_logs):
+    for module in (openai_routes, deployments, cluster_routes, engine_logs, landing):
         app.include_router(module.router)
     app.add_middleware(
         SecurityMiddleware,
