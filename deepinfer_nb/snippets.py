@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import shlex
 
-QUESTION = "What is the capital of France?"
+QUESTION = "What is the capital of France? Answer in one word."
+JUPYTER_TOKEN_ENV = "JUPYTER_TOKEN"
+"""The variable snippets read the notebook server's token from, behind its proxy."""
 
 
 def snippet(

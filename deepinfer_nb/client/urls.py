@@ -27,11 +27,11 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from ..config import ApiKey, JupyterEnv
+from ..snippets import JUPYTER_TOKEN_ENV
 
 Audience = Literal["kernel", "browser", "external"]
 AUDIENCES: tuple[Audience, ...] = ("kernel", "browser", "external")
 LOOPBACK, PUBLIC, PROXY = "loopback", "public_url", "jupyter-server-proxy"
-JUPYTER_TOKEN_ENV = "JUPYTER_TOKEN"
 
 
 @dataclasses.dataclass(frozen=True)

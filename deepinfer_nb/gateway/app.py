@@ -64,6 +64,7 @@ def build_app(
     app.state.metrics = metrics
     app.state.serving = OpenAIServing(table, metrics)
     app.state.auth_enabled = bool(keys)
+    app.state.keys = keys  # the landing page names the one a client should use
     app.state.log_source = None  # a worker in the same process sets itself (engine_logs)
     app.state.policy = LaunchPolicy.from_settings(settings.agent)
     install_handlers(app)

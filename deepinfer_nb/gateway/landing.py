@@ -6,7 +6,8 @@ state and OpenAI base URL, a copyable curl and Python example, and links to the 
 `metrics`), so the page works wherever it is served: on loopback, or under a proxy prefix such as
 `/user/alice/proxy/8082/` (jupyter-server-proxy). `/docs` is FastAPI's Swagger UI pointed at the
 schema by a relative URL for the same reason (FastAPI's own page asks for `/openapi.json`).
-The absolute URL in the examples is taken from the proxy's `X-Forwarded-*` headers when present.
+The absolute URL in the examples is taken from the proxy's `X-Forwarded-*` headers when present;
+behind jupyter-server-proxy (it sends `X-ProxyContextPath`) they also send the Jupyter token.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from .._version import __version__
 from ..models import DeploymentSpec, Engine, EngineState
-from ..snippets import snippet
+from ..snippets import JUPYTER_TOKEN_ENV, snippet
 from .routing import RoutingTable
+from .security import client_key_hint
 
 router = APIRouter(include_in_schema=False)
 
@@ -73,6 +75,10 @@ def public_base(request: Request) -> str:
     return f"{scheme}://{host}{prefix}/"
 
 
+def _behind_jupyter(request: Request) -> bool:
+    return "x-proxycontextpath" in request.headers
+
+
 def _wants_json(request: Request) -> bool:
     accept = request.headers.get("accept", "")
     return "application/json" in accept and "text/html" not in accept
@@ -92,7 +98,16 @@ async def landing(request: Request) -> Response:
                 "links": LINKS,
             }
         )
-    return HTMLResponse(page(rows, api_base=public_base(request) + "v1"))
+    key_env, key_note = client_key_hint(request.app.state.keys)
+    return HTMLResponse(
+        page(
+            rows,
+            api_base=public_base(request) + "v1",
+            key_env=key_env,
+            key_note=key_note,
+            token_env=JUPYTER_TOKEN_ENV if _behind_jupyter(request) else "",
+        )
+    )
 
 
 @router.get("/docs")
@@ -104,13 +119,21 @@ async def docs(request: Request) -> HTMLResponse:
     )
 
 
-def page(rows: list[dict[str, Any]], *, api_base: str) -> str:
+def page(
+    rows: list[dict[str, Any]],
+    *,
+    api_base: str,
+    key_env: str = "",
+    key_note: str = "",
+    token_env: str = "",
+) -> str:
     """The landing page's HTML (pure: tested without a server)."""
+    creds = {"key_env": key_env, "key_note": key_note, "token_env": token_env}
     model = next((r["model"] for r in rows if r["state"] == "Running"), None)
     model = model or (rows[0]["model"] if rows else EXAMPLE_MODEL)
     examples = "".join(
         f"<h3>{title}</h3><pre><code class='{lang}'>"
-        f"{html.escape(snippet(lang=lang, api_base=api_base, model=model))}</code></pre>"
+        f"{html.escape(snippet(lang=lang, api_base=api_base, model=model, **creds))}</code></pre>"
         for title, lang in (("curl", "curl"), ("Python (openai)", "python"))
     )
     body = "".join(

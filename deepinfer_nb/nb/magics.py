@@ -153,6 +153,7 @@ class DeepInferMagics(Magics, Configurable):
         from .links import GatewayLink
 
         cluster = self._need()
+        cluster.public_url = self.public_url  # a %config since `up` applies too
         return GatewayLink(
             browser=cluster.gateway_access("browser"),
             external=cluster.gateway_access("external"),

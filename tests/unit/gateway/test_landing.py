@@ -80,7 +80,7 @@ async def test_html_links_are_relative_and_resolve(store: MemoryStore) -> None:
             # the examples name the running model and a base URL that answers
             assert "smollm2" in page.text and f"{server.url}/v1/chat/completions" in page.text
             docs = await http.get("/docs")
-            assert "url: 'openapi.json'" in docs.text or "url: \"openapi.json\"" in docs.text
+            assert "url: 'openapi.json'" in docs.text or 'url: "openapi.json"' in docs.text
             assert (await http.get("/redoc")).status_code == 404
     finally:
         await server.stop()
@@ -88,7 +88,13 @@ async def test_html_links_are_relative_and_resolve(store: MemoryStore) -> None:
 
 async def test_examples_use_the_proxy_prefix(store: MemoryStore) -> None:
     server = await _served(store, [])
-    headers = {"X-Forwarded-Prefix": "/user/alice/proxy/9999", "Host": "nb.example:8888"}
+    # what jupyter-server-proxy sends: the prefix (three ways) and the notebook server's Host
+    prefix = "/user/alice/proxy/9999"
+    headers = {
+        "X-Forwarded-Prefix": prefix,
+        "X-ProxyContextPath": prefix,
+        "Host": "nb.example:8888",
+    }
     try:
         async with httpx.AsyncClient(base_url=server.url) as http:
             page = html.unescape((await http.get("/", headers=headers)).text)
@@ -96,6 +102,7 @@ async def test_examples_use_the_proxy_prefix(store: MemoryStore) -> None:
         await server.stop()
     assert "http://nb.example:8888/user/alice/proxy/9999/v1/chat/completions" in page
     assert re.search(r"base_url='http://nb\.example:8888/user/alice/proxy/9999/v1'", page)
+    assert 'api_key=os.environ["JUPYTER_TOKEN"]' in page  # the proxy wants the Jupyter token
 
 
 async def test_with_keys_the_page_needs_an_inference_key(store: MemoryStore) -> None:
@@ -105,6 +112,8 @@ async def test_with_keys_the_page_needs_an_inference_key(store: MemoryStore) -> 
             assert (await http.get("/")).status_code == 401
             ok = await http.get("/", headers={**JSON, "Authorization": f"Bearer {KEY}"})
             assert ok.status_code == 200 and len(ok.json()["deployments"]) == 2
+            page = await http.get("/", headers={"Authorization": f"Bearer {KEY}"})
+            assert "os.environ[&quot;DEEPINFER_API_KEY&quot;]" in page.text
             assert (await http.get("/docs")).status_code == 401  # docs stay admin
     finally:
         await server.stop()
