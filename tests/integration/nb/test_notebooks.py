@@ -95,7 +95,7 @@ def test_binder_notebook(deepinfer_home: Path, tmp_path: Path) -> None:
     """The 2 GiB Binder tour: the GGUF on llama.cpp only (seconds, so cheap to run here)."""
     sources, outputs = execute("binder.ipynb", tmp_path)
     assert "Paris" in cell_output(sources, outputs, "%%deepinfer chat")
-    openai_out = cell_output(sources, outputs, "openai_client()")
+    openai_out = cell_output(sources, outputs, "client = deepinfer_nb.connect()")
     assert "openai:" in openai_out and "Paris" in openai_out
     # no notebook server in front of nbclient's kernel: every audience is on loopback
     gateway = cell_output(sources, outputs, "%deepinfer gateway")
