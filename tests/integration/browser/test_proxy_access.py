@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -69,6 +70,20 @@ def _outside_the_kernel(lab: LabServer, api_base: str) -> None:
     )
     deltas = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len([d for d in deltas if d]) > 1 and "Paris" in "".join(deltas)
+    # and the tokens arrive as they are made: spread over the generation, where a buffered
+    # answer would hand them all over at one instant
+    arrivals = []
+    for chunk in client.completions.create(
+        model="smol",
+        prompt="Count: one, two, three,",
+        max_tokens=48,
+        temperature=0,
+        stream=True,
+        extra_headers={"Accept": "text/event-stream"},
+    ):
+        if chunk.choices and chunk.choices[0].text:
+            arrivals.append(time.monotonic())
+    assert len(arrivals) > 10 and arrivals[-1] - arrivals[0] > 0.1, arrivals
 
     root = api_base.removesuffix("v1")
     auth = {"Authorization": f"token {lab.token}"}
