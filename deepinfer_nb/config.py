@@ -309,7 +309,8 @@ class JupyterEnv:
     hub_prefix: str
     """JUPYTERHUB_SERVICE_PREFIX: the single-user server's prefix on a JupyterHub ("" if none)."""
     hub_public_url: str
-    """JUPYTERHUB_PUBLIC_URL: the hub's address for browsers, when the hub publishes it."""
+    """JUPYTERHUB_PUBLIC_URL: this single-user server's public address (e.g.
+    https://hub.example.org/user/alice/), set when the hub's `public_url` is configured."""
     parent_pid: int
     """JPY_PARENT_PID: the Jupyter server that launched this kernel (0 if none)."""
     runtime_dir: str

@@ -153,8 +153,7 @@ def find_jupyter_server(env: JupyterEnv, *, connection_file: str = "") -> Jupyte
     proxy = importlib.util.find_spec("jupyter_server_proxy") is not None
     if env.hub_prefix:
         prefix = _slashed(env.hub_prefix)
-        url = env.hub_public_url.rstrip("/") + prefix if env.hub_public_url else ""
-        return JupyterServer(base_url=prefix, url=url, hub=True, proxy=proxy)
+        return JupyterServer(base_url=prefix, url=env.hub_public_url, hub=True, proxy=proxy)
     if not env.parent_pid:
         return None
     for folder in _runtime_dirs(env, connection_file):

@@ -98,8 +98,12 @@ def test_the_server_that_launched_the_kernel_is_found_by_its_pid(tmp_path: Path)
 
 
 def test_jupyterhub_is_found_from_its_service_prefix() -> None:
+    # JupyterHub publishes this server's public URL when the hub's public_url is set
     env = jupyter_env(
-        {"JUPYTERHUB_SERVICE_PREFIX": "/user/ann", "JUPYTERHUB_PUBLIC_URL": "https://hub.x/"}
+        {
+            "JUPYTERHUB_SERVICE_PREFIX": "/user/ann/",
+            "JUPYTERHUB_PUBLIC_URL": "https://hub.x/user/ann/",
+        }
     )
     found = find_jupyter_server(env)
     assert found == JupyterServer(base_url="/user/ann/", url="https://hub.x/user/ann/", hub=True)
