@@ -134,6 +134,14 @@ def test_gateway_through_jupyter_server_proxy(tmp_path: Path) -> None:
                     assert printed, nb.output_text(GATEWAY_CELL)
                     api_base = printed.group(1)
                     assert api_base.startswith(f"{lab.url}/proxy/") and api_base.endswith("/v1")
+                    said = nb.output_text(GATEWAY_CELL)
+                    assert "the Jupyter server's token" in said and "as the API key" in said
+                    # the Cluster summary `up` displayed links through the proxy too
+                    up_link = nb.code_cells().nth(1).locator(".jp-OutputArea a").first
+                    assert (
+                        up_link.get_attribute("href")
+                        == f"{BASE_URL}proxy/{api_base.split('/')[-2]}/"
+                    )
                     _outside_the_kernel(lab, api_base)
 
                     link = nb.code_cells().nth(GATEWAY_CELL).locator(".jp-OutputArea a").first
