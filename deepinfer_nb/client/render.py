@@ -33,6 +33,8 @@ class ClusterInfo(Protocol):
     def store_url(self) -> str: ...
     @property
     def gateway_url(self) -> str | None: ...
+    @property
+    def browser_url(self) -> str | None: ...
     def snapshot(self) -> Snapshot: ...
 
 
@@ -338,7 +340,7 @@ def cluster_html(cluster: ClusterInfo) -> str:
     if not cluster.connected:
         return "<p>Cluster (not connected)</p>"
     snap = cluster.snapshot()
-    gw = cluster.gateway_url
+    gw = cluster.browser_url  # the link is for the user's browser, maybe through a proxy
     link = f"<a href='{html.escape(gw)}' target='_blank'>{html.escape(gw)}</a>" if gw else "none"
     return (
         f"<div><b>Cluster</b> <code>{html.escape(cluster.store_url)}</code> · "

@@ -18,7 +18,7 @@ from ..config import ApiKey, Settings
 from ..engine.client import EngineClient
 from ..engine.policy import LaunchPolicy
 from ..store import MetaStore
-from . import cluster_routes, deployments, engine_logs, openai_routes
+from . import cluster_routes, deployments, engine_logs, landing, openai_routes
 from .cluster_metrics import ClusterMetrics
 from .errors import install_handlers
 from .metrics import GatewayMetrics
@@ -55,7 +55,15 @@ def build_app(
             await cluster.close()
             await table.close()
 
-    app = FastAPI(title="deepinfer-nb gateway", version=__version__, lifespan=lifespan)
+    # landing.py serves /docs with a relative schema URL (FastAPI's asks for /openapi.json,
+    # which misses under a proxy prefix); no ReDoc
+    app = FastAPI(
+        title="deepinfer-nb gateway",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.store = store
     app.state.settings = settings
     app.state.table = table
@@ -63,11 +71,12 @@ def build_app(
     app.state.cluster_metrics = cluster
     app.state.serving = OpenAIServing(table, metrics)
     app.state.auth_enabled = bool(keys)
+    app.state.keys = keys  # the landing page names the one a client should use
     app.state.log_source = None  # a worker in the same process sets itself (engine_logs)
     app.state.policy = LaunchPolicy.from_settings(settings.agent)
     install_handlers(app)
     app.router.routes[:0] = openai_routes.GENERATION_ROUTES  # first: they are matched most
-    for module in (openai_routes, deployments, cluster_routes, engine_logs):
+    for module in (openai_routes, deployments, cluster_routes, engine_logs, landing):
         app.include_router(module.router)
     app.add_middleware(
         SecurityMiddleware,

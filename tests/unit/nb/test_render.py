@@ -16,8 +16,8 @@ from deepinfer_nb.models import (
     GpuSamples,
     Node,
 )
-from deepinfer_nb.nb.links import browser_url, snippet
 from deepinfer_nb.nb.widgets import sparkline
+from deepinfer_nb.snippets import snippet
 
 
 def snap(engines: list[Engine], *, replicas: int = 1, nodes=None, gpus=None) -> Snapshot:
@@ -118,14 +118,6 @@ def test_tables_escape_and_colour() -> None:
     assert "Failed" in render.engines_text(snap([e]))
 
 
-def test_links_honour_the_hub_prefix() -> None:
-    assert browser_url(host="127.0.0.1", port=8082, hub_prefix="") == "http://127.0.0.1:8082/"
-    assert browser_url(host="h", port=8082, hub_prefix="/user/ann") == "/user/ann/proxy/8082/"
-    assert (
-        browser_url(host="h", port=9, template="https://x/{port}", hub_prefix="") == "https://x/9"
-    )
-
-
 def test_snippets() -> None:
     py = snippet(lang="python", api_base="http://127.0.0.1:8082/v1", model="demo", key_env="GW_KEY")
     compile(py, "<snippet>", "exec")
@@ -137,6 +129,21 @@ def test_snippets() -> None:
         code = snippet(lang=lang, api_base="x", model="m", key_env="GW_KEY", key_note=note)
         assert code.startswith(f"# {note}\n")
     compile(snippet(lang="python", api_base="x", model="m", key_note=note), "<snippet>", "exec")
+
+
+def test_snippets_behind_a_jupyter_proxy_send_the_token() -> None:
+    # the token alone: it is the API key (Jupyter reads `Authorization: Bearer`)
+    py = snippet(lang="python", api_base="http://h/p/v1", model="m", token_env="JUPYTER_TOKEN")
+    compile(py, "<snippet>", "exec")
+    assert 'api_key=os.environ["JUPYTER_TOKEN"])' in py and "# JUPYTER_TOKEN:" in py
+    curl = snippet(lang="curl", api_base="http://h/p/v1", model="m", token_env="JUPYTER_TOKEN")
+    assert '-H "Authorization: token $JUPYTER_TOKEN"' in curl
+    # with a gateway key the key takes the header and the token the query
+    py = snippet(lang="python", api_base="x", model="m", key_env="K", token_env="JUPYTER_TOKEN")
+    compile(py, "<snippet>", "exec")
+    assert 'api_key=os.environ["K"], default_query={"token": os.environ["JUPYTER_TOKEN"]}' in py
+    curl = snippet(lang="curl", api_base="x", model="m", key_env="K", token_env="JUPYTER_TOKEN")
+    assert 'curl -s "x/chat/completions?token=$JUPYTER_TOKEN"' in curl and "Bearer $K" in curl
 
 
 def test_sparkline() -> None:
