@@ -13,7 +13,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.display import display
-from traitlets import Bool, Float, Int, Unicode
+from traitlets import Bool, Float, Int, Unicode, observe
 from traitlets.config import Configurable
 
 from .. import errors as E
@@ -64,6 +64,13 @@ class DeepInferMagics(Magics, Configurable):
         "ingress; may hold {port}); '' = [server] public_url, else the notebook server's "
         "proxy (JupyterHub or Jupyter + jupyter-server-proxy), else loopback",
     ).tag(config=True)
+
+    @observe("public_url")
+    def _public_url_changed(self, change: Any) -> None:
+        """A `%config` after `up` moves the links of the running cluster too."""
+        cluster = getattr(self, "cluster", None)  # None until `up`; set while loading the user file
+        if cluster is not None:
+            cluster.public_url = change["new"]
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -153,7 +160,6 @@ class DeepInferMagics(Magics, Configurable):
         from .links import GatewayLink
 
         cluster = self._need()
-        cluster.public_url = self.public_url  # a %config since `up` applies too
         return GatewayLink(
             browser=cluster.gateway_access("browser"),
             external=cluster.gateway_access("external"),
