@@ -91,6 +91,9 @@ class AgentSettings:
     """Launch policy: extra environment variable names a deployment's `env` may set."""
     secrets_file: str = ""
     """`NAME=value` lines the worker resolves a deployment's `secrets` from (after its env)."""
+    warm_pool: int = -1
+    """Warm engine processes kept waiting for a vLLM CPU deployment (torch and vLLM imported):
+    -1 = 1 on a node without GPUs, 0 with GPUs; 0 = none (control/warmpool.py)."""
 
 
 @dataclasses.dataclass

@@ -329,6 +329,16 @@ class Node(Record):
     version: str = ""
 
 
+class WarmPoolStatus(BaseModel):
+    """A worker's warm engine processes (control/warmpool.py), sampled with its GPUs."""
+
+    size: int = 0  # how many the worker keeps (0: no pool)
+    warm: int = 0  # imports done, waiting for a model
+    starting: int = 0  # still importing
+    memory_bytes: int = 0  # resident memory of the members and their forkservers
+    pids: list[int] = Field(default_factory=list)
+
+
 class GpuSamples(Record):
     """Live samples of a node's GPUs: `nodes/{id}/gpus`, refreshed every few seconds."""
 
@@ -336,3 +346,4 @@ class GpuSamples(Record):
     at: float = Field(default_factory=now)
     gpus: list[GpuInfo] = Field(default_factory=list)
     error: str = ""
+    warm_pool: WarmPoolStatus | None = None  # None: the worker keeps no pool

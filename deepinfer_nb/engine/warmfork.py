@@ -102,7 +102,7 @@ class _WarmProcess(multiprocessing.context.ForkServerProcess):
 class WarmContext(multiprocessing.context.ForkServerContext):
     """vLLM's multiprocessing context: forks of the warm server (see the module docstring)."""
 
-    Process = _WarmProcess  # type: ignore[assignment]
+    Process = _WarmProcess
 
 
 _CONTEXT = WarmContext()
@@ -117,9 +117,9 @@ def _enter_child(env: Mapping[str, str], stdio: tuple[Any, Any]) -> None:
     os.environ.clear()
     os.environ.update(env)
     bind_openmp(env)
-    server = multiprocessing.forkserver._forkserver
+    server: Any = multiprocessing.forkserver._forkserver
     if server._forkserver_address is not None and server._forkserver_pid is None:
-        server.ensure_running = lambda: None  # type: ignore[method-assign]
+        server.ensure_running = lambda: None
     install()
 
 
@@ -168,7 +168,7 @@ def preload() -> None:
 def install() -> None:
     """Make vLLM start its EngineCore and workers from the warm forkserver (imports vLLM)."""
     for name in _GET_MP_CONTEXT_USERS:
-        module = sys.modules.get(name) or _import(name)
+        module: Any = sys.modules.get(name) or _import(name)
         if module is not None and hasattr(module, "get_mp_context"):
             module.get_mp_context = _get_mp_context
 
