@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 T = TypeVar("T")
 NODE = "warm"
+PARIS = "What is the capital of France? Answer in one word."
 WARM_S = 300.0  # a member's imports on two busy cores, with margin
 FAST_RUNNING_S = 20.0
 """Write to Running from a warm member: about 5 s on two idle cores (a cold start: 27-48 s)."""
@@ -93,7 +94,7 @@ def test_deploy_takes_the_warm_process_refills_and_restarts_from_it(cluster: Clu
     )
     engine = wait_for("Running", lambda: running_engine(cluster), WARM_S)
     to_running = time.monotonic() - written
-    answer = dep.chat("What is the capital of France? Answer in one word.", max_tokens=8)
+    answer = dep.chat(PARIS, max_tokens=8, temperature=0)
     print(f"\nwarm pool: write -> Running {to_running:.1f}s")
     assert engine.pid == member, "the deployment did not take the warm process"
     assert "Paris" in answer.text
@@ -110,5 +111,5 @@ def test_deploy_takes_the_warm_process_refills_and_restarts_from_it(cluster: Clu
     print(f"warm pool: SIGKILL -> Running again {back:.1f}s")
     assert again.pid == second, "the restart did not take the warm process"
     assert not psutil.pid_exists(member) or psutil.Process(member).status() == "zombie"
-    assert "Paris" in dep.chat("What is the capital of France? Answer in one word.").text
+    assert "Paris" in dep.chat(PARIS, max_tokens=8, temperature=0).text
     assert back < FAST_RUNNING_S + 5
