@@ -10,7 +10,14 @@ import html
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..models import DeploymentSpec, DownloadProgress, Engine, EngineSettings, EngineState
+from ..models import (
+    DeploymentSpec,
+    DownloadProgress,
+    Engine,
+    EngineSettings,
+    EngineState,
+    WarmPoolStatus,
+)
 from .view import Snapshot, status_of
 
 if TYPE_CHECKING:
@@ -148,17 +155,16 @@ def gpu_rows(snap: Snapshot) -> list[dict[str, Any]]:
         node = snap.nodes.get(node_id)
         samples = snap.gpus.get(node_id)
         gpus = samples.gpus if samples and samples.gpus else (node.gpus if node else [])
+        pool = pool_text(samples.warm_pool if samples else None)
         if not gpus:
             why = (samples.error if samples else "") or (node.gpu_error if node else "")
+            note = f"no NVIDIA GPU on node {node_id}" + (f" ({why})" if why else "")
             rows.append(
                 {c: None for c in GPU_COLUMNS}
-                | {
-                    "node": node_id,
-                    "note": f"no NVIDIA GPU on node {node_id}" + (f" ({why})" if why else ""),
-                }
+                | {"node": node_id, "note": note + (f" · {pool}" if pool else "")}
             )
             continue
-        for g in gpus:
+        for i, g in enumerate(gpus):
             rows.append(
                 {
                     "node": node_id,
@@ -172,10 +178,18 @@ def gpu_rows(snap: Snapshot) -> list[dict[str, Any]]:
                     "temp C": g.temperature,
                     "power W": g.power_draw,
                     "engines": ", ".join(users.get((node_id, g.index), [])),
-                    "note": "",
+                    "note": pool if i == 0 else "",
                 }
             )
     return rows
+
+
+def pool_text(pool: WarmPoolStatus | None) -> str:
+    """ "warm pool: 1 ready, 1 starting, 1.4 GiB" (the node's warm engine processes); "" without."""
+    if pool is None or pool.size <= 0:
+        return ""
+    parts = [f"{pool.warm} ready"] + ([f"{pool.starting} starting"] if pool.starting else [])
+    return f"warm pool: {', '.join(parts)}, {pool.memory_bytes / GIB:.1f} GiB"
 
 
 def gpus_frame(snap: Snapshot) -> pd.DataFrame:

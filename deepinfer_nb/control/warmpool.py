@@ -258,12 +258,13 @@ class WarmPool:
     def _prune(self) -> None:
         for member in [m for m in self.members if not m.alive()]:
             self.members.remove(member)
+            member.kill()  # reaps it and closes its stdin
             self._failures += 1
             delay = retry_delay(self._failures)
             self._not_before = time.monotonic() + delay
             log.warning(
                 "warm engine process %d exited with %s before it was used (log: %s); "
-                "replacing it in %.0fs",
+                "replacing it in %.1fs",
                 member.pid,
                 member.popen.returncode,
                 member.log_path,

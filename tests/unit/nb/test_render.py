@@ -7,7 +7,15 @@ import pytest
 from deepinfer_nb.client import cluster as api
 from deepinfer_nb.client import render, view
 from deepinfer_nb.client.view import Snapshot
-from deepinfer_nb.models import DeploymentSpec, Engine, EngineState, GpuInfo, GpuSamples, Node
+from deepinfer_nb.models import (
+    DeploymentSpec,
+    Engine,
+    EngineState,
+    GpuInfo,
+    GpuSamples,
+    Node,
+    WarmPoolStatus,
+)
 from deepinfer_nb.nb.links import browser_url, snippet
 from deepinfer_nb.nb.widgets import sparkline
 
@@ -93,6 +101,19 @@ def test_gpu_rows_explain_missing_gpus() -> None:
     rows = render.gpu_rows(snap([e], nodes=nodes, gpus=gpus))
     assert rows[0]["note"] == "no NVIDIA GPU on node a (no NVIDIA driver)"
     assert (rows[1]["name"], rows[1]["mem used GiB"], rows[1]["engines"]) == ("H100", 8.0, "d-0-a")
+
+
+def test_gpus_and_doctor_show_the_warm_pool_and_its_memory() -> None:
+    from deepinfer_nb.client.doctor import _pool_checks
+
+    pool = WarmPoolStatus(size=1, warm=1, memory_bytes=3 << 29, pids=[42])
+    gpus = {"cpu": GpuSamples(node="cpu", warm_pool=pool), "none": GpuSamples(node="none")}
+    view = snap([], nodes={"cpu": Node(id="cpu"), "none": Node(id="none")}, gpus=gpus)
+    rows = render.gpu_rows(view)
+    assert rows[0]["note"] == "no NVIDIA GPU on node cpu · warm pool: 1 ready, 1.5 GiB"
+    assert "warm pool" not in rows[1]["note"]
+    (check,) = _pool_checks(view)
+    assert (check.name, check.detail) == ("warm pool on cpu", "warm pool: 1 ready, 1.5 GiB")
 
 
 def test_tables_escape_and_colour() -> None:
