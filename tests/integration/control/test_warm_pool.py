@@ -14,6 +14,7 @@ Measured times are printed (run with -s to see them).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -24,8 +25,9 @@ import pytest
 
 import deepinfer_nb
 from deepinfer_nb.client.cluster import Cluster
-from deepinfer_nb.config import Settings
+from deepinfer_nb.config import Settings, home_dir
 from deepinfer_nb.engine import local_models
+from deepinfer_nb.engine.process import process_tree
 from deepinfer_nb.models import Engine, EngineState, WarmPoolStatus
 from deepinfer_nb.testing import FAST_SCHEDULER
 
@@ -99,6 +101,7 @@ def test_deploy_takes_the_warm_process_refills_and_restarts_from_it(cluster: Clu
     assert engine.pid == member, "the deployment did not take the warm process"
     assert "Paris" in answer.text
     assert to_running < FAST_RUNNING_S
+    assert_bound_as_logged(engine)
 
     refill = wait_for("a new warm member", lambda: warm_member(cluster, other_than=member), WARM_S)
     (second,) = refill.pids
@@ -113,3 +116,14 @@ def test_deploy_takes_the_warm_process_refills_and_restarts_from_it(cluster: Clu
     assert not psutil.pid_exists(member) or psutil.Process(member).status() == "zombie"
     assert "Paris" in dep.chat(PARIS, max_tokens=8, temperature=0).text
     assert back < FAST_RUNNING_S + 5
+
+
+def assert_bound_as_logged(engine: Engine) -> None:
+    """vLLM's worker, a fork of the warm server, runs on the cores vLLM's log says it binds
+    (OpenMP settings that a spawned worker would have read at start, applied after the fork)."""
+    text = (home_dir() / "logs" / f"{engine.id}.log").read_text(errors="replace")
+    logged = re.findall(r"local_rank=0, core ids=\[([\d, ]+)\]", text)
+    assert logged, "vLLM logged no OpenMP binding"
+    cores = {int(c) for c in logged[-1].split(",")}
+    affinities = [set(p.cpu_affinity() or []) for p in process_tree(engine.pid)]
+    assert cores in affinities, f"no process bound to {cores}: {affinities}"
