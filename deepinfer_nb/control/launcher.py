@@ -57,7 +57,7 @@ from ..engine.process import (
 from ..errors import ConfigError, EngineError
 from ..models import DeploymentSpec, Engine
 from ..netutil import free_port
-from .warmpool import WarmPool, serves
+from .warmpool import Member, WarmPool, serves
 
 __all__ = ["TOKEN_ENV", "EngineProcess", "Launcher", "LogTail", "build_command", "build_env"]
 
@@ -372,12 +372,12 @@ class Launcher:
                 f"{self.node_id}{how}: {' '.join(redact_args(cmd))}\n".encode()
             )
             out.flush()
+            if member is not None and not _hand_over(member, cmd=cmd, env=env, path=path):
+                member = None
             if member is None:
                 argv = procenv.die_with_parent(cmd, python=cmd[0]) if self.die_with_parent else cmd
                 popen = popen_shim(argv, env=env, out=out)
         if member is not None:
-            # cmd is [python, -m, deepinfer_nb.engine, flags...]: the member runs the flags
-            member.assign(argv=cmd[3:], env=env, log=path)
             popen, start_time = member.popen, member.start_time
         else:
             try:
@@ -453,6 +453,18 @@ class Launcher:
         if proc.alive():
             kill_group(proc.pid, signal.SIGKILL)
         kill_processes(members)
+
+
+def _hand_over(member: Member, *, cmd: list[str], env: Mapping[str, str], path: Path) -> bool:
+    """Give the launch to a pool member (cmd is [python, -m, deepinfer_nb.engine, flags...]:
+    it runs the flags); False if it died after the pool looked."""
+    try:
+        member.assign(argv=cmd[3:], env=env, log=path)
+    except OSError as exc:
+        log.warning("warm engine process %d is gone (%s); starting a new one", member.pid, exc)
+        member.kill()
+        return False
+    return True
 
 
 def leftovers(pid: int, start_time: float) -> list[psutil.Process]:

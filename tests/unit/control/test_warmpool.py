@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -13,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from deepinfer_nb.control import warmpool
+from deepinfer_nb.control.launcher import Launcher, _hand_over
 from deepinfer_nb.control.warmpool import WarmPool, compatible, differences, resolve_size
 from deepinfer_nb.engine.pooled import READY_LINE
 from deepinfer_nb.engine.process import TOKEN_ENV
+from deepinfer_nb.models import DeploymentSpec, Engine
 
 FAKE_POOLED = f"""
 import json, os, sys, time
@@ -178,3 +181,47 @@ async def test_stop_ends_every_member(pool: WarmPool) -> None:
     await pool.stop()
     assert member.popen.returncode is not None
     assert pool.members == []
+
+
+async def test_a_launch_hands_its_command_and_environment_to_a_member(
+    fake_python: str, tmp_path: Path
+) -> None:
+    pool = WarmPool(
+        size=1,
+        python=fake_python,
+        env=lambda: warmpool.pool_env(os.environ),
+        log_dir=tmp_path,
+        die_with_parent=False,
+    )
+    launcher = Launcher(node_id="n1", engine_python=fake_python, home=tmp_path)
+    launcher.die_with_parent = False
+    engine = Engine(id="chat-0-abc", deployment="chat", node="n1", device="cpu")
+    model = DeploymentSpec(name="chat", model="smollm2-135m-instruct")
+    await pool.start()
+    try:
+        await until(lambda: pool.status().warm == 1)
+        (member,) = pool.status().pids
+        proc, token = launcher.launch(engine, model, advertise_host="127.0.0.1", pool=pool)
+        assert proc.pooled and proc.pid == member
+        await until(lambda: proc.log_path.read_text().startswith("{"))  # the fake writes it
+        handed = json.loads(proc.log_path.read_text())
+        assert handed["argv"][:2] == ["--model", "smollm2-135m-instruct"]
+        assert "--auth-token-env" in handed["argv"] and handed["env"][TOKEN_ENV] == token
+        await launcher.terminate(proc)
+
+        # its own env is read at interpreter start: a new process
+        tuned = model.model_copy(update={"env": {"OMP_NUM_THREADS": "1"}})
+        cold, _ = launcher.launch(engine, tuned, advertise_host="127.0.0.1", pool=pool)
+        assert not cold.pooled and cold.pid not in pool.status().pids
+        await launcher.terminate(cold)
+    finally:
+        await pool.stop()
+
+
+async def test_a_member_that_died_after_take_is_not_handed_the_launch(pool: WarmPool) -> None:
+    await until(lambda: pool.status().warm == 1)
+    member = pool.take(dict(pool.env()), python=pool.python)
+    assert member is not None
+    member.popen.kill()  # as if it crashed: its stdin pipe is still open here
+    member.popen.wait()
+    assert not _hand_over(member, cmd=["py", "-m", "x", "--model", "m"], env={}, path=Path("x"))
