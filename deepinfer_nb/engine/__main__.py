@@ -330,8 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         tail.stop()
         return code
     except StartupError as exc:
+        _stop_forkserver()
         return _last_word(tail, str(exc), exc.code)
     except StopRequested as exc:
+        _stop_forkserver()
         return _last_word(tail, f"stopped by {exc} before the model was loaded", 0)
 
 
@@ -342,6 +344,12 @@ def _start_forkserver() -> None:
         from . import warmfork
 
         warmfork.start_server()
+
+
+def _stop_forkserver() -> None:
+    from . import warmfork
+
+    warmfork.stop_server()
 
 
 def _last_word(tail: StderrTail, message: str, code: int) -> int:

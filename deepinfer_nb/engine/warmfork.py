@@ -37,17 +37,27 @@ What a forked child must get right that a spawned one gets for free, all done in
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing.context
 import multiprocessing.forkserver
 import os
 import re
+import signal
 import sys
 from collections.abc import Mapping
 from multiprocessing import reduction
 from typing import Any
 
-__all__ = ["PRELOAD", "WarmContext", "install", "omp_cpus", "preload", "start_server"]
+__all__ = [
+    "PRELOAD",
+    "WarmContext",
+    "install",
+    "omp_cpus",
+    "preload",
+    "start_server",
+    "stop_server",
+]
 
 PRELOAD = (
     "torch",
@@ -178,6 +188,19 @@ def start_server() -> None:
     own process while this one goes on. Call `install()` before vLLM creates its engine."""
     multiprocessing.forkserver.set_forkserver_preload(list(PRELOAD))
     multiprocessing.forkserver.ensure_running()
+
+
+def stop_server() -> None:
+    """End this process's forkserver now, if it started one: after a start-up failure it may
+    still be importing, and it holds our stderr open (whoever reads that to its end would wait
+    for the imports)."""
+    server: Any = multiprocessing.forkserver._forkserver
+    pid = server._forkserver_pid
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    server._stop()
 
 
 def _import(name: str) -> Any:
