@@ -30,6 +30,8 @@ __all__ = ["READY_LINE", "Assignment", "read_assignment", "serve"]
 READY_LINE = "deepinfer-nb pooled engine: warm"
 """Written once imports are done and the forkserver runs (the pool reads it from the log)."""
 WARM_IMPORTS = (
+    "torch",
+    "vllm",
     "vllm.engine.arg_utils",
     "vllm.utils.argparse_utils",
     "vllm.v1.engine.async_llm",
@@ -37,7 +39,9 @@ WARM_IMPORTS = (
     "deepinfer_nb.engine.server",
     "deepinfer_nb.engine.vllm_backend",
 )
-"""What the shim imports on its way to AsyncLLM, besides warmfork.PRELOAD."""
+"""What the shim itself imports on its way to AsyncLLM (the EngineCore's and worker's modules
+are the forkserver's: warmfork.PRELOAD). Only these, so that a member taken before it is warm
+has no extra imports in the way."""
 
 
 class Assignment:
@@ -68,7 +72,6 @@ def _warm_up() -> None:
     from . import warmfork
 
     warmfork.start_server()  # the server imports in its own process meanwhile
-    warmfork.preload()
     for name in WARM_IMPORTS:
         importlib.import_module(name)
     warmfork.install()

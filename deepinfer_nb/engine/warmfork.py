@@ -54,7 +54,6 @@ __all__ = [
     "WarmContext",
     "install",
     "omp_cpus",
-    "preload",
     "start_server",
     "stop_server",
 ]
@@ -130,7 +129,7 @@ def _enter_child(env: Mapping[str, str], stdio: tuple[Any, Any]) -> None:
     server: Any = multiprocessing.forkserver._forkserver
     if server._forkserver_address is not None and server._forkserver_pid is None:
         server.ensure_running = lambda: None
-    install()
+    install(load=False)
 
 
 def omp_cpus(env: Mapping[str, str]) -> list[int]:
@@ -166,19 +165,12 @@ def _get_mp_context() -> WarmContext:
     return _CONTEXT
 
 
-def preload() -> None:
-    """Import `PRELOAD` here (a module this vLLM lacks is skipped)."""
-    for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-
-
-def install() -> None:
-    """Make vLLM start its EngineCore and workers from the warm forkserver (imports vLLM)."""
+def install(*, load: bool = True) -> None:
+    """Make vLLM start its EngineCore and workers from the warm forkserver (importing vLLM's
+    modules that choose the context; `load=False`: only those imported already, as in a child
+    of the server, which preloaded them)."""
     for name in _GET_MP_CONTEXT_USERS:
-        module: Any = sys.modules.get(name) or _import(name)
+        module: Any = sys.modules.get(name) or (_import(name) if load else None)
         if module is not None and hasattr(module, "get_mp_context"):
             module.get_mp_context = _get_mp_context
 
