@@ -51,6 +51,14 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_connections: int = 0
     """Most connections the gateway serves at once; more get 503 (0 = no limit)."""
+    hold_timeout_s: float = 60.0
+    """How long a request waits for a replica that is starting (a restart, a scale from zero,
+    a rollout) before it gets 503 with Retry-After (0 = fail at once)."""
+    max_held_requests: int = 256
+    """Most requests waiting per deployment; more get 503 with Retry-After at once."""
+    activity_interval_s: float = 5.0
+    """How often (at most) the gateway reports a deployment's last request time to the store,
+    for scale to zero (deployments with an idle_timeout only; a quarter of a shorter timeout)."""
 
 
 @dataclasses.dataclass

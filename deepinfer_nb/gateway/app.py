@@ -18,7 +18,9 @@ from ..engine.client import EngineClient
 from ..engine.policy import LaunchPolicy
 from ..store import MetaStore
 from . import cluster_routes, deployments, engine_logs, openai_routes
+from .activity import ActivityReporter
 from .errors import install_handlers
+from .hold import HoldQueue
 from .metrics import GatewayMetrics
 from .openapi import openapi_schema
 from .routing import ClientFactory, RoutingTable
@@ -40,13 +42,21 @@ def build_app(
     keys = as_keys(api_keys)
     metrics = GatewayMetrics()
     table = RoutingTable(store, client_factory=client_factory, observer=metrics)
+    server = settings.server
+    hold = HoldQueue(
+        table, store, timeout_s=server.hold_timeout_s, max_held=server.max_held_requests
+    )
+    activity = ActivityReporter(table, store, hold, interval_s=server.activity_interval_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await table.start()
+        activity.start()
         try:
             yield
         finally:
+            await activity.close()
+            await hold.close()
             await table.close()
 
     app = FastAPI(title="deepinfer-nb gateway", version=__version__, lifespan=lifespan)
@@ -54,7 +64,8 @@ def build_app(
     app.state.settings = settings
     app.state.table = table
     app.state.metrics = metrics
-    app.state.serving = OpenAIServing(table, metrics)
+    app.state.hold = hold
+    app.state.serving = OpenAIServing(table, metrics, hold=hold, activity=activity)
     app.state.auth_enabled = bool(keys)
     app.state.log_source = None  # a worker in the same process sets itself (engine_logs)
     app.state.policy = LaunchPolicy.from_settings(settings.agent)

@@ -7,6 +7,7 @@ DEPLOYMENTS = ROOT + "deployments/"
 ENGINES = ROOT + "engines/"
 NODES = ROOT + "nodes/"
 LEADER = ROOT + "leader/"
+ACTIVITY = ROOT + "activity/"
 GPU_SUFFIX = "/gpus"
 
 
@@ -24,6 +25,10 @@ def node(node_id: str) -> str:
 
 def node_gpus(node_id: str) -> str:
     return NODES + node_id + GPU_SUFFIX
+
+
+def activity(deployment: str) -> str:
+    return ACTIVITY + deployment
 
 
 def leader(role: str) -> str:
