@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..client.view import Snapshot
-from ..models import DeploymentSpec, Engine, GpuSamples, Node
+from ..models import Activity, DeploymentSpec, Engine, GpuSamples, Node
 
 
 def snapshot(
@@ -22,13 +22,16 @@ def snapshot(
     gpus: Iterable[dict[str, Any]] = (),
 ) -> Snapshot:
     """A Snapshot from `/v1/deployments`, `/v1/engines`, `/v1/nodes` and `/v1/gpus` items."""
-    specs = {d["name"]: spec_of(d) for d in deployments}
+    views = list(deployments)
+    specs = {d["name"]: spec_of(d) for d in views}
+    idle = {d["name"]: Activity(deployment=d["name"], idle=True) for d in views if d.get("idle")}
     return Snapshot(
         deployments=specs,
         engines={e["id"]: Engine.model_validate(e) for e in engines},
         nodes={n["id"]: Node.model_validate(n) for n in nodes},
         gpus={g["node"]: GpuSamples.model_validate(g) for g in gpus},
         revision=0,
+        activity=idle,
     )
 
 

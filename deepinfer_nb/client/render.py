@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..models import DeploymentSpec, DownloadProgress, Engine, EngineSettings, EngineState
-from .view import Snapshot, status_of
+from .view import IDLE, Snapshot, status_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -126,9 +126,27 @@ def engine_row(e: Engine) -> dict[str, Any]:
     }
 
 
+def idle_row(name: str) -> dict[str, Any]:
+    """The row of a deployment scaled to zero (it has no engine to show)."""
+    return {"engine": "", "deployment": name, "state": IDLE, "restarts": ""}
+
+
 def engine_rows(snap: Snapshot, deployment: str | None = None) -> list[dict[str, Any]]:
+    """One row per engine, and one per deployment scaled to zero without engines left."""
     engines = sorted(snap.engines.values(), key=lambda e: (e.deployment, e.replica, e.id))
-    return [engine_row(e) for e in engines if deployment is None or e.deployment == deployment]
+    rows = [
+        (e.deployment, engine_row(e))
+        for e in engines
+        if deployment is None or e.deployment == deployment
+    ]
+    rows += [
+        (name, idle_row(name))
+        for name in snap.deployments
+        if (deployment is None or name == deployment)
+        and snap.is_idle(name)
+        and not snap.engines_of(name)
+    ]
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
 
 
 def engines_frame(snap: Snapshot) -> pd.DataFrame:
@@ -187,8 +205,13 @@ def gpus_frame(snap: Snapshot) -> pd.DataFrame:
 # ---- HTML / text
 
 
+IDLE_COLOUR = "#78909c"
+
+
 def badge(state: str) -> str:
     colour = STATE_COLOURS.get(EngineState(state), "#616161") if state in _STATES else "#616161"
+    if state.startswith("Idle"):
+        colour = IDLE_COLOUR
     return (
         f'<span style="background:{colour};color:white;border-radius:4px;'
         f'padding:1px 6px;font-size:90%">{html.escape(state)}</span>'

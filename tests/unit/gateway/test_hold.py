@@ -142,7 +142,9 @@ async def test_unreachable_engine_request_waits_for_its_restart() -> None:
                 stream = asyncio.create_task(
                     http.post("/v1/chat/completions", json={**body, "stream": True})
                 )
-                while fleet.calls["10.0.0.1:5000"] < 2:
+                for _ in range(200):  # both find the dead engine, then wait
+                    if fleet.calls["10.0.0.1:5000"] == 2:
+                        break
                     await asyncio.sleep(0.02)
                 await asyncio.sleep(0.1)
                 assert not request.done() and not stream.done()
