@@ -32,8 +32,7 @@ log = logging.getLogger(__name__)
 ClientFactory = Callable[..., Any]
 # states whose reason/error explains a deployment that cannot serve
 _EXPLAINING = (EngineState.PENDING, EngineState.FAILED, EngineState.LOST)
-# states on the way to Running (a Lost engine is placed again; a Stopped one in a wanted slot is
-# reused by the controller)
+# states on the way to Running (a Lost engine is placed again)
 _ON_THE_WAY = frozenset(
     {
         EngineState.PENDING,
@@ -130,8 +129,8 @@ def coming(
             return True
         if e.state is EngineState.FAILED and not e.permanent and e.restarts < spec.max_restarts:
             return True
-        if e.state is EngineState.STOPPED:
-            return True
+        if e.state in (EngineState.STOPPING, EngineState.STOPPED):
+            return True  # a wanted slot: the controller starts a new engine in it
         if e.state is EngineState.RUNNING and e.id in tried:
             return True
     return False
