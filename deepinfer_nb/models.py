@@ -244,6 +244,11 @@ class Activity(Record):
     idle_since: float = 0.0
     """When the controller scaled it to zero (requests older than this do not wake it)."""
 
+    def idles(self, spec: DeploymentSpec) -> bool:
+        """Whether `spec` is scaled to zero by this record (a flag set before the deployment
+        was created belongs to an earlier deployment of that name)."""
+        return self.idle and self.idle_since >= spec.created_at
+
 
 # ---- engines -----------------------------------------------------------------------------------
 

@@ -24,7 +24,11 @@ def snapshot(
     """A Snapshot from `/v1/deployments`, `/v1/engines`, `/v1/nodes` and `/v1/gpus` items."""
     views = list(deployments)
     specs = {d["name"]: spec_of(d) for d in views}
-    idle = {d["name"]: Activity(deployment=d["name"], idle=True) for d in views if d.get("idle")}
+    idle = {  # the gateway decided it: an idle flag of this very deployment
+        name: Activity(deployment=name, idle=True, idle_since=spec.created_at)
+        for name, spec in specs.items()
+        if any(d["name"] == name and d.get("idle") for d in views)
+    }
     return Snapshot(
         deployments=specs,
         engines={e["id"]: Engine.model_validate(e) for e in engines},

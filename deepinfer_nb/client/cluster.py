@@ -376,6 +376,7 @@ class Cluster:
         """Delete a deployment, waiting up to `wait_s` for its engines to go (a coroutine for the
         runtime loop); whether it existed."""
         existed = await self._hosted.store.delete(keys.deployment(name))
+        await self._hosted.store.delete(keys.activity(name))  # a new one of the name starts awake
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.view.wait_for(lambda s: not s.engines_of(name)), wait_s)
         return existed
@@ -621,7 +622,7 @@ class Deployment:
         `via="engine"` talks gRPC to a Running engine; `via="gateway"` goes through the
         OpenAI-compatible gateway. `remember=True` keeps a multi-turn history on this handle.
         """
-        from .chat import ChatStream, build_request
+        from .chat import ChatResult, ChatStream, build_request
 
         msgs = self._messages(prompt, system, remember)
         if via == "gateway":
@@ -636,11 +637,17 @@ class Deployment:
         engine = self._pick(timeout=timeout)
         self.cluster.note_request(self.name)
         request = build_request(msgs, max_tokens=max_tokens, temperature=temperature)
+
+        def done(result: ChatResult) -> None:
+            self.cluster.note_request(self.name)  # a long answer is activity until its end
+            if remember:
+                self._remember(msgs, result.text)
+
         chat_stream = ChatStream(
             self.cluster.runtime,
             self.cluster._hosted.stream_chat(engine, request),
             timeout=timeout,
-            on_done=(lambda r: self._remember(msgs, r.text)) if remember else None,
+            on_done=done,
         )
         if stream:
             return chat_stream

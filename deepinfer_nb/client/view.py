@@ -41,8 +41,8 @@ class Snapshot:
 
     def is_idle(self, deployment: str) -> bool:
         """Scaled to zero after its idle_timeout (the next request starts an engine)."""
-        record = self.activity.get(deployment)
-        return record is not None and record.idle and deployment in self.deployments
+        record, spec = self.activity.get(deployment), self.deployments.get(deployment)
+        return record is not None and spec is not None and record.idles(spec)
 
 
 class ClusterView:

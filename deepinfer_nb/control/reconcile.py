@@ -245,7 +245,7 @@ def _scaled_to_zero(
     out = dict(deployments)
     for name, spec in deployments.items():
         record = activity.get(name)
-        if record is not None and record.idle and spec.replicas:
+        if record is not None and record.idles(spec) and spec.replicas:
             out[name] = spec.model_copy(update={"replicas": 0})
     return out
 
@@ -261,7 +261,7 @@ def _idle_decision(
     """SetIdle when `spec` has been without requests for its idle_timeout; else the time it
     will be (to wake the controller then), or None when scale to zero does not apply now."""
     timeout = spec.idle_timeout
-    if timeout is None or spec.replicas == 0 or (record is not None and record.idle):
+    if timeout is None or spec.replicas == 0 or (record is not None and record.idles(spec)):
         return None
     running = [running_since(e) for e in engines if e.state is S.RUNNING]
     if not running:
@@ -286,7 +286,7 @@ def _retire(
     record = activity.get(e.deployment)
     if e.deployment not in deployments:
         why = "deployment deleted"
-    elif record is not None and record.idle:
+    elif record is not None and record.idles(deployments[e.deployment]):
         why = "idle: scaled to zero"
     else:
         why = f"scaled down to {deployments[e.deployment].replicas} replica(s)"

@@ -154,9 +154,10 @@ async def _engines(store: MetaStore, deployment: str | None = None) -> list[Engi
     return sorted(engines, key=lambda e: (e.deployment, e.replica, e.id))
 
 
-async def _idle(store: MetaStore) -> set[str]:
-    """The deployments scaled to zero."""
-    return {name for name, record in (await read_all(store)).items() if record.idle}
+async def _idle(store: MetaStore, specs: list[DeploymentSpec]) -> set[str]:
+    """Which of `specs` are scaled to zero."""
+    records = await read_all(store)
+    return {s.name for s in specs if s.name in records and records[s.name].idles(s)}
 
 
 async def _get_spec(store: MetaStore, name: str) -> tuple[Any, DeploymentSpec]:
@@ -213,13 +214,17 @@ async def list_deployments(request: Request) -> dict[str, Any]:
     result = await store.range(keys.DEPLOYMENTS)
     engines = await _engines(store)
     gpu = await _any_gpu(store)
-    idle = await _idle(store)
+    found = [
+        spec
+        for kv in result.items
+        if keys.name_of(kv.key, keys.DEPLOYMENTS)
+        and (spec := decode_record(DeploymentSpec, kv.key, kv.value)) is not None
+    ]
+    idle = await _idle(store, found)
     data = []
-    for kv in result.items:
-        spec = decode_record(DeploymentSpec, kv.key, kv.value)
-        if spec is not None and keys.name_of(kv.key, keys.DEPLOYMENTS):
-            mine = [e for e in engines if e.deployment == spec.name]
-            data.append(deployment_view(spec, mine, any_gpu=gpu, idle=spec.name in idle))
+    for spec in found:
+        mine = [e for e in engines if e.deployment == spec.name]
+        data.append(deployment_view(spec, mine, any_gpu=gpu, idle=spec.name in idle))
     return {"object": "list", "data": data}
 
 
@@ -289,7 +294,7 @@ async def _changed(
     store: MetaStore, spec: DeploymentSpec, change: str, *, status: int = 200
 ) -> JSONResponse:
     engines = await _engines(store, spec.name)
-    idle = spec.name in await _idle(store)
+    idle = spec.name in await _idle(store, [spec])
     view = deployment_view(spec, engines, any_gpu=await _any_gpu(store), idle=idle)
     return JSONResponse({**view, "change": change}, status_code=status)
 
@@ -299,7 +304,7 @@ async def get_deployment(name: str, request: Request) -> dict[str, Any]:
     store = _store(request)
     _, spec = await _get_spec(store, name)
     engines = await _engines(store, name)
-    idle = name in await _idle(store)
+    idle = name in await _idle(store, [spec])
     return deployment_view(spec, engines, any_gpu=await _any_gpu(store), idle=idle)
 
 
@@ -369,4 +374,5 @@ async def delete_deployment(name: str, request: Request) -> dict[str, Any]:
         raise APIError(
             404, f"deployment {name} does not exist", param="name", code="deployment_not_found"
         )
+    await store.delete(keys.activity(name))  # a new deployment of the name starts awake
     return {"name": name, "deleted": True}

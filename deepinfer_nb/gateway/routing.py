@@ -413,7 +413,8 @@ class RoutingTable:
     def is_idle(self, deployment: str) -> bool:
         """Scaled to zero (the next request wakes it)."""
         record = self.activity.get(deployment)
-        return record is not None and record.idle
+        spec = self.deployments.get(deployment)
+        return record is not None and spec is not None and record.idles(spec)
 
     def coming(self, spec: DeploymentSpec, *, tried: Collection[str] = ()) -> bool:
         """Whether a request for `spec` that found no replica may wait for one (`coming`)."""

@@ -56,7 +56,7 @@ def run(spec: DeploymentSpec, engines: list[Engine], now: float, **activity: Act
 
 
 def test_idle_after_the_timeout_since_the_last_request_or_the_start() -> None:
-    spec = DeploymentSpec(name="d", model="m", idle_timeout="10s", replicas=2)
+    spec = DeploymentSpec(name="d", model="m", idle_timeout="10s", replicas=2, created_at=1.0)
     engines = [running(0), running(1, since=T0 + 4)]
     # never a request: counted from when the last engine became Running
     assert run(spec, engines, T0 + 13).wake_at == T0 + 14
@@ -70,7 +70,7 @@ def test_idle_after_the_timeout_since_the_last_request_or_the_start() -> None:
 
 
 def test_an_idle_deployment_stops_its_engines_and_its_spec_is_unchanged() -> None:
-    spec = DeploymentSpec(name="d", model="m", idle_timeout=60, replicas=2)
+    spec = DeploymentSpec(name="d", model="m", idle_timeout=60, replicas=2, created_at=1.0)
     idle = Activity(deployment="d", last_request_at=T0, idle=True, idle_since=T0 + 60)
     engines = [running(0), running(1)]
     actions = run(spec, engines, T0 + 61, d=idle).actions
@@ -94,6 +94,13 @@ def test_no_idle_while_starting_without_timeout_or_scaled_to_zero_replicas() -> 
     assert run(spec, [starting], T0 + 1e6).actions == []
     plain = DeploymentSpec(name="d", model="m")
     assert run(plain, [running()], T0 + 1e6).actions == []
+
+
+def test_an_idle_flag_older_than_the_deployment_is_not_its_own() -> None:
+    spec = DeploymentSpec(name="d", model="m", idle_timeout=60, created_at=T0)
+    stale = Activity(deployment="d", last_request_at=1.0, idle=True, idle_since=2.0)
+    assert not stale.idles(spec)
+    assert run(spec, [running()], T0 + 1, d=stale).wake_at == T0 + 60  # not stopped
 
 
 def test_activity_of_a_deleted_deployment_is_forgotten() -> None:

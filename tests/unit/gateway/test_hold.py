@@ -30,7 +30,7 @@ S = EngineState
 async def table() -> AsyncIterator[RoutingTable]:
     store = MemoryStore()
     table = RoutingTable(store, client_factory=FakeFleet().factory)
-    await put_deployment(store, "smol")
+    await put_deployment(store, "smol", created_at=1.0)
     await put_engine(store, "smol", 0, state=S.STARTING)
     await table.start()
     yield table

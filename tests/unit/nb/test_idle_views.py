@@ -24,7 +24,7 @@ IDLE = "Idle (scaled to zero)"
 
 
 def snap(*, idle: bool, engines: tuple[Engine, ...] = ()) -> Snapshot:
-    spec = DeploymentSpec(name="d", model="m", idle_timeout="15m")
+    spec = DeploymentSpec(name="d", model="m", idle_timeout="15m", created_at=1.0)
     activity = {"d": Activity(deployment="d", idle=idle, idle_since=5.0)}
     return Snapshot(
         deployments={"d": spec},
