@@ -239,7 +239,7 @@ async def test_scale_to_zero_then_a_request_starts_an_engine(cluster: Cluster) -
     again = await cluster.store.get(keys.deployment(name))
     assert again is not None and again.value == stored.value  # no spec change, no rollout
     print(
-        f"\nscale to zero: engine gone {idle_after:.1f} s after the last answer (idle_timeout 3 s); "
-        f"the next request was answered after {waited:.1f} s"
+        f"\nscale to zero (idle_timeout 3 s): engine gone {idle_after:.1f} s after the last "
+        f"answer; the next request was answered after {waited:.1f} s"
     )
     await cluster.remove(name)
