@@ -212,7 +212,7 @@ async def test_error_statuses(gw: GatewayServer, cluster: Any) -> None:
         with pytest.raises(openai.InternalServerError) as unavailable:
             await client.chat.completions.create(model="qwen", messages=msgs)  # type: ignore
         assert unavailable.value.status_code == 503
-        assert "deployment qwen did not become ready" in str(unavailable.value)
+        assert "deployment qwen is not ready after 0." in str(unavailable.value)
         assert "qwen is Starting" in str(unavailable.value)
         assert unavailable.value.response.headers["Retry-After"] == "1"
         with pytest.raises(openai.BadRequestError) as bad:

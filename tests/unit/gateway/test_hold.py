@@ -83,6 +83,26 @@ async def test_the_queue_is_bounded(table: RoutingTable) -> None:
     assert hold.held == {}  # a cancelled wait (a client that left) frees its place
 
 
+async def test_hold_timeout_zero_answers_at_once_and_still_wakes(table: RoutingTable) -> None:
+    store = _store(table)
+    hold = HoldQueue(table, store, timeout_s=0)
+    with pytest.raises(APIError) as err:
+        await hold.lease(table.deployments["smol"])
+    assert err.value.code == "replica_starting" and "smol is Starting" in err.value.message
+    idle = Activity(deployment="smol", last_request_at=1.0, idle=True, idle_since=2.0)
+    await store.put(keys.activity("smol"), idle.encode())
+    await asyncio.sleep(0.05)
+    with pytest.raises(APIError, match="scaled to zero; waking it"):
+        await hold.lease(table.deployments["smol"])
+    for _ in range(50):  # the wake is written in the background
+        kv = await store.get(keys.activity("smol"))
+        if kv is not None and b'"idle":false' in kv.value:
+            break
+        await asyncio.sleep(0.02)
+    assert kv is not None and b'"idle":false' in kv.value
+    await hold.close()
+
+
 async def test_nothing_on_its_way_fails_at_once(table: RoutingTable) -> None:
     store = _store(table)
     hold = HoldQueue(table, store, timeout_s=30)
