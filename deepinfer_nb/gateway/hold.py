@@ -38,11 +38,10 @@ HOLD_CODES = frozenset({"replica_starting", "hold_queue_full"})
 
 
 def held_too_long(name: str, waited_s: float, reason: str, retry_after_s: float) -> APIError:
-    """The 503 of a request that waited `waited_s` (0: may not wait) for a replica in vain."""
-    waited = f" after {waited_s:.1f} s of waiting" if waited_s else ""
+    """The 503 of a request that waited `waited_s` for a replica in vain."""
     return APIError(
         503,
-        f"deployment {name} is not ready{waited} ({reason}); retry later",
+        f"deployment {name} is not ready after {waited_s:.1f} s of waiting ({reason}); retry later",
         type="service_unavailable",
         code="replica_starting",
         headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))},
@@ -88,11 +87,8 @@ class HoldQueue:
         except APIError:
             if self.table.is_idle(spec.name):
                 self._wake(spec.name)  # even when requests may not wait: the next one is served
-            if not self.table.coming(spec, tried=exclude):
+            if self.timeout_s <= 0 or not self.table.coming(spec, tried=exclude):
                 raise
-            if self.timeout_s <= 0:
-                reason = self._reason(spec)
-                raise held_too_long(spec.name, 0.0, reason, RETRY_AFTER_FULL_S) from None
         return None
 
     async def lease(self, spec: DeploymentSpec, *, tried: dict[str, object] | None = None) -> Lease:

@@ -447,6 +447,11 @@ class RoutingTable:
         if replica is None:
             if exclude and any(r.routable for r in reps):
                 raise no_replica(f"deployment {spec.name} has no other running replica")
+            if self.is_idle(spec.name):
+                raise no_replica(
+                    f"deployment {spec.name} is idle (scaled to zero); a request wakes it: "
+                    "retry in a few seconds"
+                )
             raise no_replica(unavailable_reason(spec, [r.engine for r in reps]))
         replica.inflight += 1
         self._notify_inflight(replica)

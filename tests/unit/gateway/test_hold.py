@@ -86,13 +86,13 @@ async def test_the_queue_is_bounded(table: RoutingTable) -> None:
 async def test_hold_timeout_zero_answers_at_once_and_still_wakes(table: RoutingTable) -> None:
     store = _store(table)
     hold = HoldQueue(table, store, timeout_s=0)
-    with pytest.raises(APIError) as err:
+    with pytest.raises(APIError) as err:  # as before there was a hold queue
         await hold.lease(table.deployments["smol"])
-    assert err.value.code == "replica_starting" and "smol is Starting" in err.value.message
+    assert err.value.code == "no_running_replica" and "smol is Starting" in err.value.message
     idle = Activity(deployment="smol", last_request_at=1.0, idle=True, idle_since=2.0)
     await store.put(keys.activity("smol"), idle.encode())
     await asyncio.sleep(0.05)
-    with pytest.raises(APIError, match="scaled to zero; waking it"):
+    with pytest.raises(APIError, match=r"idle \(scaled to zero\); a request wakes it"):
         await hold.lease(table.deployments["smol"])
     for _ in range(50):  # the wake is written in the background
         kv = await store.get(keys.activity("smol"))
