@@ -114,13 +114,15 @@ class Outcome:
     ended: float
     ok: bool
     text: str = ""
+    failure: str = ""
+    """How it failed: "sse error event", "HTTP <status>" or the transport error."""
 
 
 async def _stream_once(http: httpx.AsyncClient, model: str) -> Outcome:
     """One streamed chat; ok when it ended with [DONE] and no error event."""
     body = {"model": model, "messages": QUESTION, "max_tokens": 24, "temperature": 0}
     started = time.monotonic()
-    text, ok = [], False
+    text, ok, failure = [], False, ""
     try:
         async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
             if r.status_code == 200:
@@ -134,14 +136,16 @@ async def _stream_once(http: httpx.AsyncClient, model: str) -> Outcome:
                     chunk = json.loads(payload)
                     if "error" in chunk:
                         text.append(None)
+                        failure = "sse error event"
                         continue
                     text += [c["delta"].get("content") or "" for c in chunk.get("choices", [])]
             else:
                 await r.aread()
-    except httpx.HTTPError:
-        ok = False
+                failure = f"HTTP {r.status_code}"
+    except httpx.HTTPError as exc:
+        ok, failure = False, f"{type(exc).__name__}: {exc}"
     joined = "".join(t for t in text if t is not None)
-    return Outcome(started, time.monotonic(), ok, joined)
+    return Outcome(started, time.monotonic(), ok, joined, failure)
 
 
 @pytest.mark.parametrize(
@@ -204,6 +208,8 @@ async def test_fault_sequence_requests_wait_for_the_restart(cluster: Cluster, en
     assert all("Paris" in o.text for o in after)
     assert len(errors) <= len(in_flight) <= CLIENTS
     assert all(o.started <= kill for o in errors)
+    # a stream the engine's death cut ends with an OpenAI error event, as before
+    assert all(o.failure == "sse error event" for o in errors), [o.failure for o in errors]
     await cluster.remove(name)
 
 
