@@ -376,7 +376,9 @@ class RoutingTable:
     def changed(self, deployment: str) -> asyncio.Future[None]:
         """A future resolved at the next change of `deployment`, its engines or its activity."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(deployment, []).append(future)
+        waiting = self._waiters.setdefault(deployment, [])
+        waiting[:] = [f for f in waiting if not f.done()]  # waits that timed out or left
+        waiting.append(future)
         return future
 
     def _notify(self, deployment: str) -> None:
