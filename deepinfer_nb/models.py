@@ -356,8 +356,13 @@ MAX_HISTORY = 20
 
 
 class GpuProcess(BaseModel):
+    """A process NVML lists on a GPU, matched by the worker to the engine whose process tree holds
+    it (`engine` and `deployment` empty: not an engine of this node, an unknown process)."""
+
     pid: int
     used_memory: int | None = None  # bytes
+    engine: str = ""
+    deployment: str = ""
 
 
 class GpuInfo(BaseModel):
@@ -399,3 +404,53 @@ class GpuSamples(Record):
     at: float = Field(default_factory=now)
     gpus: list[GpuInfo] = Field(default_factory=list)
     error: str = ""
+
+
+# ---- operator metrics (`metrics/{process}`, see gateway/cluster_metrics.py) ---------------------
+
+
+class HistogramData(BaseModel):
+    """Counts per bucket: `counts[i]` in (`bounds[i-1]`, `bounds[i]`], the last above them all."""
+
+    bounds: list[float]
+    counts: list[int]
+    sum: float = 0.0
+
+
+class ControllerMetrics(BaseModel):
+    identity: str
+    leader: bool = False
+    rounds: int = 0
+    reconcile_seconds: HistogramData
+    actions: dict[str, int] = Field(default_factory=dict)  # applied, by verb (create, schedule...)
+    conflicts: int = 0
+    placements: int = 0  # engines scheduled onto a node (first placement, restart, re-placement)
+    restarts: int = 0  # of those, Failed engines started again
+
+
+class WorkerMetrics(BaseModel):
+    node: str
+    lease_renewals: int = 0
+    lease_renewal_failures: int = 0
+    lease_losses: int = 0
+    launches: dict[str, int] = Field(default_factory=dict)  # by outcome: started | failed
+    engines: int = 0  # engine processes held now
+
+
+class StoreMetrics(BaseModel):
+    url: str
+    retries: int = 0  # calls retried after a temporary failure
+    failures: int = 0  # calls that raised (after retries)
+
+
+class ProcessMetrics(Record):
+    """One process's own figures: `metrics/{process}`, bound to a lease (gone when it dies), so
+    the gateway's /metrics shows controllers and workers that run elsewhere."""
+
+    process: str
+    host: str = ""
+    pid: int = 0
+    at: float = Field(default_factory=now)
+    controller: ControllerMetrics | None = None
+    worker: WorkerMetrics | None = None
+    store: StoreMetrics

@@ -15,8 +15,10 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from .. import specs
+from ..config import jupyter_env
 from ..control import specfile
 from ..defaults import effective, placed_device
 from ..engine import policy
@@ -34,6 +36,7 @@ from ..models import (
 from ..store import keys
 from ..store.activity import record_request
 from . import runtime as rt
+from . import urls
 from .view import ClusterView, Snapshot, stage_of, status_of
 
 if TYPE_CHECKING:
@@ -155,6 +158,13 @@ class Cluster:
         self._hosted = hosted
         self._runtime = runtime
         self._closed = False
+        self.public_url = ""
+        """The gateway's address for browsers and external clients (may hold `{port}`); ""
+        = the `[server] public_url` setting, else found out (client/urls.py)."""
+        # read once here, so reprs do no I/O
+        self._jupyter = urls.find_jupyter_server(
+            jupyter_env(), connection_file=urls.kernel_connection_file()
+        )
 
     # ---- plumbing ----
 
@@ -196,6 +206,26 @@ class Cluster:
     def gateway_port(self) -> int | None:
         """The in-kernel gateway's port (None without one)."""
         return self._hosted.gateway_port
+
+    def gateway_access(self, audience: urls.Audience = "kernel") -> urls.GatewayAccess:
+        """The gateway's address for `audience` (kernel, browser or external) and the auth it
+        needs: the one place every link, snippet and client takes its URL from."""
+        port, url = self._hosted.gateway_port, self._hosted.gateway_url
+        if port is None or url is None:
+            raise DeepInferError("no gateway runs in this kernel: %deepinfer gateway start")
+        return urls.gateway_access(
+            audience,
+            port=port,
+            host=urlsplit(url).hostname or "127.0.0.1",
+            public_url=self.public_url or self._hosted.settings.server.public_url,
+            server=self._jupyter,
+            keys=self._hosted.api_keys,
+        )
+
+    @property
+    def browser_url(self) -> str | None:
+        """The gateway link for the user's browser (None without a gateway)."""
+        return self.gateway_access("browser").url if self.gateway_port is not None else None
 
     def uses_store(self, store: str) -> bool:
         """Whether this cluster runs on `store` (as connected, or as resolved: etcd://local)."""
@@ -691,10 +721,8 @@ class Deployment:
         """An `openai.OpenAI` client pointed at the gateway (model name: `.model_name`)."""
         import openai
 
-        url = self.cluster.gateway_url
-        if url is None:
-            raise DeepInferError("no gateway runs in this kernel: %deepinfer gateway start")
-        return openai.OpenAI(base_url=url + "/v1", api_key=self.cluster.api_key or "none")
+        access = self.cluster.gateway_access("kernel")
+        return openai.OpenAI(base_url=access.api_base, api_key=self.cluster.api_key or "none")
 
     # ---- reprs (no I/O) ----
 

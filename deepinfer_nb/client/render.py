@@ -10,7 +10,14 @@ import html
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..models import DeploymentSpec, DownloadProgress, Engine, EngineSettings, EngineState
+from ..models import (
+    DeploymentSpec,
+    DownloadProgress,
+    Engine,
+    EngineSettings,
+    EngineState,
+    GpuInfo,
+)
 from .view import IDLE, Snapshot, status_of
 
 if TYPE_CHECKING:
@@ -26,6 +33,8 @@ class ClusterInfo(Protocol):
     def store_url(self) -> str: ...
     @property
     def gateway_url(self) -> str | None: ...
+    @property
+    def browser_url(self) -> str | None: ...
     def snapshot(self) -> Snapshot: ...
 
 
@@ -63,7 +72,8 @@ GPU_COLUMNS = [
     "mem total GiB",
     "temp C",
     "power W",
-    "engines",
+    "processes",
+    "booked",
     "note",
 ]
 GIB = 1024**3
@@ -189,11 +199,28 @@ def gpu_rows(snap: Snapshot) -> list[dict[str, Any]]:
                     "mem total GiB": round(g.memory_total / GIB, 2),
                     "temp C": g.temperature,
                     "power W": g.power_draw,
-                    "engines": ", ".join(users.get((node_id, g.index), [])),
+                    "processes": gpu_processes(g),
+                    "booked": ", ".join(users.get((node_id, g.index), [])),
                     "note": "",
                 }
             )
     return rows
+
+
+def gpu_processes(g: GpuInfo) -> str:
+    """What runs on the GPU (NVML's process list joined with the node's engines): each engine
+    with the memory it holds, then processes of no engine as "unknown pid N"."""
+    held: dict[str, int | None] = {}
+    for p in g.processes:
+        who = p.engine or f"unknown pid {p.pid}"
+        if p.used_memory is None:
+            held.setdefault(who, None)
+        else:
+            held[who] = (held.get(who) or 0) + p.used_memory
+    ordered = sorted(held.items(), key=lambda kv: (kv[0].startswith("unknown pid "), kv[0]))
+    return ", ".join(
+        who if used is None else f"{who} {used / GIB:.2f} GiB" for who, used in ordered
+    )
 
 
 def gpus_frame(snap: Snapshot) -> pd.DataFrame:
@@ -336,7 +363,7 @@ def cluster_html(cluster: ClusterInfo) -> str:
     if not cluster.connected:
         return "<p>Cluster (not connected)</p>"
     snap = cluster.snapshot()
-    gw = cluster.gateway_url
+    gw = cluster.browser_url  # the link is for the user's browser, maybe through a proxy
     link = f"<a href='{html.escape(gw)}' target='_blank'>{html.escape(gw)}</a>" if gw else "none"
     return (
         f"<div><b>Cluster</b> <code>{html.escape(cluster.store_url)}</code> · "

@@ -27,7 +27,15 @@ from typing import cast
 
 from ..config import SchedulerSettings
 from ..errors import ConfigError, NotLeaderError, StoreError, StoreUnavailableError
-from ..models import Activity, DeploymentSpec, Engine, GpuSamples, Node
+from ..models import (
+    Activity,
+    ControllerMetrics,
+    DeploymentSpec,
+    Engine,
+    EngineState,
+    GpuSamples,
+    Node,
+)
 from ..store import (
     Compare,
     Delete,
@@ -43,6 +51,7 @@ from ..store import (
 from ..store.base import WatchEvent
 from ..store.follow import follow
 from . import reconcile
+from .metrics import ControllerCounters
 from .reconcile import (
     Action,
     ActivityAction,
@@ -50,6 +59,7 @@ from .reconcile import (
     CreateEngine,
     DeleteEngine,
     ForgetActivity,
+    ScheduleEngine,
     SetIdle,
 )
 from .scheduler import STRATEGIES, Strategy
@@ -129,6 +139,7 @@ class Controller:
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.clock = clock
         self.rounds = 0
+        self.counters = ControllerCounters()
         self._lease: Lease | None = None
         self._fence: Compare | None = None
         self._wakeup = asyncio.Event()
@@ -143,6 +154,9 @@ class Controller:
     @property
     def is_leader(self) -> bool:
         return self._fence is not None and self._lease is not None and not self._lease.lost
+
+    def metrics(self) -> ControllerMetrics:
+        return self.counters.snapshot(identity=self.identity, leader=self.is_leader)
 
     async def wait_leading(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._leading.wait(), timeout)
@@ -282,6 +296,7 @@ class Controller:
 
     async def reconcile_once(self) -> RoundStats:
         """One round: read, decide, apply. Raises NotLeaderError when fenced out."""
+        started = time.perf_counter()
         snap = await read_snapshot(self.store)
         self.rounds += 1
         # decide() is pure and can take a second for thousands of placements: a thread keeps this
@@ -313,7 +328,25 @@ class Controller:
         results = await asyncio.gather(*(run(a) for a in decision.actions))
         stats.applied = sum(results)
         stats.conflicts = stats.actions - stats.applied
+        self._count(decision.actions, results, snap)
+        self.counters.round_done(time.perf_counter() - started)
         return stats
+
+    def _count(self, actions: Sequence[Action], applied: Sequence[bool], snap: Snapshot) -> None:
+        c = self.counters
+        c.conflicts += applied.count(False)
+        for action, ok in zip(actions, applied, strict=True):
+            if not ok:
+                continue
+            if isinstance(action, (SetIdle, ForgetActivity)):
+                c.actions["idle" if isinstance(action, SetIdle) else "forget_activity"] += 1
+                continue
+            c.actions[reconcile.describe(action)[0]] += 1
+            if isinstance(action, ScheduleEngine):
+                c.placements += 1
+                before = snap.engines.get(action.engine.id)
+                if before is not None and before[0].state is EngineState.FAILED:
+                    c.restarts += 1
 
     async def _apply(self, action: Action, kvs: dict[str, KeyValue]) -> bool:
         fence = self._fence

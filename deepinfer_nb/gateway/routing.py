@@ -467,6 +467,15 @@ class RoutingTable:
                 self._close_later(client)
             replica._stale.clear()
 
+    def running_clients(self) -> list[tuple[Engine, EngineClient]]:
+        """Each routable replica's engine and pooled client (what the metrics poll asks)."""
+        return [
+            (r.engine, self.client_for(r))
+            for reps in self._replicas.values()
+            for r in reps.values()
+            if r.routable
+        ]
+
     def client_for(self, replica: Replica) -> EngineClient:
         if replica._client is None:
             replica._client = self._client_factory(

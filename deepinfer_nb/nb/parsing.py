@@ -110,7 +110,8 @@ COMMAND_TABLE: tuple[Command, ...] = (
     ),
     Command(
         "gateway",
-        "the gateway's links; start or stop it",
+        "the gateway's address for your browser, external clients and this kernel (with the auth "
+        "each needs); start or stop it",
         (arg("action", nargs="?", default="url", choices=["url", "start", "stop"]), PORT),
     ),
     Command(
