@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from deepinfer_nb.config import Settings
-from deepinfer_nb.gateway import GatewayServer, build_app
+from deepinfer_nb.gateway import GatewayServer, build_app, landing
 from deepinfer_nb.gateway.errors import APIError
 from deepinfer_nb.gateway.hold import HoldQueue
 from deepinfer_nb.gateway.routing import RoutingTable
@@ -130,6 +130,7 @@ async def test_a_request_wakes_an_idle_deployment_and_waits(table: RoutingTable)
     await store.put(keys.activity("smol"), idle.encode())
     await asyncio.sleep(0.05)
     assert [s.name for s in table.serving()] == ["smol"]  # listed: a request wakes it
+    assert landing.summary(table)[0]["state"] == "Idle (scaled to zero)"  # the page at /
     hold = HoldQueue(table, store, timeout_s=30)
     waiting = asyncio.create_task(hold.lease(table.deployments["smol"]))
     for _ in range(50):
