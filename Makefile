@@ -45,12 +45,14 @@ apt_need = @$(1) || { \
 
 # The etcd server binary for the real-etcd tests and `deepinfer-nb etcd`; chromium for the browser
 # test (Playwright drives it; it never downloads a browser); shellcheck for binder/postBuild's test;
-# cmake and a C++ compiler build llama.cpp (make llamacpp).
+# cmake and a C++ compiler build llama.cpp (make llamacpp); prometheus (promtool and the server,
+# about 100 MB, installs in seconds) checks deploy/ and scrapes the gateway in a test.
 system-deps:
 	$(call apt_need,command -v etcd >/dev/null,etcd-server)
 	$(call apt_need,test -x /usr/bin/chromium,chromium)
 	$(call apt_need,command -v shellcheck >/dev/null,shellcheck)
 	$(call apt_need,command -v cmake >/dev/null && command -v g++ >/dev/null,cmake build-essential)
+	$(call apt_need,command -v promtool >/dev/null && command -v prometheus >/dev/null,--no-install-recommends prometheus)
 
 model: $(STAMP)
 	$(BIN)/deepinfer-nb models build smollm2

@@ -9,10 +9,15 @@ Steps: an in-process cluster (memory:// store, this kernel's worker, the gateway
 port); the probe's figures with the GPU idle; then a child process holds --load-gib of GPU memory
 and multiplies bf16 matrices, and the probe, the worker's samples (`nodes/{id}/gpus`, what the
 widgets and `cluster.gpus()` show) and `GET /v1/gpus` must show that memory and the utilisation
-(and whether NVML lists the child's pid, which it cannot in some containers); last,
-`deploy(gpus=1)` must be placed on GPU 0 of this node. The engine then starts as on any host:
-without vLLM for CUDA installed it fails, and the script prints the engine's error as the user
-would see it. Prints a table and writes benchmarks/results/gpu_host.json.
+(and whether NVML lists the child's pid, which it cannot in some containers). The load runs
+as the grandchild of a stand-in shim, as vLLM's EngineCore does under the engine shim: the GPU
+process join (`gpu.process_owners` + `gpu.join_processes`) must name the stand-in engine for that
+pid, and `cluster.gpus()` (the worker's own join, which knows no such engine) must show it as
+`unknown pid N`. Last, `deploy(gpus=1)` must be placed on GPU 0 of this node. The engine then
+starts as on any host: without vLLM for CUDA installed it fails, and the script prints the
+engine's error as the user would see it; with it, the engine Runs and the worker's samples must
+name the engine for its EngineCore's GPU memory. Prints a table and writes
+benchmarks/results/gpu_host.json.
 """
 
 from __future__ import annotations
@@ -45,6 +50,17 @@ while time.monotonic() < end:
     for _ in range(20):
         a @ a
     torch.cuda.synchronize()
+"""
+
+
+# A stand-in engine shim: runs LOAD as its child (as the shim runs vLLM's EngineCore) and passes
+# the child's first line (its pid) on.
+SHIM = """
+import subprocess, sys
+core = subprocess.Popen([sys.executable, "-c", sys.argv[1], *sys.argv[2:]], stdout=subprocess.PIPE,
+                        text=True)
+print(core.stdout.readline().strip(), flush=True)
+sys.exit(core.wait())
 """
 
 
@@ -98,7 +114,7 @@ def main() -> None:
         print("node:", out["node_gpus"], node.gpu_error or "", flush=True)
 
         load = subprocess.Popen(
-            [sys.executable, "-c", LOAD, str(args.load_gib), str(args.load_s)],
+            [sys.executable, "-c", SHIM, LOAD, str(args.load_gib), str(args.load_s)],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -110,6 +126,14 @@ def main() -> None:
         listed = any(p.pid == load_pid for p in busy.processes)
         out["under_load"] = row(busy) | {"probe_ms": round(ms, 1), "load_pid_listed": listed}
         print("under load:", out["under_load"], flush=True)
+        # the join: the stand-in shim's tree owns the CUDA process NVML lists
+        owners = gpu.process_owners({load.pid: ("bench-engine", "bench")})
+        joined = gpu.join_processes([busy], owners)[0]
+        named = [(p.pid, p.engine or "unknown") for p in joined.processes]
+        out["join"] = {"shim_pid": load.pid, "cuda_pid": load_pid, "processes": named}
+        print("join:", out["join"], flush=True)
+        if listed and (load_pid, "bench-engine") not in named:
+            raise SystemExit("FAILED: the join did not name the engine of the CUDA process")
 
         held_min = args.load_gib * GIB * 0.9
 
@@ -124,6 +148,11 @@ def main() -> None:
         seen = wait_for("the load in the worker's samples", sampled, 15)
         out["worker_sample"] = row(seen)
         print("worker sample:", out["worker_sample"], flush=True)
+        frame = cluster.gpus()
+        out["cluster_gpus_processes"] = frame["processes"].tolist()
+        print("cluster.gpus() processes:", out["cluster_gpus_processes"], flush=True)
+        if listed and f"unknown pid {load_pid}" not in str(out["cluster_gpus_processes"]):
+            raise SystemExit("FAILED: cluster.gpus() does not show the load as unknown")
         with httpx.Client(base_url=cluster.gateway_url or "", timeout=10) as http:
             body = http.get("/v1/gpus").raise_for_status().json()
         out["gateway_v1_gpus"] = body
@@ -150,6 +179,16 @@ def main() -> None:
         engine = wait_for("the engine to run or fail", settled, 240)
         out["engine"] = {"state": engine.state.value, "error": engine.error[-800:]}
         print("engine:", engine.state.value, engine.error[-800:], flush=True)
+        if engine.state is EngineState.RUNNING:
+
+            def named_engine() -> Any:
+                samples = cluster.snapshot().gpus.get("gpu-host")
+                procs = [p for g in (samples.gpus if samples else []) for p in g.processes]
+                return [p for p in procs if p.engine == engine.id] or None
+
+            held = wait_for("the engine named in the GPU samples", named_engine, 30)
+            out["engine_gpu_processes"] = [(p.pid, p.used_memory) for p in held]
+            print("engine's GPU processes:", out["engine_gpu_processes"], flush=True)
         dep.stop()
     finally:
         cluster.shutdown()

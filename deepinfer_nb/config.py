@@ -48,9 +48,24 @@ class ServerSettings:
     """TOML file of named keys: `[admin]` and `[inference]` tables of `name = "key"`."""
     metrics_open: bool = False
     """Serve /metrics without a key even when keys are configured."""
+    metrics_interval_s: float = 5.0
+    """Seconds between the gateway's polls of engine metrics (GetMetrics) and the store's metrics
+    snapshots, and between each process's own snapshot writes (controller, worker, store)."""
     max_body_bytes: int = 4 * 1024 * 1024
     max_connections: int = 0
     """Most connections the gateway serves at once; more get 503 (0 = no limit)."""
+    hold_timeout_s: float = 60.0
+    """How long a request waits for a replica that is starting (a restart, a scale from zero,
+    a rollout) before it gets 503 with Retry-After (0 = fail at once)."""
+    max_held_requests: int = 256
+    """Most requests waiting per deployment; more get 503 with Retry-After at once."""
+    activity_interval_s: float = 5.0
+    """How often (at most) the gateway reports a deployment's last request time to the store,
+    for scale to zero (deployments with an idle_timeout only; a quarter of a shorter timeout)."""
+    public_url: str = ""
+    """The gateway's address for browsers and external clients when something in front of it
+    (an SSH tunnel, an ingress) decides it; may contain `{port}`. "" = found out: the notebook
+    server's proxy, else loopback (client/urls.py)."""
 
 
 @dataclasses.dataclass
@@ -299,6 +314,32 @@ def hub_access(env: Mapping[str, str] | None = None, *, endpoint: str = "") -> H
     offline = env.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     url = endpoint or env.get("HF_ENDPOINT") or "https://huggingface.co"
     return HubAccess(endpoint=url.rstrip("/"), token=token, offline=offline)
+
+
+@dataclasses.dataclass(frozen=True)
+class JupyterEnv:
+    """What a kernel's environment says about the notebook server that started it."""
+
+    hub_prefix: str
+    """JUPYTERHUB_SERVICE_PREFIX: the single-user server's prefix on a JupyterHub ("" if none)."""
+    hub_public_url: str
+    """JUPYTERHUB_PUBLIC_URL: this single-user server's public address (e.g.
+    https://hub.example.org/user/alice/), set when the hub's `public_url` is configured."""
+    parent_pid: int
+    """JPY_PARENT_PID: the Jupyter server that launched this kernel (0 if none)."""
+    runtime_dir: str
+    """JUPYTER_RUNTIME_DIR: where servers write `jpserver-<pid>.json` ("" = Jupyter's default)."""
+
+
+def jupyter_env(env: Mapping[str, str] | None = None) -> JupyterEnv:
+    env = os.environ if env is None else env
+    pid = env.get("JPY_PARENT_PID", "").strip()
+    return JupyterEnv(
+        hub_prefix=env.get("JUPYTERHUB_SERVICE_PREFIX", ""),
+        hub_public_url=env.get("JUPYTERHUB_PUBLIC_URL", ""),
+        parent_pid=int(pid) if pid.isdigit() else 0,
+        runtime_dir=env.get("JUPYTER_RUNTIME_DIR", ""),
+    )
 
 
 def default_config_path() -> Path:

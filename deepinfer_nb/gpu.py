@@ -1,16 +1,26 @@
-"""The NVML probe: what GPUs this machine has and how busy they are, via nvidia-ml-py (`pynvml`).
+"""The NVML probe: what GPUs this machine has and how busy they are, via nvidia-ml-py (`pynvml`);
+and which engine each GPU process belongs to.
 
 `probe()` returns `(devices, reason)`. On a machine without the NVIDIA driver (or without
 nvidia-ml-py) it returns `([], reason)` and never raises: such a node is a CPU node. Each field
 that NVML cannot read on a device (NotSupported on many consumer cards and in containers) is
 `None` on its own; the rest of the device is still reported.
+
+NVML lists the pids that hold memory on a GPU: vLLM's EngineCore or its TP workers, children of
+the shim the worker launched, never the shim itself. `process_owners` maps every pid in each
+engine's process tree (psutil) to that engine, and `join_processes` names the owner of each GPU
+process; a pid in no engine's tree stays unnamed (another user's job, or an engine of a
+previous worker that was not re-adopted). NVML reports host pids: inside a container with its
+own pid namespace they match no tree here, and every process then shows as unknown.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
+
+import psutil
 
 from .models import GpuInfo, GpuProcess
 
@@ -112,3 +122,34 @@ def _text(value: str | bytes | None) -> str:
 
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+Owner = tuple[str, str]
+"""(engine id, deployment) of a process tree."""
+
+
+def process_owners(roots: Mapping[int, Owner]) -> dict[int, Owner]:
+    """Every live pid in each root's process tree (the root and all its descendants) -> the
+    root's owner. Roots that are gone are skipped."""
+    owners: dict[int, Owner] = {}
+    for pid, owner in roots.items():
+        try:
+            root = psutil.Process(pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:  # exited between the list and the walk
+            continue
+        for proc in tree:
+            owners[proc.pid] = owner
+    return owners
+
+
+def join_processes(devices: list[GpuInfo], owners: Mapping[int, Owner]) -> list[GpuInfo]:
+    """`devices` with each GPU process's engine and deployment named from `owners`."""
+    joined = []
+    for device in devices:
+        processes = []
+        for p in device.processes:
+            engine, deployment = owners.get(p.pid, ("", ""))
+            processes.append(p.model_copy(update={"engine": engine, "deployment": deployment}))
+        joined.append(device.model_copy(update={"processes": processes}))
+    return joined

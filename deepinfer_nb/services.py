@@ -24,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -32,11 +34,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from .config import ApiKey, Settings
+from .models import ProcessMetrics, StoreMetrics
 from .procenv import freeze_heap
 from .store import MetaStore, open_store
 
 if TYPE_CHECKING:
     from .control.controller import Controller
+    from .control.metrics import MetricsPublisher
     from .control.worker import Worker
     from .gateway.server import GatewayServer
     from .store.certs import CertFiles
@@ -63,6 +67,8 @@ class ServiceSet:
         self.controller: Controller | None = None
         self.worker: Worker | None = None
         self.gateway: GatewayServer | None = None
+        self.publisher: MetricsPublisher | None = None
+        self._process_name = ""
         self.tasks: list[asyncio.Task[Any]] = []
         """Services that run as a task (the controller): if one ends, the process should stop."""
         self._stack = contextlib.AsyncExitStack()
@@ -114,6 +120,7 @@ class ServiceSet:
     async def start_controller(self, *, identity: str = "") -> Controller:
         from .control.controller import Controller
 
+        self._start_publisher()
         controller = Controller(
             self._need_store(), settings=self.settings.scheduler, identity=identity
         )
@@ -135,6 +142,7 @@ class ServiceSet:
     ) -> Worker:
         from .control.worker import Worker
 
+        self._start_publisher()
         worker = Worker(
             self._need_store(),
             node_id=node,
@@ -171,6 +179,7 @@ class ServiceSet:
         from .gateway.server import GatewayServer
         from .netutil import bind_socket
 
+        self._start_publisher()
         host = self.settings.server.host if host is None else host
         port = self.settings.server.port if port is None else port
         sock = bind_socket(host, port)
@@ -192,6 +201,41 @@ class ServiceSet:
         server, self.gateway = self.gateway, None
         if server is not None:
             await server.stop()
+
+    def _start_publisher(self) -> None:
+        """This process's metrics snapshot in the store (control/metrics.py), once it hosts a
+        service: the gateway's /metrics shows its controller, worker and store errors."""
+        if self.publisher is not None:
+            return
+        from .control.metrics import MetricsPublisher, process_name
+
+        self._process_name = process_name()
+        self.publisher = MetricsPublisher(
+            self._need_store(),
+            collect=self._process_metrics,
+            interval_s=self.settings.server.metrics_interval_s,
+        )
+        self.publisher.start()
+        publisher = self.publisher
+
+        async def stop() -> None:
+            await publisher.stop()
+            self.publisher = None
+
+        self._push("metrics publisher", stop)
+
+    def _process_metrics(self) -> ProcessMetrics:
+        store = self._need_store()
+        return ProcessMetrics(
+            process=self._process_name,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            controller=self.controller.metrics() if self.controller else None,
+            worker=self.worker.metrics() if self.worker else None,
+            store=StoreMetrics(
+                url=store.url, retries=store.counters.retries, failures=store.counters.failures
+            ),
+        )
 
     def callback(self, name: str, stop: Callable[[], Awaitable[Any]]) -> None:
         """Stop something else of the caller's in this set's order (before what is running now)."""

@@ -276,7 +276,7 @@ class MetricsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MetricsResponse(_message.Message):
-    __slots__ = ("running_requests", "waiting_requests", "kv_cache_usage", "prompt_tokens_total", "generation_tokens_total", "generation_tokens_per_s", "prompt_tokens_per_s", "requests_finished_total", "prefix_cache_hit_rate", "uptime_s", "inflight_rpcs")
+    __slots__ = ("running_requests", "waiting_requests", "kv_cache_usage", "prompt_tokens_total", "generation_tokens_total", "generation_tokens_per_s", "prompt_tokens_per_s", "requests_finished_total", "prefix_cache_hit_rate", "uptime_s", "inflight_rpcs", "time_to_first_token_s", "inter_token_latency_s")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +288,8 @@ class MetricsResponse(_message.Message):
     PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_RPCS_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    INTER_TOKEN_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     waiting_requests: int
     kv_cache_usage: float
@@ -299,7 +301,19 @@ class MetricsResponse(_message.Message):
     prefix_cache_hit_rate: float
     uptime_s: float
     inflight_rpcs: int
-    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., generation_tokens_per_s: _Optional[float] = ..., prompt_tokens_per_s: _Optional[float] = ..., requests_finished_total: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., uptime_s: _Optional[float] = ..., inflight_rpcs: _Optional[int] = ...) -> None: ...
+    time_to_first_token_s: Histogram
+    inter_token_latency_s: Histogram
+    def __init__(self, running_requests: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., generation_tokens_per_s: _Optional[float] = ..., prompt_tokens_per_s: _Optional[float] = ..., requests_finished_total: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., uptime_s: _Optional[float] = ..., inflight_rpcs: _Optional[int] = ..., time_to_first_token_s: _Optional[_Union[Histogram, _Mapping]] = ..., inter_token_latency_s: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
+
+class Histogram(_message.Message):
+    __slots__ = ("bounds", "counts", "sum")
+    BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    bounds: _containers.RepeatedScalarFieldContainer[float]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    sum: float
+    def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ...) -> None: ...
 
 class KVCacheStatusRequest(_message.Message):
     __slots__ = ()

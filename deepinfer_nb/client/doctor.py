@@ -130,6 +130,16 @@ def run_checks(cluster: Any) -> Report:
                 cluster.gateway_url or "not running: %deepinfer gateway start",
             )
         )
+        if cluster.gateway_port is not None:
+            browser = cluster.gateway_access("browser")
+            note = f" ({browser.note})" if browser.note else ""
+            checks.append(
+                Check(
+                    "gateway from your browser",
+                    not note,
+                    f"{browser.url} via {browser.route}{note}",
+                )
+            )
     else:
         checks.append(Check("cluster", False, "not connected: %deepinfer up"))
     return Report(checks)

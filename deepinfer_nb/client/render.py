@@ -16,9 +16,10 @@ from ..models import (
     Engine,
     EngineSettings,
     EngineState,
+    GpuInfo,
     WarmPoolStatus,
 )
-from .view import Snapshot, status_of
+from .view import IDLE, Snapshot, status_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,6 +34,8 @@ class ClusterInfo(Protocol):
     def store_url(self) -> str: ...
     @property
     def gateway_url(self) -> str | None: ...
+    @property
+    def browser_url(self) -> str | None: ...
     def snapshot(self) -> Snapshot: ...
 
 
@@ -70,7 +73,8 @@ GPU_COLUMNS = [
     "mem total GiB",
     "temp C",
     "power W",
-    "engines",
+    "processes",
+    "booked",
     "note",
 ]
 GIB = 1024**3
@@ -133,9 +137,27 @@ def engine_row(e: Engine) -> dict[str, Any]:
     }
 
 
+def idle_row(name: str) -> dict[str, Any]:
+    """The row of a deployment scaled to zero (it has no engine to show)."""
+    return {"engine": "", "deployment": name, "state": IDLE, "restarts": ""}
+
+
 def engine_rows(snap: Snapshot, deployment: str | None = None) -> list[dict[str, Any]]:
+    """One row per engine, and one per deployment scaled to zero without engines left."""
     engines = sorted(snap.engines.values(), key=lambda e: (e.deployment, e.replica, e.id))
-    return [engine_row(e) for e in engines if deployment is None or e.deployment == deployment]
+    rows = [
+        (e.deployment, engine_row(e))
+        for e in engines
+        if deployment is None or e.deployment == deployment
+    ]
+    rows += [
+        (name, idle_row(name))
+        for name in snap.deployments
+        if (deployment is None or name == deployment)
+        and snap.is_idle(name)
+        and not snap.engines_of(name)
+    ]
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
 
 
 def engines_frame(snap: Snapshot) -> pd.DataFrame:
@@ -177,7 +199,8 @@ def gpu_rows(snap: Snapshot) -> list[dict[str, Any]]:
                     "mem total GiB": round(g.memory_total / GIB, 2),
                     "temp C": g.temperature,
                     "power W": g.power_draw,
-                    "engines": ", ".join(users.get((node_id, g.index), [])),
+                    "processes": gpu_processes(g),
+                    "booked": ", ".join(users.get((node_id, g.index), [])),
                     "note": pool if i == 0 else "",
                 }
             )
@@ -192,6 +215,22 @@ def pool_text(pool: WarmPoolStatus | None) -> str:
     return f"warm pool: {', '.join(parts)}, {pool.memory_bytes / GIB:.1f} GiB"
 
 
+def gpu_processes(g: GpuInfo) -> str:
+    """What runs on the GPU (NVML's process list joined with the node's engines): each engine
+    with the memory it holds, then processes of no engine as "unknown pid N"."""
+    held: dict[str, int | None] = {}
+    for p in g.processes:
+        who = p.engine or f"unknown pid {p.pid}"
+        if p.used_memory is None:
+            held.setdefault(who, None)
+        else:
+            held[who] = (held.get(who) or 0) + p.used_memory
+    ordered = sorted(held.items(), key=lambda kv: (kv[0].startswith("unknown pid "), kv[0]))
+    return ", ".join(
+        who if used is None else f"{who} {used / GIB:.2f} GiB" for who, used in ordered
+    )
+
+
 def gpus_frame(snap: Snapshot) -> pd.DataFrame:
     import pandas as pd
 
@@ -201,8 +240,13 @@ def gpus_frame(snap: Snapshot) -> pd.DataFrame:
 # ---- HTML / text
 
 
+IDLE_COLOUR = "#78909c"
+
+
 def badge(state: str) -> str:
     colour = STATE_COLOURS.get(EngineState(state), "#616161") if state in _STATES else "#616161"
+    if state.startswith("Idle"):
+        colour = IDLE_COLOUR
     return (
         f'<span style="background:{colour};color:white;border-radius:4px;'
         f'padding:1px 6px;font-size:90%">{html.escape(state)}</span>'
@@ -327,7 +371,7 @@ def cluster_html(cluster: ClusterInfo) -> str:
     if not cluster.connected:
         return "<p>Cluster (not connected)</p>"
     snap = cluster.snapshot()
-    gw = cluster.gateway_url
+    gw = cluster.browser_url  # the link is for the user's browser, maybe through a proxy
     link = f"<a href='{html.escape(gw)}' target='_blank'>{html.escape(gw)}</a>" if gw else "none"
     return (
         f"<div><b>Cluster</b> <code>{html.escape(cluster.store_url)}</code> · "

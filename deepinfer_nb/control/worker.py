@@ -58,11 +58,13 @@ from ..models import (
     GpuInfo,
     GpuSamples,
     Node,
+    WorkerMetrics,
 )
 from ..store import Lease, MetaStore, RangeResult, WatchEvent, decode_record, keys
 from ..store.follow import follow
 from .downloads import Cancelled, Downloads, Progress
 from .launcher import EngineProcess, Launcher, LogTail
+from .metrics import WorkerCounters
 from .reconcile import Backoff
 from .warmpool import WarmPool, pool_env, resolve_size
 
@@ -158,6 +160,7 @@ class Worker:
         self._started = False
         self._gpu_count = 0
         self.pool: WarmPool | None = None
+        self.counters = WorkerCounters()
 
     # ---- public API ---------------------------------------------------------------------------
 
@@ -220,6 +223,7 @@ class Worker:
                 *(lc.task for lc in self._local.values() if lc.task), return_exceptions=True
             )
         lease, self._lease = self._lease, None
+        self.counters.lease_replaced(lease)
         if lease is not None:
             try:
                 if stop_engines:
@@ -243,6 +247,11 @@ class Worker:
     def log_path(self, engine_id: str) -> Path:
         """Where this node writes the engine's output (the gateway's log route reads it)."""
         return self.launcher.log_path(engine_id)
+
+    def metrics(self) -> WorkerMetrics:
+        return self.counters.snapshot(
+            node=self.node_id, lease=self._lease, engines=len(self.launcher.processes)
+        )
 
     @property
     def engines(self) -> dict[str, EngineProcess]:
@@ -281,7 +290,7 @@ class Worker:
     # ---- node registration and GPU samples ----------------------------------------------------
 
     async def _register(self) -> None:
-        devices, reason = await asyncio.to_thread(gpu.probe)
+        devices, reason = await asyncio.to_thread(self._probe)
         lease = await self.store.grant_lease(max(1, int(self.agent.heartbeat_ttl_s)))
         node = Node(
             id=self.node_id,
@@ -298,6 +307,7 @@ class Worker:
         self._gpu_count = len(devices)
         samples = self._samples(devices, reason)
         await self.store.put(keys.node_gpus(self.node_id), samples.encode(), lease=lease.id)
+        self.counters.lease_replaced(self._lease)
         self._lease = lease
         lease.on_lost(self._on_lease_lost)
         self.log.info(
@@ -313,6 +323,7 @@ class Worker:
         # The controller will mark our engines Lost and the reconciler then kills them; the node
         # comes back under a new lease so it can be used again.
         self.log.warning("node lease lost; registering again")
+        self.counters.lease_losses += 1
         self._loops.append(asyncio.create_task(self._reregister()))
 
     async def _reregister(self) -> None:
@@ -330,12 +341,28 @@ class Worker:
             lease = self._lease
             if lease is None or lease.lost:
                 continue
-            devices, reason = await asyncio.to_thread(gpu.probe)
+            devices, reason = await asyncio.to_thread(self._probe)
             samples = await asyncio.to_thread(self._samples, devices, reason)
             try:
                 await self.store.put(keys.node_gpus(self.node_id), samples.encode(), lease=lease.id)
             except StoreError as exc:
                 self.log.warning("publishing GPU samples failed: %s", exc)
+
+    def _probe(self) -> tuple[list[GpuInfo], str]:
+        """The GPUs, each process on them matched to the local engine whose tree holds it (a
+        thread: NVML and /proc reads block)."""
+        devices, reason = gpu.probe()
+        if any(d.processes for d in devices):
+            roots = {
+                proc.pid: (eid, self._deployment_of(eid))
+                for eid, proc in list(self.launcher.processes.items())
+            }
+            devices = gpu.join_processes(devices, gpu.process_owners(roots))
+        return devices, reason
+
+    def _deployment_of(self, eid: str) -> str:
+        record = self._records.get(eid)
+        return record.deployment if record is not None else ""
 
     # ---- following the records ----------------------------------------------------------------
 
@@ -484,10 +511,14 @@ class Worker:
             async with EngineClient(proc.endpoint, token=local.token) as client:
                 cause = await self._wait_ready(proc, client)
                 if cause is None:
-                    if not local.running and not await self._mark_running(eid, proc, elog):
-                        return  # the record moved on; the reconciler decides
+                    if not local.running:
+                        if not await self._mark_running(eid, proc, elog):
+                            return  # the record moved on; the reconciler decides
+                        self.counters.launches["ready"] += 1
                     was_running = local.running = True
                     cause = await self._monitor(proc, client)
+            if not was_running:
+                self.counters.launches["failed"] += 1
             # Only a start-up failure can be permanent: a crash after Running may not recur.
             failure = from_engine_exit(cause, exit_code=None if was_running else proc.exit_code())
             async with self._lock(eid):
@@ -526,6 +557,7 @@ class Worker:
                 secret_env=secrets,
                 pool=self.pool,
             )
+            self.counters.launches["spawned"] += 1
             local.secrets = tuple(secrets.values())
             local.proc, local.token = proc, token
             elog.info(

@@ -46,6 +46,16 @@ class ChoiceDelta:
 
 
 @dataclasses.dataclass(frozen=True)
+class Histogram:
+    """Observations counted per bucket since the engine started: `counts[i]` holds the values in
+    (`bounds[i-1]`, `bounds[i]`], the last count (one more than `bounds`) those above them all."""
+
+    bounds: tuple[float, ...] = ()
+    counts: tuple[int, ...] = (0,)
+    sum: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineStats:
     """Counters and gauges as the engine's scheduler reports them."""
 
@@ -58,6 +68,10 @@ class EngineStats:
     generation_tokens_per_s: float = 0.0
     requests_finished_total: int = 0
     prefix_cache_hit_rate: float = 0.0
+    time_to_first_token: Histogram = Histogram()
+    """Seconds from a request's arrival to its first token."""
+    inter_token_latency: Histogram = Histogram()
+    """Seconds between a request's consecutive tokens."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ from .._proto import engine_service_pb2_grpc as pb_grpc
 from ..errors import EngineError, EngineUnavailableError, InvalidRequestError, UnsupportedTaskError
 from ..procenv import freeze_heap
 from . import tool_calls, validation
-from .backend import ChoiceDelta, EngineBackend, ModelFacts
+from .backend import ChoiceDelta, EngineBackend, Histogram, ModelFacts
 from .backends import check_supported
 from .status import status_for
 from .tool_calls import ToolCallReader, ToolRequest
@@ -193,6 +193,8 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             prefix_cache_hit_rate=s.prefix_cache_hit_rate,
             uptime_s=self._uptime(),
             inflight_rpcs=self.inflight,
+            time_to_first_token_s=_histogram(s.time_to_first_token),
+            inter_token_latency_s=_histogram(s.inter_token_latency),
         )
 
     @_unary
@@ -494,6 +496,10 @@ def _usage(prompt: int, completion: int) -> pb.Usage:
     return pb.Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
+
+
+def _histogram(h: Histogram) -> pb.Histogram:
+    return pb.Histogram(bounds=h.bounds, counts=h.counts, sum=h.sum)
 
 
 def _choice(d: ChoiceDelta) -> pb.Choice:

@@ -313,6 +313,10 @@ def _stat_logger_class(stats: StatsAccumulator) -> type:
                     generation_tokens=iteration_stats.num_generation_tokens,
                     finished=len(iteration_stats.finished_requests),
                 )
+                self._stats.record_latencies(
+                    first_token=iteration_stats.time_to_first_tokens_iter,
+                    inter_token=iteration_stats.inter_token_latencies_iter,
+                )
 
         def record_admission_rejection(self, reason: str) -> None:
             pass

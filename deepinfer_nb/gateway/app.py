@@ -1,8 +1,9 @@
 """`build_app`: the gateway's FastAPI application over one metadata store.
 
-Wires the routing table (started and stopped by the app's lifespan), the serving layer, the
-metrics registry, the routers, the error handlers and the security middleware. The app holds no
-global state: several gateways can live in one process (tests, a notebook next to a CLI).
+Wires the routing table and the cluster metrics poll (started and stopped by the app's
+lifespan), the serving layer, the metrics registry, the routers, the error handlers and the
+security middleware. The app holds no global state: several gateways can live in one process
+(tests, a notebook next to a CLI).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from ..config import ApiKey, Settings
 from ..engine.client import EngineClient
 from ..engine.policy import LaunchPolicy
 from ..store import MetaStore
-from . import cluster_routes, deployments, engine_logs, openai_routes
+from . import cluster_routes, deployments, engine_logs, landing, openai_routes
+from .activity import ActivityReporter
+from .cluster_metrics import ClusterMetrics
 from .errors import install_handlers
+from .hold import HoldQueue
 from .metrics import GatewayMetrics
 from .openapi import openapi_schema
 from .routing import ClientFactory, RoutingTable
@@ -40,27 +44,50 @@ def build_app(
     keys = as_keys(api_keys)
     metrics = GatewayMetrics()
     table = RoutingTable(store, client_factory=client_factory, observer=metrics)
+    server = settings.server
+    hold = HoldQueue(
+        table, store, timeout_s=server.hold_timeout_s, max_held=server.max_held_requests
+    )
+    activity = ActivityReporter(table, store, hold, interval_s=server.activity_interval_s)
+    cluster = ClusterMetrics(table, store, interval_s=settings.server.metrics_interval_s)
+    metrics.registry.register(cluster)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await table.start()
+        activity.start()
+        cluster.start()
         try:
             yield
         finally:
+            await cluster.close()
+            await activity.close()
+            await hold.close()
             await table.close()
 
-    app = FastAPI(title="deepinfer-nb gateway", version=__version__, lifespan=lifespan)
+    # landing.py serves /docs with a relative schema URL (FastAPI's asks for /openapi.json,
+    # which misses under a proxy prefix); no ReDoc
+    app = FastAPI(
+        title="deepinfer-nb gateway",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.store = store
     app.state.settings = settings
     app.state.table = table
     app.state.metrics = metrics
-    app.state.serving = OpenAIServing(table, metrics)
+    app.state.hold = hold
+    app.state.cluster_metrics = cluster
+    app.state.serving = OpenAIServing(table, metrics, hold=hold, activity=activity)
     app.state.auth_enabled = bool(keys)
+    app.state.keys = keys  # the landing page names the one a client should use
     app.state.log_source = None  # a worker in the same process sets itself (engine_logs)
     app.state.policy = LaunchPolicy.from_settings(settings.agent)
     install_handlers(app)
     app.router.routes[:0] = openai_routes.GENERATION_ROUTES  # first: they are matched most
-    for module in (openai_routes, deployments, cluster_routes, engine_logs):
+    for module in (openai_routes, deployments, cluster_routes, engine_logs, landing):
         app.include_router(module.router)
     app.add_middleware(
         SecurityMiddleware,

@@ -5,7 +5,8 @@ Per model: requests by endpoint and status, errors by type, latency, time to fir
 and completion tokens. Per engine: requests in flight. Cluster: engines per state (kept current
 by the routing table, which calls the `TableObserver` methods). A metric's children are looked
 up once per label values and kept: prometheus_client's `labels()` validates and locks on every
-call, and a request touches six of them.
+call, and a request touches six of them. The cluster's figures (engines, deployments, GPUs,
+controllers, workers) join the same registry from `cluster_metrics.py`.
 """
 
 from __future__ import annotations

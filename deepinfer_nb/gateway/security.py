@@ -4,7 +4,8 @@
 client-disconnect detection are untouched). With keys configured it answers 401 unless the request
 carries `Authorization: Bearer <key>` matching one of them (compared with `hmac.compare_digest`,
 every key checked so timing does not reveal which one matched) and 403 when the key lacks the
-route's scope (`required_scope`): `inference` for the OpenAI routes, `/v1/models` and `/metrics`,
+route's scope (`required_scope`): `inference` for the OpenAI routes, `/v1/models`, `/metrics` and
+the landing page `/` (it shows what `/v1/models` does, with states),
 `admin` for everything else (deployments, engines, nodes, GPUs, docs; an unknown route is admin,
 so a new route is closed until someone opens it). The key's name goes into the request state
 (`request.state.principal`) for the audit fields of deployment records; without keys it is
@@ -28,7 +29,7 @@ from .errors import APIError, forbidden, unauthorized
 
 OPEN_PATHS = frozenset({"/health"})
 INFERENCE_PATHS = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/metrics"}
+    {"/", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/metrics"}
 )
 ANONYMOUS = "anonymous"
 

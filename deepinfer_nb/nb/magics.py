@@ -13,7 +13,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.display import display
-from traitlets import Bool, Float, Int, Unicode
+from traitlets import Bool, Float, Int, Unicode, observe
 from traitlets.config import Configurable
 
 from .. import errors as E
@@ -58,11 +58,19 @@ class DeepInferMagics(Magics, Configurable):
     chat_temperature = Float(0.0, help="default temperature for %%deepinfer chat (0 = greedy)").tag(
         config=True
     )
-    gateway_url_template = Unicode(
+    public_url = Unicode(
         "",
-        help="browser link template ({host}, {port}, {hub_prefix}); '' = automatic "
-        "(JupyterHub's service prefix + proxy/{port}/ when present)",
+        help="the gateway's address for browsers and external clients (an SSH tunnel, an "
+        "ingress; may hold {port}); '' = [server] public_url, else the notebook server's "
+        "proxy (JupyterHub or Jupyter + jupyter-server-proxy), else loopback",
     ).tag(config=True)
+
+    @observe("public_url")
+    def _public_url_changed(self, change: Any) -> None:
+        """A `%config` after `up` moves the links of the running cluster too."""
+        cluster = getattr(self, "cluster", None)  # None until `up`; set while loading the user file
+        if cluster is not None:
+            cluster.public_url = change["new"]
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
@@ -142,22 +150,20 @@ class DeepInferMagics(Magics, Configurable):
         self.cluster = api.connect(
             store, gateway_port=port, worker=self.worker and not ns.no_worker, node_id=ns.node
         )
+        self.cluster.public_url = self.public_url
         display(self.cluster)
         if self.cluster.gateway_url:
             display(self._link())
         return None
 
     def _link(self) -> Any:
-        from .links import GatewayLink, browser_url
+        from .links import GatewayLink
 
         cluster = self._need()
-        if cluster.gateway_port is None:
-            raise UsageError("no gateway runs in this kernel: %deepinfer gateway start")
-        browser = browser_url(
-            host="127.0.0.1", port=cluster.gateway_port, template=self.gateway_url_template
-        )
         return GatewayLink(
-            browser=browser, api_base=f"{cluster.gateway_url}/v1", key_note=cluster.client_key()[1]
+            browser=cluster.gateway_access("browser"),
+            external=cluster.gateway_access("external"),
+            kernel=cluster.gateway_access("kernel"),
         )
 
     def _cmd_down(self, ns: Any) -> None:
@@ -185,19 +191,19 @@ class DeepInferMagics(Magics, Configurable):
         return self._link()
 
     def _cmd_snippet(self, ns: Any) -> Any:
-        from .links import Snippet, snippet
+        from ..snippets import snippet
+        from .links import Snippet
 
         cluster = self._need()
         dep = self._dep(ns.name)
-        if cluster.gateway_url is None:
-            raise UsageError("no gateway runs in this kernel: %deepinfer gateway start")
-        key_env, note = cluster.client_key()
+        access = cluster.gateway_access("external")
         code = snippet(
             lang=ns.lang,
-            api_base=f"{cluster.gateway_url}/v1",
+            api_base=access.api_base,
             model=dep.model_name,
-            key_env=key_env,
-            key_note=note,
+            key_env=access.key_env,
+            key_note=cluster.client_key()[1],
+            token_env=access.token_env,
         )
         return Snippet(code, ns.lang)
 
@@ -218,6 +224,8 @@ class DeepInferMagics(Magics, Configurable):
             kwargs["task"] = ns.task
         if ns.tool_call_parser:
             kwargs["tool_call_parser"] = ns.tool_call_parser
+        if ns.idle_timeout:
+            kwargs["idle_timeout"] = ns.idle_timeout
         dep = cluster.deploy(
             ns.model, name=ns.name, gpus=ns.gpus, replicas=ns.replicas, device=device, **kwargs
         )

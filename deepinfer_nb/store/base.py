@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 
@@ -85,11 +86,25 @@ class TxnResult:
     current: dict[str, KeyValue | None] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass
+class StoreCounters:
+    """What went wrong talking to the store, since the client opened (exported as metrics)."""
+
+    retries: int = 0
+    """Calls retried after a temporary failure (etcd briefly down, no leader)."""
+    failures: int = 0
+    """Calls that raised after their retries."""
+
+
 class Lease(abc.ABC):
     """A granted lease. With keepalive on, the store refreshes it every ttl/3 in the background."""
 
     id: int
     ttl: int
+    renewals: int = 0
+    """Keepalive refreshes that succeeded."""
+    renewal_failures: int = 0
+    """Keepalive refreshes that failed (the lease is lost once they fail for a whole TTL)."""
 
     @property
     @abc.abstractmethod
@@ -113,6 +128,10 @@ class MetaStore(abc.ABC):
     """Async metadata store. Every method may raise `StoreUnavailableError` after retrying."""
 
     url: str
+
+    @functools.cached_property
+    def counters(self) -> StoreCounters:
+        return StoreCounters()
 
     @abc.abstractmethod
     async def get(self, key: str) -> KeyValue | None: ...

@@ -218,13 +218,16 @@ class EtcdStore(MetaStore):
             except grpc.aio.AioRpcError as exc:
                 error = self._error(exc, what, idempotent=idempotent)
                 if not is_temporary(error):
+                    self.counters.failures += 1
                     raise error from None
                 if conn is not None and exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                     await self._forget(conn)
                 failure = exc
             waited = loop.time() - started
             if waited + delay > self.retry_deadline_s:
+                self.counters.failures += 1
                 raise self._unavailable(what, waited, failure)
+            self.counters.retries += 1
             self._rotate()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _BACKOFF_MAX_S)
@@ -546,13 +549,16 @@ class EtcdLease(Lease):
             try:
                 ttl = await self._store._refresh_once(self.id, timeout=max(interval, 0.5))
             except (grpc.aio.AioRpcError, StoreError, OSError):
+                self.renewal_failures += 1
                 if loop.time() - last_ok >= self.ttl:
                     self._mark_lost()
                     return
                 continue
             if ttl <= 0:
+                self.renewal_failures += 1
                 self._mark_lost()
                 return
+            self.renewals += 1
             last_ok = loop.time()
 
     async def _probe(self) -> None:

@@ -98,6 +98,7 @@ class MemoryLease(Lease):
         while True:
             await asyncio.sleep(self.ttl / 3)
             self.refresh()
+            self.renewals += 1
 
     def _check(self) -> None:
         remaining = self._expires - self._loop.time()

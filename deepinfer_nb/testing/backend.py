@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ from ..engine.backend import (
     TokenLogprob,
     TopToken,
 )
+from ..engine.stats import ITL_BUCKETS, TTFT_BUCKETS, Buckets
 from ..engine.validation import Sampling
 from ..errors import EngineError, UnsupportedTaskError
 
@@ -107,6 +109,8 @@ class FakeBackend(EngineBackend):
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._finished = 0
+        self._ttft = Buckets(TTFT_BUCKETS)
+        self._itl = Buckets(ITL_BUCKETS)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> FakeBackend:
@@ -163,6 +167,8 @@ class FakeBackend(EngineBackend):
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._generation_tokens,
             requests_finished_total=self._finished,
+            time_to_first_token=self._ttft.snapshot(),
+            inter_token_latency=self._itl.snapshot(),
         )
 
     # ---- prompts -----------------------------------------------------------------------------
@@ -198,6 +204,7 @@ class FakeBackend(EngineBackend):
         limit = sampling.max_tokens or (self.max_model_len - len(prompt_token_ids))
         emitted = 0
         ended = False
+        last = time.monotonic()
         try:
             while any(not c.finish_reason for c in choices):
                 await asyncio.sleep(self.token_latency_s)
@@ -209,6 +216,9 @@ class FakeBackend(EngineBackend):
                 deltas = [self._step(c, sampling, limit) for c in choices if not c.finish_reason]
                 emitted += 1
                 self._generation_tokens += sum(len(d.token_ids) for d in deltas)
+                now = time.monotonic()
+                (self._ttft if emitted == 1 else self._itl).observe(now - last)
+                last = now
                 yield deltas
             ended = True
         finally:

@@ -22,6 +22,7 @@ import dataclasses
 import queue
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue[ChoiceDelta | BaseException | None]
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    arrived: float = dataclasses.field(default_factory=time.monotonic)
 
     def emit(self, item: ChoiceDelta | BaseException | None) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: the process is exiting
@@ -345,13 +347,17 @@ class _Choice:
         )
         generated = 0
         stop_ids = set(s.stop_token_ids)
+        last = job.arrived
         try:
             for token in tokens:
                 if job.cancel.is_set():
                     self._send(finish="abort", text=self.stops.flush())
                     return
                 generated += 1
+                now = time.monotonic()
                 self.stats.record_iteration(prompt_tokens=0, generation_tokens=1, finished=0)
+                self._latency(now - last, first=generated == 1)
+                last = now
                 self.on_token(llm.n_tokens)
                 logprobs = self._logprobs(token, s.logprobs) if s.logprobs is not None else []
                 if llama_cpp.llama_vocab_is_eog(vocab, token) and not s.ignore_eos:
@@ -373,6 +379,14 @@ class _Choice:
                 self._send(token, logprobs, text=text)
         finally:
             tokens.close()
+
+    def _latency(self, seconds: float, *, first: bool) -> None:
+        # Choices run one after another: only the first one's first token measures the request's
+        # wait; a later choice's first token would count the earlier choices' whole generation.
+        if not first:
+            self.stats.record_latencies(inter_token=(seconds,))
+        elif self.index == 0:
+            self.stats.record_latencies(first_token=(seconds,))
 
     def _send(
         self,

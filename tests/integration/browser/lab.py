@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 from playwright.sync_api import BrowserContext, Locator, Page, sync_playwright
 
+from deepinfer_nb.config import home_dir
 from deepinfer_nb.netutil import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -56,13 +57,18 @@ ERROR_OUTPUT = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.er
 class LabServer:
     """One JupyterLab server process; stop() shuts its kernels down before the server."""
 
-    def __init__(self, base: Path, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, base: Path, *, env: dict[str, str] | None = None, base_url: str = "/"
+    ) -> None:
         self.base = base
         self.root = base / "root"
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.token = secrets.token_hex(16)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = base_url
+        """The server's path prefix (`--ServerApp.base_url`), e.g. JupyterHub's /user/NAME/."""
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self.url = self.origin + base_url.rstrip("/")
         self.log_path = base / "jupyterlab.log"
         self._extra_env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -106,6 +112,7 @@ class LabServer:
             "--no-browser",
             "--ServerApp.ip=127.0.0.1",
             f"--ServerApp.port={self.port}",
+            f"--ServerApp.base_url={self.base_url}",
             # a taken port must fail loudly, not move silently to another one
             "--ServerApp.port_retries=0",
             f"--IdentityProvider.token={self.token}",
@@ -280,3 +287,39 @@ class NotebookPage:
 
     def output_text(self, code_index: int) -> str:
         return self.code_cells().nth(code_index).locator(".jp-OutputArea").inner_text()
+
+
+def engine_processes(home: Path) -> list[psutil.Process]:
+    """Engine shims started under DEEPINFER_HOME `home` (other tests' engines differ)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if "deepinfer_nb.engine" in " ".join(proc.info["cmdline"] or []) and (
+                proc.environ().get("DEEPINFER_HOME") == str(home)
+            ):
+                found.append(proc)
+    return found
+
+
+def wait_gone(home: Path, timeout_s: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout_s
+    while (left := engine_processes(home)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@contextlib.contextmanager
+def isolated_home(base: Path) -> Iterator[Path]:
+    """A fresh deepinfer home (state, logs) sharing the built models; engines left there are
+    killed at the end so a failed run does not leak them into the rest of the suite."""
+    home = base / "home"
+    home.mkdir()
+    (home / "models").symlink_to(home_dir() / "models")
+    try:
+        yield home
+    finally:
+        for proc in engine_processes(home):
+            with contextlib.suppress(psutil.Error):
+                for child in proc.children(recursive=True):
+                    child.kill()
+                proc.kill()

@@ -17,12 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
-import psutil
 import pytest
 
-from deepinfer_nb.config import home_dir
-
-from .lab import LabServer, NotebookPage, chromium
+from .lab import LabServer, NotebookPage, chromium, engine_processes, isolated_home, wait_gone
 
 pytestmark = [pytest.mark.browser, pytest.mark.engine]
 
@@ -32,38 +29,10 @@ ARTIFACTS = ROOT / ".artifacts" / "browser"
 RUN_TIMEOUT_S = 420.0  # engine start-up is ~30 s alone, minutes on busy CPUs
 
 
-def engine_processes(home: Path) -> list[psutil.Process]:
-    """Engine shims started under this test's DEEPINFER_HOME (other tests' engines differ)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if "deepinfer_nb.engine" in " ".join(proc.info["cmdline"] or []) and (
-                proc.environ().get("DEEPINFER_HOME") == str(home)
-            ):
-                found.append(proc)
-    return found
-
-
-def wait_gone(home: Path, timeout_s: float) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout_s
-    while (left := engine_processes(home)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
-
-
 @pytest.fixture
 def deepinfer_home(tmp_path: Path) -> Iterator[Path]:
-    """A fresh home (state, logs) sharing the built model; engines left there are killed at the
-    end so a failed run does not leak them into the rest of the suite."""
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "models").symlink_to(home_dir() / "models")
-    yield home
-    for proc in engine_processes(home):
-        with contextlib.suppress(psutil.Error):
-            for child in proc.children(recursive=True):
-                child.kill()
-            proc.kill()
+    with isolated_home(tmp_path) as home:
+        yield home
 
 
 def code_index(nb: nbformat.NotebookNode, text: str) -> int:

@@ -1,5 +1,6 @@
 """Two real `deepinfer-nb controller` processes on a real etcd: only the leader acts, and SIGKILL
-of the leader hands over within the leader lease TTL.
+of the leader hands over within the leader lease TTL. A gateway in this process shows both
+controllers' own figures at /metrics (each process publishes them to the store).
 
 The node is a record registered under a lease by the test (the controller only reads it); real
 workers and engines are covered by the worker's integration tests.
@@ -16,9 +17,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from deepinfer_nb.config import Settings
 from deepinfer_nb.control.controller import LEADER_KEY
+from deepinfer_nb.gateway import GatewayServer, build_app
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState, Node, decode
 from deepinfer_nb.store import MetaStore, keys
 
@@ -54,7 +59,7 @@ def start_controller(url: str, identity: str, log: Path) -> subprocess.Popen[byt
             [sys.executable, "-c", RUN, *args],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ},
+            env={**os.environ, "DEEPINFER_SERVER__METRICS_INTERVAL_S": "0.2"},
         )
 
 
@@ -70,6 +75,31 @@ async def until(check: Callable[[], Awaitable[bool]], *, timeout: float) -> floa
 async def leader(store: MetaStore) -> str:
     kv = await store.get(LEADER_KEY)
     return kv.value.decode() if kv is not None else ""
+
+
+async def _metrics_show_one_leader(store: MetaStore, first: str) -> None:
+    """Both controller processes at the gateway's /metrics: `first` leads and placed the engine."""
+    settings = Settings()
+    settings.server.metrics_interval_s = 0.2
+    async with (
+        GatewayServer(build_app(store, settings=settings), host="127.0.0.1", port=0) as gw,
+        httpx.AsyncClient(base_url=gw.url) as http,
+    ):
+        figures: dict[str, tuple[float, float]] = {}
+
+        async def both_shown() -> bool:
+            text = (await http.get("/metrics")).text
+            fams = {f.name: f.samples for f in text_string_to_metric_families(text)}
+            leading = {s.labels["identity"]: s.value for s in fams["deepinfer_controller_leader"]}
+            placed = {
+                s.labels["identity"]: s.value for s in fams["deepinfer_controller_placements"]
+            }
+            figures.update({k: (v, placed.get(k, 0.0)) for k, v in leading.items()})
+            return leading.get(first) == 1 and placed.get(first, 0) >= 1 and len(leading) == 2
+
+        await until(both_shown, timeout=10)
+    standby = next(k for k in figures if k != first)
+    assert figures[standby] == (0.0, 0.0), figures
 
 
 async def engines(store: MetaStore) -> list[Engine]:
@@ -113,6 +143,7 @@ async def test_two_controllers_one_leader_and_handover_on_sigkill(
         assert (engine.node, engine.device) == (node, "cpu")
         assert f'"controller {first} is the leader"' in (tmp_path / f"{first}.log").read_text()
         assert "is the leader" not in (tmp_path / f"{standby}.log").read_text()
+        await _metrics_show_one_leader(etcd_store, first)
 
         procs[first].send_signal(signal.SIGKILL)
         procs[first].wait(timeout=5)

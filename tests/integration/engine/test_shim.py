@@ -23,6 +23,7 @@ import pytest_asyncio
 from deepinfer_nb._proto import engine_service_pb2 as pb
 from deepinfer_nb.engine.backends import CAPABILITIES, NAMES
 from deepinfer_nb.engine.cpu_dtype import best_cpu_dtype
+from deepinfer_nb.engine.stats import ITL_BUCKETS, TTFT_BUCKETS
 from deepinfer_nb.errors import (
     EngineUnavailableError,
     UnsupportedFeatureError,
@@ -278,6 +279,11 @@ async def test_model_info_and_kv_cache_come_from_the_engine(engine: ShimProcess)
     assert kv.num_gpu_blocks > 0 and kv.capacity_tokens == kv.num_gpu_blocks * kv.block_size
     assert 0.0 <= kv.usage <= 1.0
     assert metrics.generation_tokens_total > 0 and metrics.requests_finished_total > 0
+    # latency histograms in vLLM's buckets, filled by either engine (the gateway's vllm:* series)
+    ttft, itl = metrics.time_to_first_token_s, metrics.inter_token_latency_s
+    assert list(ttft.bounds) == list(TTFT_BUCKETS) and list(itl.bounds) == list(ITL_BUCKETS)
+    assert len(ttft.counts) == len(TTFT_BUCKETS) + 1 and sum(ttft.counts) > 0 and ttft.sum > 0
+    assert sum(itl.counts) > 0 and itl.sum > 0
 
 
 def test_start_up_heap_frozen_before_ready(engine: ShimProcess) -> None:

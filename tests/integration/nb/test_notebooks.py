@@ -1,4 +1,4 @@
-"""Both notebooks executed end to end with nbclient in a real kernel, with assertions on their
+"""The notebooks executed end to end with nbclient in a real kernel, with assertions on their
 outputs, and no engine process left afterwards. Also the kernel lifecycle: a killed kernel's
 engine does not survive the grace period."""
 
@@ -88,6 +88,20 @@ def test_quickstart_notebook(deepinfer_home: Path, tmp_path: Path) -> None:
     assert "Running" in cell_output(sources, outputs, "%deepinfer ls")
     assert "Running" in cell_output(sources, outputs, "%deepinfer monitor")
     assert "curl -s http://127.0.0.1:" in cell_output(sources, outputs, "%deepinfer snippet")
+    assert not wait_gone(deepinfer_home, 10)
+
+
+def test_binder_notebook(deepinfer_home: Path, tmp_path: Path) -> None:
+    """The 2 GiB Binder tour: the GGUF on llama.cpp only (seconds, so cheap to run here)."""
+    sources, outputs = execute("binder.ipynb", tmp_path)
+    assert "Paris" in cell_output(sources, outputs, "%%deepinfer chat")
+    openai_out = cell_output(sources, outputs, "client = deepinfer_nb.connect()")
+    assert "openai:" in openai_out and "Paris" in openai_out
+    # no notebook server in front of nbclient's kernel: every audience is on loopback
+    gateway = cell_output(sources, outputs, "%deepinfer gateway")
+    assert "OpenAI base URL for external clients: http://127.0.0.1:" in gateway
+    assert "from openai import OpenAI" in cell_output(sources, outputs, "%deepinfer snippet")
+    assert "Running" in cell_output(sources, outputs, "%deepinfer monitor")
     assert not wait_gone(deepinfer_home, 10)
 
 

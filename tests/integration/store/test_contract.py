@@ -365,6 +365,8 @@ async def test_calls_fail_naming_the_endpoint_after_the_retry_deadline() -> None
     with pytest.raises(StoreUnavailableError, match=f"127.0.0.1:{port}"):
         await store.put("/k", b"v")
     assert 0.3 < time.monotonic() - started < 3
+    # counted for /metrics (deepinfer_store_retries_total, deepinfer_store_errors_total)
+    assert store.counters.retries >= 1 and store.counters.failures == 1
     await store.close()
 
 
@@ -395,6 +397,7 @@ async def test_lease_lost_when_no_refresh_succeeds_for_a_ttl(
     etcd_restarted.kill()
     killed = time.monotonic()
     await asyncio.wait_for(lost.wait(), 4)
+    assert lease.renewal_failures >= 1  # (deepinfer_worker_lease_renewal_failures_total)
     # Lost once a whole TTL passed since the last good refresh (at most ttl/3 before the kill),
     # not on the first failed refresh.
     assert time.monotonic() - killed >= 2 - 2 / 3 and lease.lost

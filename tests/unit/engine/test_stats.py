@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deepinfer_nb.engine.stats import WINDOW_S, StatsAccumulator
+from deepinfer_nb.engine.stats import ITL_BUCKETS, TTFT_BUCKETS, WINDOW_S, StatsAccumulator
 
 
 def test_gauges_totals_and_window() -> None:
@@ -27,3 +27,17 @@ def test_gauges_totals_and_window() -> None:
     acc.record_scheduler(running=0, waiting=0, kv_cache_usage=0.0)
     s = acc.snapshot()
     assert s.generation_tokens_per_s == 0 and s.generation_tokens_total == 25 and s.running == 0
+
+
+def test_latency_histograms_count_per_bucket_in_vllms_bounds() -> None:
+    acc = StatsAccumulator()
+    acc.record_latencies(first_token=[0.005, 0.3], inter_token=[0.01, 0.02, 100.0])
+    s = acc.snapshot()
+    ttft, itl = s.time_to_first_token, s.inter_token_latency
+    assert ttft.bounds == TTFT_BUCKETS and itl.bounds == ITL_BUCKETS
+    # a value on a bound belongs to that bound's bucket (Prometheus' `le`)
+    assert ttft.counts[TTFT_BUCKETS.index(0.005)] == 1
+    assert ttft.counts[TTFT_BUCKETS.index(0.5)] == 1  # 0.3 lies in (0.25, 0.5]
+    assert (sum(ttft.counts), ttft.sum) == (2, 0.305)
+    assert itl.counts[0] == 1 and itl.counts[1] == 1 and itl.counts[-1] == 1  # above all bounds
+    assert len(itl.counts) == len(ITL_BUCKETS) + 1

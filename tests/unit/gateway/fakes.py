@@ -40,6 +40,8 @@ class FakeFleet:
         self.cancelled: list[str] = []
         self.tokens: dict[str, str] = {}
         self.closed: list[str] = []
+        self.metrics: dict[str, pb.MetricsResponse] = {}
+        """What `GetMetrics` answers per endpoint (default: all zero)."""
 
     def factory(self, endpoint: str, *, token: str = "", timeout: float | None = None) -> Any:
         self.tokens[endpoint] = token
@@ -171,6 +173,10 @@ class FakeClient:
             for i, t in enumerate(request.input)
         ]
         return pb.EmbeddingResponse(data=data, usage=pb.Usage(prompt_tokens=3, total_tokens=3))
+
+    async def metrics(self) -> pb.MetricsResponse:
+        # the gateway's background poll: not a request, so not counted in `calls`
+        return self.fleet.metrics.get(self.endpoint, pb.MetricsResponse())
 
     async def close(self) -> None:
         self.fleet.closed.append(self.endpoint)

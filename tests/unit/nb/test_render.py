@@ -12,12 +12,13 @@ from deepinfer_nb.models import (
     Engine,
     EngineState,
     GpuInfo,
+    GpuProcess,
     GpuSamples,
     Node,
     WarmPoolStatus,
 )
-from deepinfer_nb.nb.links import browser_url, snippet
 from deepinfer_nb.nb.widgets import sparkline
+from deepinfer_nb.snippets import snippet
 
 
 def snap(engines: list[Engine], *, replicas: int = 1, nodes=None, gpus=None) -> Snapshot:
@@ -93,6 +94,12 @@ def test_gpu_rows_explain_missing_gpus() -> None:
                     memory_total=80 << 30,
                     memory_used=8 << 30,
                     utilization=50.0,
+                    processes=[
+                        GpuProcess(pid=77, used_memory=1 << 29),
+                        GpuProcess(pid=12, used_memory=3 << 30, engine="d-0-a", deployment="d"),
+                        GpuProcess(pid=13, used_memory=1 << 30, engine="d-0-a", deployment="d"),
+                        GpuProcess(pid=78),
+                    ],
                 )
             ],
         )
@@ -100,7 +107,9 @@ def test_gpu_rows_explain_missing_gpus() -> None:
     e = Engine(id="d-0-a", deployment="d", state=EngineState.RUNNING, node="b", gpus=[0])
     rows = render.gpu_rows(snap([e], nodes=nodes, gpus=gpus))
     assert rows[0]["note"] == "no NVIDIA GPU on node a (no NVIDIA driver)"
-    assert (rows[1]["name"], rows[1]["mem used GiB"], rows[1]["engines"]) == ("H100", 8.0, "d-0-a")
+    assert (rows[1]["name"], rows[1]["mem used GiB"], rows[1]["booked"]) == ("H100", 8.0, "d-0-a")
+    # what runs: the engine's two processes summed, then each unknown pid (memory where known)
+    assert rows[1]["processes"] == "d-0-a 4.00 GiB, unknown pid 77 0.50 GiB, unknown pid 78"
 
 
 def test_gpus_and_doctor_show_the_warm_pool_and_its_memory() -> None:
@@ -123,14 +132,6 @@ def test_tables_escape_and_colour() -> None:
     assert "Failed" in render.engines_text(snap([e]))
 
 
-def test_links_honour_the_hub_prefix() -> None:
-    assert browser_url(host="127.0.0.1", port=8082, hub_prefix="") == "http://127.0.0.1:8082/"
-    assert browser_url(host="h", port=8082, hub_prefix="/user/ann") == "/user/ann/proxy/8082/"
-    assert (
-        browser_url(host="h", port=9, template="https://x/{port}", hub_prefix="") == "https://x/9"
-    )
-
-
 def test_snippets() -> None:
     py = snippet(lang="python", api_base="http://127.0.0.1:8082/v1", model="demo", key_env="GW_KEY")
     compile(py, "<snippet>", "exec")
@@ -142,6 +143,21 @@ def test_snippets() -> None:
         code = snippet(lang=lang, api_base="x", model="m", key_env="GW_KEY", key_note=note)
         assert code.startswith(f"# {note}\n")
     compile(snippet(lang="python", api_base="x", model="m", key_note=note), "<snippet>", "exec")
+
+
+def test_snippets_behind_a_jupyter_proxy_send_the_token() -> None:
+    # the token alone: it is the API key (Jupyter reads `Authorization: Bearer`)
+    py = snippet(lang="python", api_base="http://h/p/v1", model="m", token_env="JUPYTER_TOKEN")
+    compile(py, "<snippet>", "exec")
+    assert 'api_key=os.environ["JUPYTER_TOKEN"])' in py and "# JUPYTER_TOKEN:" in py
+    curl = snippet(lang="curl", api_base="http://h/p/v1", model="m", token_env="JUPYTER_TOKEN")
+    assert '-H "Authorization: token $JUPYTER_TOKEN"' in curl
+    # with a gateway key the key takes the header and the token the query
+    py = snippet(lang="python", api_base="x", model="m", key_env="K", token_env="JUPYTER_TOKEN")
+    compile(py, "<snippet>", "exec")
+    assert 'api_key=os.environ["K"], default_query={"token": os.environ["JUPYTER_TOKEN"]}' in py
+    curl = snippet(lang="curl", api_base="x", model="m", key_env="K", token_env="JUPYTER_TOKEN")
+    assert 'curl -s "x/chat/completions?token=$JUPYTER_TOKEN"' in curl and "Bearer $K" in curl
 
 
 def test_sparkline() -> None:
