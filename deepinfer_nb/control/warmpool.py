@@ -119,7 +119,6 @@ class Member:
     env: dict[str, str]
     python: str
     log_path: Path
-    started_at: float = dataclasses.field(default_factory=time.monotonic)
     _warm: bool = False
 
     @property
