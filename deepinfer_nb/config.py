@@ -54,6 +54,14 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_connections: int = 0
     """Most connections the gateway serves at once; more get 503 (0 = no limit)."""
+    hold_timeout_s: float = 60.0
+    """How long a request waits for a replica that is starting (a restart, a scale from zero,
+    a rollout) before it gets 503 with Retry-After (0 = fail at once)."""
+    max_held_requests: int = 256
+    """Most requests waiting per deployment; more get 503 with Retry-After at once."""
+    activity_interval_s: float = 5.0
+    """How often (at most) the gateway reports a deployment's last request time to the store,
+    for scale to zero (deployments with an idle_timeout only; a quarter of a shorter timeout)."""
     public_url: str = ""
     """The gateway's address for browsers and external clients when something in front of it
     (an SSH tunnel, an ingress) decides it; may contain `{port}`. "" = found out: the notebook
@@ -98,6 +106,9 @@ class AgentSettings:
     """Launch policy: extra environment variable names a deployment's `env` may set."""
     secrets_file: str = ""
     """`NAME=value` lines the worker resolves a deployment's `secrets` from (after its env)."""
+    warm_pool: int = -1
+    """Warm engine processes kept waiting for a vLLM CPU deployment (torch and vLLM imported):
+    -1 = 1 on a node without GPUs, 0 with GPUs; 0 = none (control/warmpool.py)."""
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ or raises `RecordError` naming the key, so a watcher can report and skip a corru
 from __future__ import annotations
 
 import enum
+import re
 import time
 from typing import Any, Literal, TypeVar
 
@@ -45,6 +46,36 @@ def decode(cls: type[R], key: str, value: bytes) -> R:
     if record.schema_version > SCHEMA_VERSION:
         raise RecordError(key, f"schema_version {record.schema_version} is newer than this client")
     return record
+
+
+# ---- durations ---------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from "30s", "15m", "1h", "1.5h", "2d", "250ms" or a number (seconds)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(value.lower())
+        if m is None:
+            raise ValueError(f"not a duration: {value!r} (write e.g. 30s, 15m, 1h)")
+        seconds = float(m.group(1)) * _UNIT_S[m.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"a duration must be positive, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The short form people write: 900 -> "15m", 3600 -> "1h", 90 -> "90s", 2.5 -> "2.5s"."""
+    for unit, size in (("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
 
 
 # ---- deployments -------------------------------------------------------------------------------
@@ -145,6 +176,11 @@ class DeploymentSpec(Record):
     )
     placement: Placement = Field(default_factory=Placement)
     max_restarts: int = Field(default=5, ge=0)
+    idle_timeout: float | None = Field(
+        default=None,
+        description="scale to zero after this long without requests (seconds, or 30s/15m/1h; "
+        "None: never); the next request starts an engine again",
+    )
     rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
     restart_generation: int = Field(
         default=0, ge=0, description="bumped by a rolling restart: every engine is replaced"
@@ -158,6 +194,13 @@ class DeploymentSpec(Record):
     created_at: float = Field(default_factory=now)
     created_by: str = Field(default="", description='key name, "notebook" or "anonymous"')
     updated_by: str = Field(default="", description="who last changed it (as created_by)")
+
+    @field_validator("idle_timeout", mode="before")
+    @classmethod
+    def _check_idle_timeout(cls, v: Any) -> float | None:
+        if v is None or v in ("", "0", "off", "none", 0):
+            return None
+        return parse_duration(v)
 
     @field_validator("device")
     @classmethod
@@ -185,6 +228,26 @@ class DeploymentSpec(Record):
         if self.backend == "llama.cpp" and self.tensor_parallel_size != 1:
             raise ValueError("llama.cpp serves a model on one device: tensor_parallel_size 1")
         return self
+
+
+class Activity(Record):
+    """When a deployment last had requests, and whether it is scaled to zero: `activity/{name}`.
+
+    Gateways (and the kernel's own chat) write `last_request_at` at a coarse interval and wake an
+    idle deployment (`idle` False) when a request comes; the controller sets `idle` once a
+    deployment with an `idle_timeout` had no request for that long, then stops its engines. See
+    store/activity.py for the writes and control/reconcile.py for the decision."""
+
+    deployment: str
+    last_request_at: float = 0.0
+    idle: bool = False
+    idle_since: float = 0.0
+    """When the controller scaled it to zero (requests older than this do not wake it)."""
+
+    def idles(self, spec: DeploymentSpec) -> bool:
+        """Whether `spec` is scaled to zero by this record (a flag set before the deployment
+        was created belongs to an earlier deployment of that name)."""
+        return self.idle and self.idle_since >= spec.created_at
 
 
 # ---- engines -----------------------------------------------------------------------------------
@@ -334,6 +397,16 @@ class Node(Record):
     version: str = ""
 
 
+class WarmPoolStatus(BaseModel):
+    """A worker's warm engine processes (control/warmpool.py), sampled with its GPUs."""
+
+    size: int = 0  # how many the worker keeps (0: no pool)
+    warm: int = 0  # imports done, waiting for a model
+    starting: int = 0  # still importing
+    memory_bytes: int = 0  # resident memory of the members and their forkservers
+    pids: list[int] = Field(default_factory=list)
+
+
 class GpuSamples(Record):
     """Live samples of a node's GPUs: `nodes/{id}/gpus`, refreshed every few seconds."""
 
@@ -341,6 +414,7 @@ class GpuSamples(Record):
     at: float = Field(default_factory=now)
     gpus: list[GpuInfo] = Field(default_factory=list)
     error: str = ""
+    warm_pool: WarmPoolStatus | None = None  # None: the worker keeps no pool
 
 
 # ---- operator metrics (`metrics/{process}`, see gateway/cluster_metrics.py) ---------------------

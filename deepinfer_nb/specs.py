@@ -24,6 +24,7 @@ IN_PLACE = frozenset(
         "name",
         "replicas",
         "max_restarts",
+        "idle_timeout",
         "placement",
         "rollout",
         "previous",

@@ -2,6 +2,7 @@
 
     deepinfer-nb deploy MODEL [--name N] [--replicas R] [--device D] [--gpus G]
                         [--task auto|generate|embed] [--tool-call-parser NAME]
+                        [--idle-timeout 30s|15m|1h]
                         [--engine-arg KEY[=VALUE]]... [--wait [--timeout S]]
     deepinfer-nb scale NAME REPLICAS [--wait]
     deepinfer-nb rollback NAME [--wait]   |   deepinfer-nb restart NAME [--wait]
@@ -52,6 +53,13 @@ def register(sub: Any) -> None:
         default=None,
         metavar="NAME",
         help="vLLM tool parser for tool_choice auto (hermes, llama3_json, ...; none: no parser)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        default=None,
+        metavar="DURATION",
+        help="scale to zero after this long without requests (30s, 15m, 1h); the next request "
+        "starts an engine again and waits for it",
     )
     p.add_argument(
         "--engine-arg",
@@ -114,8 +122,13 @@ def engine_args(items: list[str]) -> dict[str, Any]:
 
 
 def _spec_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """--task and --tool-call-parser as the spec fields they name (as the notebook passes them)."""
-    flags = {"task": args.task, "tool_call_parser": args.tool_call_parser}
+    """--task, --tool-call-parser and --idle-timeout as the spec fields they name (as the
+    notebook passes them)."""
+    flags = {
+        "task": args.task,
+        "tool_call_parser": args.tool_call_parser,
+        "idle_timeout": args.idle_timeout,
+    }
     return {key: value for key, value in flags.items() if value is not None}
 
 

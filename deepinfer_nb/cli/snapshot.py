@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..client.view import Snapshot
-from ..models import DeploymentSpec, Engine, GpuSamples, Node
+from ..models import Activity, DeploymentSpec, Engine, GpuSamples, Node
 
 
 def snapshot(
@@ -22,13 +22,20 @@ def snapshot(
     gpus: Iterable[dict[str, Any]] = (),
 ) -> Snapshot:
     """A Snapshot from `/v1/deployments`, `/v1/engines`, `/v1/nodes` and `/v1/gpus` items."""
-    specs = {d["name"]: spec_of(d) for d in deployments}
+    views = list(deployments)
+    specs = {d["name"]: spec_of(d) for d in views}
+    idle = {  # the gateway decided it: an idle flag of this very deployment
+        name: Activity(deployment=name, idle=True, idle_since=spec.created_at)
+        for name, spec in specs.items()
+        if any(d["name"] == name and d.get("idle") for d in views)
+    }
     return Snapshot(
         deployments=specs,
         engines={e["id"]: Engine.model_validate(e) for e in engines},
         nodes={n["id"]: Node.model_validate(n) for n in nodes},
         gpus={g["node"]: GpuSamples.model_validate(g) for g in gpus},
         revision=0,
+        activity=idle,
     )
 
 

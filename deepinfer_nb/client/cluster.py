@@ -34,6 +34,7 @@ from ..models import (
     decode,
 )
 from ..store import keys
+from ..store.activity import record_request
 from . import runtime as rt
 from . import urls
 from .view import ClusterView, Snapshot, stage_of, status_of
@@ -60,6 +61,7 @@ SPEC_FIELDS = {
     "tool_call_parser",
     "env",
     "max_restarts",
+    "idle_timeout",
 }
 NOTEBOOK = "notebook"
 """Who the audit fields of deployment records name for writes made from a kernel."""
@@ -276,7 +278,10 @@ class Cluster:
         progress: ProgressFn | None = None,
         **engine_args: Any,
     ) -> Deployment:
-        """Create the deployment (or return the existing one of that name: idempotent)."""
+        """Create the deployment (or return the existing one of that name: idempotent).
+
+        `idle_timeout="15m"` (or seconds) scales it to zero after that long without requests;
+        the next request (gateway or chat) starts an engine again and waits for it."""
         spec = build_spec(
             model, name=name, gpus=gpus, replicas=replicas, device=device, engine_args=engine_args
         )
@@ -372,10 +377,36 @@ class Cluster:
             if (await store.compare_and_swap(kv, updated.encode())).succeeded:
                 return
 
+    async def wake_async(self, name: str, *, timeout: float) -> None:
+        """Wake a deployment scaled to zero and wait until an engine of it runs (a coroutine for
+        the runtime loop)."""
+        await record_request(self._hosted.store, name, time.time(), wake=True)
+
+        def ready(snap: Snapshot) -> bool:
+            if name not in snap.deployments:
+                raise DeploymentError(f"deployment {name!r} was removed while waking it")
+            return any(e.state is EngineState.RUNNING for e in snap.engines_of(name))
+
+        try:
+            await asyncio.wait_for(self.view.wait_for(ready, poll_s=0.5), timeout)
+        except asyncio.TimeoutError:
+            raise DeploymentError(
+                f"{name} was scaled to zero and is not Running {timeout:g} s after a chat woke "
+                f"it; see %deepinfer status {name}"
+            ) from None
+
+    def note_request(self, name: str) -> None:
+        """Tell the store a request reached `name` (chats go to the engine, not through a
+        gateway that would): only for deployments with an idle_timeout, in the background."""
+        spec = self.snapshot().deployments.get(name)
+        if spec is not None and spec.idle_timeout is not None:
+            self._runtime.submit(record_request(self._hosted.store, name, time.time()))
+
     async def delete_async(self, name: str, *, wait_s: float) -> bool:
         """Delete a deployment, waiting up to `wait_s` for its engines to go (a coroutine for the
         runtime loop); whether it existed."""
         existed = await self._hosted.store.delete(keys.deployment(name))
+        await self._hosted.store.delete(keys.activity(name))  # a new one of the name starts awake
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.view.wait_for(lambda s: not s.engines_of(name)), wait_s)
         return existed
@@ -569,12 +600,19 @@ class Deployment:
 
     # ---- chat ----
 
-    def _pick(self) -> Engine:
-        running = [
+    def _running(self) -> list[Engine]:
+        return [
             e
             for e in self.engines
             if e.state is EngineState.RUNNING and e.endpoint and e.auth_token
         ]
+
+    def _pick(self, *, timeout: float) -> Engine:
+        """A Running engine; one scaled to zero is woken first and waited for (as the gateway
+        holds its requests)."""
+        if not self._running() and self.cluster.snapshot().is_idle(self.name):
+            self.cluster.run(self.cluster.wake_async(self.name, timeout=timeout), timeout=None)
+        running = self._running()
         if not running:
             raise EngineUnavailableError(
                 f"{self.name} has no Running engine ({self.status}); "
@@ -614,7 +652,7 @@ class Deployment:
         `via="engine"` talks gRPC to a Running engine; `via="gateway"` goes through the
         OpenAI-compatible gateway. `remember=True` keeps a multi-turn history on this handle.
         """
-        from .chat import ChatStream, build_request
+        from .chat import ChatResult, ChatStream, build_request
 
         msgs = self._messages(prompt, system, remember)
         if via == "gateway":
@@ -626,13 +664,20 @@ class Deployment:
             return result
         if via != "engine":
             raise DeepInferError("via must be 'engine' or 'gateway'")
-        engine = self._pick()
+        engine = self._pick(timeout=timeout)
+        self.cluster.note_request(self.name)
         request = build_request(msgs, max_tokens=max_tokens, temperature=temperature)
+
+        def done(result: ChatResult) -> None:
+            self.cluster.note_request(self.name)  # a long answer is activity until its end
+            if remember:
+                self._remember(msgs, result.text)
+
         chat_stream = ChatStream(
             self.cluster.runtime,
             self.cluster._hosted.stream_chat(engine, request),
             timeout=timeout,
-            on_done=(lambda r: self._remember(msgs, r.text)) if remember else None,
+            on_done=done,
         )
         if stream:
             return chat_stream
@@ -713,6 +758,8 @@ class Waiter:
         spec = snap.deployments.get(self.name)
         if spec is None:
             raise DeploymentError(f"deployment {self.name!r} was removed while waiting")
+        if snap.is_idle(self.name):
+            return True  # scaled to zero: ready, its next request starts an engine
         engines = [e for e in snap.engines_of(self.name) if e.replica < spec.replicas]
         stage = stage_of(engines, spec.replicas)
         key = (stage, tuple((e.id, e.state, e.reason, e.node, e.download) for e in engines))

@@ -122,6 +122,7 @@ def run_checks(cluster: Any) -> Report:
                 + ("" if snap.nodes else ": no worker registered; %deepinfer up starts one"),
             )
         )
+        checks.extend(_pool_checks(snap))
         checks.append(
             Check(
                 "gateway",
@@ -142,3 +143,14 @@ def run_checks(cluster: Any) -> Report:
     else:
         checks.append(Check("cluster", False, "not connected: %deepinfer up"))
     return Report(checks)
+
+
+def _pool_checks(snap: Any) -> list[Check]:
+    """Each node's warm engine processes and their memory (none: the node keeps no pool)."""
+    from .render import pool_text
+
+    return [
+        Check(f"warm pool on {node}", True, pool_text(samples.warm_pool))
+        for node, samples in sorted(snap.gpus.items())
+        if samples.warm_pool is not None and samples.warm_pool.size > 0
+    ]

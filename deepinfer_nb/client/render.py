@@ -17,8 +17,9 @@ from ..models import (
     EngineSettings,
     EngineState,
     GpuInfo,
+    WarmPoolStatus,
 )
-from .view import Snapshot, status_of
+from .view import IDLE, Snapshot, status_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -136,9 +137,27 @@ def engine_row(e: Engine) -> dict[str, Any]:
     }
 
 
+def idle_row(name: str) -> dict[str, Any]:
+    """The row of a deployment scaled to zero (it has no engine to show)."""
+    return {"engine": "", "deployment": name, "state": IDLE, "restarts": ""}
+
+
 def engine_rows(snap: Snapshot, deployment: str | None = None) -> list[dict[str, Any]]:
+    """One row per engine, and one per deployment scaled to zero without engines left."""
     engines = sorted(snap.engines.values(), key=lambda e: (e.deployment, e.replica, e.id))
-    return [engine_row(e) for e in engines if deployment is None or e.deployment == deployment]
+    rows = [
+        (e.deployment, engine_row(e))
+        for e in engines
+        if deployment is None or e.deployment == deployment
+    ]
+    rows += [
+        (name, idle_row(name))
+        for name in snap.deployments
+        if (deployment is None or name == deployment)
+        and snap.is_idle(name)
+        and not snap.engines_of(name)
+    ]
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
 
 
 def engines_frame(snap: Snapshot) -> pd.DataFrame:
@@ -158,17 +177,16 @@ def gpu_rows(snap: Snapshot) -> list[dict[str, Any]]:
         node = snap.nodes.get(node_id)
         samples = snap.gpus.get(node_id)
         gpus = samples.gpus if samples and samples.gpus else (node.gpus if node else [])
+        pool = pool_text(samples.warm_pool if samples else None)
         if not gpus:
             why = (samples.error if samples else "") or (node.gpu_error if node else "")
+            note = f"no NVIDIA GPU on node {node_id}" + (f" ({why})" if why else "")
             rows.append(
                 {c: None for c in GPU_COLUMNS}
-                | {
-                    "node": node_id,
-                    "note": f"no NVIDIA GPU on node {node_id}" + (f" ({why})" if why else ""),
-                }
+                | {"node": node_id, "note": note + (f" · {pool}" if pool else "")}
             )
             continue
-        for g in gpus:
+        for i, g in enumerate(gpus):
             rows.append(
                 {
                     "node": node_id,
@@ -183,10 +201,18 @@ def gpu_rows(snap: Snapshot) -> list[dict[str, Any]]:
                     "power W": g.power_draw,
                     "processes": gpu_processes(g),
                     "booked": ", ".join(users.get((node_id, g.index), [])),
-                    "note": "",
+                    "note": pool if i == 0 else "",
                 }
             )
     return rows
+
+
+def pool_text(pool: WarmPoolStatus | None) -> str:
+    """ "warm pool: 1 ready, 1 starting, 1.4 GiB" (the node's warm engine processes); "" without."""
+    if pool is None or pool.size <= 0:
+        return ""
+    parts = [f"{pool.warm} ready"] + ([f"{pool.starting} starting"] if pool.starting else [])
+    return f"warm pool: {', '.join(parts)}, {pool.memory_bytes / GIB:.1f} GiB"
 
 
 def gpu_processes(g: GpuInfo) -> str:
@@ -214,8 +240,13 @@ def gpus_frame(snap: Snapshot) -> pd.DataFrame:
 # ---- HTML / text
 
 
+IDLE_COLOUR = "#78909c"
+
+
 def badge(state: str) -> str:
     colour = STATE_COLOURS.get(EngineState(state), "#616161") if state in _STATES else "#616161"
+    if state.startswith("Idle"):
+        colour = IDLE_COLOUR
     return (
         f'<span style="background:{colour};color:white;border-radius:4px;'
         f'padding:1px 6px;font-size:90%">{html.escape(state)}</span>'

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import RecordError
-from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node, decode
+from ..models import Activity, DeploymentSpec, Engine, EngineState, GpuSamples, Node, decode
 from ..store import keys
 from ..store.base import EventType, MetaStore, RangeResult, WatchEvent
 from ..store.follow import follow
@@ -33,14 +33,21 @@ class Snapshot:
     nodes: dict[str, Node]
     gpus: dict[str, GpuSamples]
     revision: int
+    activity: dict[str, Activity] = dataclasses.field(default_factory=dict)
 
     def engines_of(self, deployment: str) -> list[Engine]:
         found = [e for e in self.engines.values() if e.deployment == deployment]
         return sorted(found, key=lambda e: (e.replica, e.id))
 
+    def is_idle(self, deployment: str) -> bool:
+        """Scaled to zero after its idle_timeout (the next request starts an engine)."""
+        record, spec = self.activity.get(deployment), self.deployments.get(deployment)
+        return record is not None and spec is not None and record.idles(spec)
+
 
 class ClusterView:
-    """Mirror of deployments, engines, nodes and GPU samples, kept current by a watch."""
+    """Mirror of deployments, engines, nodes, GPU samples and activity, kept current by a
+    watch."""
 
     def __init__(self, store: MetaStore) -> None:
         self._store = store
@@ -49,6 +56,7 @@ class ClusterView:
         self._engines: dict[str, Engine] = {}
         self._nodes: dict[str, Node] = {}
         self._gpus: dict[str, GpuSamples] = {}
+        self._activity: dict[str, Activity] = {}
         self._revision = 0
         self._listeners: list[Callable[[], None]] = []
         self._changed: asyncio.Condition | None = None
@@ -84,6 +92,7 @@ class ClusterView:
             self._engines.clear()
             self._nodes.clear()
             self._gpus.clear()
+            self._activity.clear()
             for kv in result.items:
                 self._apply_put(kv.key, kv.value)
             self._revision = result.revision
@@ -109,6 +118,8 @@ class ClusterView:
                 self._engines[name] = decode(Engine, key, value)
             elif name := keys.name_of(key, keys.NODES):
                 self._nodes[name] = decode(Node, key, value)
+            elif name := keys.name_of(key, keys.ACTIVITY):
+                self._activity[name] = decode(Activity, key, value)
         except RecordError as exc:
             log.warning("%s", exc)
 
@@ -121,6 +132,8 @@ class ClusterView:
             self._engines.pop(name, None)
         elif name := keys.name_of(key, keys.NODES):
             self._nodes.pop(name, None)
+        elif name := keys.name_of(key, keys.ACTIVITY):
+            self._activity.pop(name, None)
 
     async def _notify(self) -> None:
         if self._changed is not None:
@@ -142,6 +155,7 @@ class ClusterView:
                 nodes=dict(self._nodes),
                 gpus=dict(self._gpus),
                 revision=self._revision,
+                activity=dict(self._activity),
             )
 
     def add_listener(self, listener: Callable[[], None]) -> None:
@@ -184,11 +198,16 @@ def stage_of(engines: list[Engine], replicas: int) -> str:
     return engines[0].state.value if engines else EngineState.PENDING.value
 
 
+IDLE = "Idle (scaled to zero)"
+
+
 def status_of(snap: Snapshot, name: str) -> str:
     spec = snap.deployments.get(name)
     engines = snap.engines_of(name)
     if spec is None:
         return "Removed" if not engines else f"Removing ({len(engines)} engines stopping)"
+    if snap.is_idle(name):
+        return IDLE
     running = sum(e.state is EngineState.RUNNING for e in engines)
     failed = [e for e in engines if e.state is EngineState.FAILED]
     stage = stage_of([e for e in engines if e.replica < spec.replicas], spec.replicas)

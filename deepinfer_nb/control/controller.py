@@ -27,13 +27,41 @@ from typing import cast
 
 from ..config import SchedulerSettings
 from ..errors import ConfigError, NotLeaderError, StoreError, StoreUnavailableError
-from ..models import ControllerMetrics, DeploymentSpec, Engine, EngineState, GpuSamples, Node
-from ..store import Compare, Delete, EventType, KeyValue, Lease, MetaStore, Put, decode_record, keys
+from ..models import (
+    Activity,
+    ControllerMetrics,
+    DeploymentSpec,
+    Engine,
+    EngineState,
+    GpuSamples,
+    Node,
+)
+from ..store import (
+    Compare,
+    Delete,
+    EventType,
+    KeyValue,
+    Lease,
+    MetaStore,
+    Put,
+    TxnResult,
+    decode_record,
+    keys,
+)
 from ..store.base import WatchEvent
 from ..store.follow import follow
 from . import reconcile
 from .metrics import ControllerCounters
-from .reconcile import Action, Backoff, CreateEngine, DeleteEngine, ScheduleEngine
+from .reconcile import (
+    Action,
+    ActivityAction,
+    Backoff,
+    CreateEngine,
+    DeleteEngine,
+    ForgetActivity,
+    ScheduleEngine,
+    SetIdle,
+)
 from .scheduler import STRATEGIES, Strategy
 
 log = logging.getLogger(__name__)
@@ -61,6 +89,7 @@ class Snapshot:
     engines: dict[str, tuple[Engine, KeyValue]]
     nodes: dict[str, Node]
     samples: dict[str, GpuSamples]
+    activity: dict[str, tuple[Activity, KeyValue]] = dataclasses.field(default_factory=dict)
 
 
 async def read_snapshot(store: MetaStore) -> Snapshot:
@@ -69,8 +98,12 @@ async def read_snapshot(store: MetaStore) -> Snapshot:
     engines: dict[str, tuple[Engine, KeyValue]] = {}
     nodes: dict[str, Node] = {}
     samples: dict[str, GpuSamples] = {}
+    activity: dict[str, tuple[Activity, KeyValue]] = {}
     for kv in result.items:
-        if name := keys.name_of(kv.key, keys.DEPLOYMENTS):
+        if name := keys.name_of(kv.key, keys.ACTIVITY):
+            if (record := decode_record(Activity, kv.key, kv.value)) is not None:
+                activity[name] = (record, kv)
+        elif name := keys.name_of(kv.key, keys.DEPLOYMENTS):
             if (spec := decode_record(DeploymentSpec, kv.key, kv.value)) is not None:
                 deployments[name] = spec
         elif keys.name_of(kv.key, keys.ENGINES):
@@ -82,7 +115,7 @@ async def read_snapshot(store: MetaStore) -> Snapshot:
         elif name := keys.name_of(kv.key, keys.NODES):
             if (node := decode_record(Node, kv.key, kv.value)) is not None:
                 nodes[name] = node
-    return Snapshot(result.revision, deployments, engines, nodes, samples)
+    return Snapshot(result.revision, deployments, engines, nodes, samples, activity)
 
 
 class Controller:
@@ -280,10 +313,12 @@ class Controller:
                     self.settings.restart_backoff_s, self.settings.restart_backoff_max_s
                 ),
                 strategy=self.strategy,
+                activity={name: record for name, (record, _) in snap.activity.items()},
             )
         )
         stats = RoundStats(actions=len(decision.actions), wake_at=decision.wake_at)
         kvs = {engine_id: kv for engine_id, (_, kv) in snap.engines.items()}
+        kvs.update({keys.activity(name): kv for name, (_, kv) in snap.activity.items()})
         gate = asyncio.Semaphore(APPLY_CONCURRENCY)
 
         async def run(action: Action) -> bool:
@@ -303,6 +338,9 @@ class Controller:
         for action, ok in zip(actions, applied, strict=True):
             if not ok:
                 continue
+            if isinstance(action, (SetIdle, ForgetActivity)):
+                c.actions["idle" if isinstance(action, SetIdle) else "forget_activity"] += 1
+                continue
             c.actions[reconcile.describe(action)[0]] += 1
             if isinstance(action, ScheduleEngine):
                 c.placements += 1
@@ -314,6 +352,8 @@ class Controller:
         fence = self._fence
         if fence is None:
             raise NotLeaderError("not the leader")
+        if isinstance(action, (SetIdle, ForgetActivity)):
+            return await self._apply_activity(action, kvs, fence)
         engine = action.engine
         key = keys.engine(engine.id)
         compare: Sequence[Compare]
@@ -327,9 +367,7 @@ class Controller:
         result = await self.store.txn(compare, ops)
         verb, _ = reconcile.describe(action)
         if not result.succeeded:
-            leader = result.current.get(LEADER_KEY)
-            if leader is None or leader.create_revision != fence.revision:
-                raise NotLeaderError("the leader key changed")
+            self._check_fence(result, fence)
             log.debug(
                 "engine %s: %s conflicted; next round re-decides",
                 engine.id,
@@ -347,6 +385,32 @@ class Controller:
             extra={"engine": engine.id, "node": engine.node, "action": verb},
         )
         return True
+
+    async def _apply_activity(
+        self, action: ActivityAction, kvs: dict[str, KeyValue], fence: Compare
+    ) -> bool:
+        """Set a deployment idle, or forget a deleted one's record: compare-and-swap on the
+        record as read, so a request recorded meanwhile (a wake) wins."""
+        key = keys.activity(action.activity.deployment)
+        kv = kvs.get(key)
+        compare = [Compare.unchanged(kv) if kv is not None else Compare.absent(key), fence]
+        if isinstance(action, SetIdle):
+            ops: list[Put | Delete] = [Put(key, action.activity.encode())]
+        else:
+            ops = [Delete(key)]
+        result = await self.store.txn(compare, ops)
+        if not result.succeeded:
+            self._check_fence(result, fence)
+            return False
+        if isinstance(action, SetIdle):
+            log.info("deployment %s: %s", action.activity.deployment, action.reason)
+        return True
+
+    @staticmethod
+    def _check_fence(result: TxnResult, fence: Compare) -> None:
+        leader = result.current.get(LEADER_KEY)
+        if leader is None or leader.create_revision != fence.revision:
+            raise NotLeaderError("the leader key changed")
 
 
 async def _close(watch: AsyncIterator[object]) -> None:

@@ -57,6 +57,7 @@ from ..engine.process import (
 from ..errors import ConfigError, EngineError
 from ..models import DeploymentSpec, Engine
 from ..netutil import free_port
+from .warmpool import Member, WarmPool, serves
 
 __all__ = ["TOKEN_ENV", "EngineProcess", "Launcher", "LogTail", "build_command", "build_env"]
 
@@ -203,6 +204,8 @@ class EngineProcess:
     tail: LogTail
     popen: subprocess.Popen[bytes] | None = None
     launched_at: float = dataclasses.field(default_factory=time.time)
+    pooled: bool = False
+    """Taken from the warm pool (started before its assignment) rather than started for it."""
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -337,9 +340,12 @@ class Launcher:
         grace_s: float = 10.0,
         model_path: str = "",
         secret_env: Mapping[str, str] | None = None,
+        pool: WarmPool | None = None,
     ) -> tuple[EngineProcess, str]:
         """Start the shim for `engine` (loading `model_path` if given, else `spec.model`, with
-        `secret_env` added to its environment); returns the process and its auth token."""
+        `secret_env` added to its environment); returns the process and its auth token. A
+        compatible member of `pool` becomes the shim when there is one (same command line and
+        environment, handed over instead of exec'd), else a new process starts."""
         bind_host = advertise_host if advertise_host in LOOPBACK else "0.0.0.0"
         port = free_port(bind_host if bind_host != "0.0.0.0" else "")
         token = secrets.token_urlsafe(32)
@@ -355,19 +361,29 @@ class Launcher:
         env = build_env(engine, spec, token=token, base=os.environ, secrets=secret_env)
         path = self.log_path(engine.id)
         path.parent.mkdir(parents=True, exist_ok=True)
+        member = None
+        if pool is not None and serves(backend=spec.backend, device=engine.device):
+            member = pool.take(env, python=self.python)
+        how = f" (warm process {member.pid})" if member is not None else ""
         with path.open("ab") as out:
             offset = out.tell()
             out.write(
                 f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} launching on node "
-                f"{self.node_id}: {' '.join(redact_args(cmd))}\n".encode()
+                f"{self.node_id}{how}: {' '.join(redact_args(cmd))}\n".encode()
             )
             out.flush()
-            argv = procenv.die_with_parent(cmd, python=cmd[0]) if self.die_with_parent else cmd
-            popen = popen_shim(argv, env=env, out=out)
-        try:
-            start_time = psutil.Process(popen.pid).create_time()
-        except psutil.NoSuchProcess:  # exited at once; the monitor reports how
-            start_time = 0.0
+            if member is not None and not _hand_over(member, cmd=cmd, env=env, path=path):
+                member = None
+            if member is None:
+                argv = procenv.die_with_parent(cmd, python=cmd[0]) if self.die_with_parent else cmd
+                popen = popen_shim(argv, env=env, out=out)
+        if member is not None:
+            popen, start_time = member.popen, member.start_time
+        else:
+            try:
+                start_time = psutil.Process(popen.pid).create_time()
+            except psutil.NoSuchProcess:  # exited at once; the monitor reports how
+                start_time = 0.0
         proc = EngineProcess(
             engine_id=engine.id,
             pid=popen.pid,
@@ -377,6 +393,7 @@ class Launcher:
             log_path=path,
             tail=LogTail(path, offset=offset),
             popen=popen,
+            pooled=member is not None,
         )
         self.processes[engine.id] = proc
         self.save_state()
@@ -436,6 +453,18 @@ class Launcher:
         if proc.alive():
             kill_group(proc.pid, signal.SIGKILL)
         kill_processes(members)
+
+
+def _hand_over(member: Member, *, cmd: list[str], env: Mapping[str, str], path: Path) -> bool:
+    """Give the launch to a pool member (cmd is [python, -m, deepinfer_nb.engine, flags...]:
+    it runs the flags); False if it died after the pool looked."""
+    try:
+        member.assign(argv=cmd[3:], env=env, log=path)
+    except OSError as exc:
+        log.warning("warm engine process %d is gone (%s); starting a new one", member.pid, exc)
+        member.kill()
+        return False
+    return True
 
 
 def leftovers(pid: int, start_time: float) -> list[psutil.Process]:

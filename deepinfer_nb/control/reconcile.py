@@ -14,7 +14,13 @@ store and returns what the leader should write (see the engine record protocol i
 - a Failed engine waits `min(backoff * 2**restarts, cap)` and stays Failed for good once
   `restarts >= spec.max_restarts` (the worker zeroes the count of an engine that failed after
   running `restart_reset_s`, so only a crash loop uses the budget up), or at once when the
-  worker marked it `permanent` (see hub/failures.py; the launch policy refused the spec).
+  worker marked it `permanent` (see hub/failures.py; the launch policy refused the spec);
+- scale to zero: a deployment with an `idle_timeout` whose last request (its `activity/` record,
+  written by the gateways) and whose engines' start are both older than that is set idle
+  (`SetIdle`, a compare-and-swap on the activity record as read, so a request recorded meanwhile
+  wins); an idle deployment wants no engines (its engines stop like a scale-down) until a request
+  clears the flag. Its spec is untouched: scaling to zero is not a spec change;
+- activity records of deleted deployments are deleted.
 
 At most one action per engine per round: each is a compare-and-swap on the record as read, so a
 round never races with itself; the next round (triggered by the resulting watch event) continues.
@@ -27,7 +33,15 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .. import specs
-from ..models import DeploymentSpec, Engine, EngineState, GpuSamples, Node
+from ..models import (
+    Activity,
+    DeploymentSpec,
+    Engine,
+    EngineState,
+    GpuSamples,
+    Node,
+    format_duration,
+)
 from . import rollout, scheduler
 from .memory_need import engine_memory_need
 from .scheduler import Assignment, NoFit, PlacementRequest, Strategy
@@ -71,7 +85,22 @@ class DeleteEngine:
     reason: str
 
 
-Action = CreateEngine | ScheduleEngine | SetPending | MarkLost | StopEngine | DeleteEngine
+@dataclasses.dataclass(frozen=True)
+class SetIdle:
+    activity: Activity
+    """The new record (idle); written only if the one read is unchanged (or still absent)."""
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgetActivity:
+    activity: Activity
+    """The record of a deleted deployment, as read (deleted only if unchanged)."""
+
+
+EngineAction = CreateEngine | ScheduleEngine | SetPending | MarkLost | StopEngine | DeleteEngine
+ActivityAction = SetIdle | ForgetActivity
+Action = EngineAction | ActivityAction
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +133,19 @@ def decide(
     backoff: Backoff | None = None,
     new_id: Callable[[str, int], str] = new_engine_id,
     strategy: Strategy = "spread",
+    activity: Mapping[str, Activity] | None = None,
 ) -> Decision:
-    """`strategy` is the default for deployments whose placement names none."""
+    """`strategy` is the default for deployments whose placement names none; `activity` holds
+    the deployments' `activity/` records (scale to zero)."""
     backoff = backoff or Backoff()
     all_engines = sorted(engines, key=lambda e: (e.deployment, e.replica, e.id))
     actions: list[Action] = []
     touched: set[str] = set()
     wake: list[float] = []
+
+    activity = activity or {}
+    actions += [ForgetActivity(a) for name, a in activity.items() if name not in deployments]
+    deployments = _scaled_to_zero(deployments, activity)
 
     # Lost first: an engine on a vanished node must not count as holding resources below.
     for e in all_engines:
@@ -126,7 +161,7 @@ def decide(
     # Unwanted engines (deleted deployment or replica >= replicas), highest replica first.
     unwanted = [e for e in all_engines if e.id not in touched and not _wanted(e, deployments)]
     for e in sorted(unwanted, key=lambda e: (e.deployment, -e.replica, e.id)):
-        action = _retire(e, deployments)
+        action = _retire(e, deployments, activity)
         if action is not None:
             actions.append(action)
             touched.add(e.id)
@@ -137,6 +172,11 @@ def decide(
     memo = scheduler.Memo()  # one per round: snapshots change one node per placement
     ordered = sorted(deployments.values(), key=lambda d: (d.created_at, d.name))
     for spec in ordered:
+        idle = _idle_decision(spec, by_deployment.get(spec.name, []), activity.get(spec.name), now)
+        if isinstance(idle, SetIdle):
+            actions.append(idle)  # its engines stop next round, once the flag is written
+        elif idle is not None:
+            wake.append(idle)
         slots: dict[int, list[Engine]] = {}
         for e in by_deployment.get(spec.name, []):
             slots.setdefault(e.replica, []).append(e)
@@ -197,17 +237,59 @@ def _retire_outdated(e: Engine, why: str) -> Action | None:
     return DeleteEngine(e, why)
 
 
+def _scaled_to_zero(
+    deployments: Mapping[str, DeploymentSpec], activity: Mapping[str, Activity]
+) -> dict[str, DeploymentSpec]:
+    """The deployments as this round treats them: an idle one wants 0 replicas (only here: the
+    stored spec, and so its hash and rollout, are untouched)."""
+    out = dict(deployments)
+    for name, spec in deployments.items():
+        record = activity.get(name)
+        if record is not None and record.idles(spec) and spec.replicas:
+            out[name] = spec.model_copy(update={"replicas": 0})
+    return out
+
+
+def running_since(e: Engine) -> float:
+    """When `e` last became Running (its history; the record's time if the history is cut)."""
+    return next((t.at for t in reversed(e.history) if t.state is S.RUNNING), e.updated_at)
+
+
+def _idle_decision(
+    spec: DeploymentSpec, engines: Sequence[Engine], record: Activity | None, now: float
+) -> SetIdle | float | None:
+    """SetIdle when `spec` has been without requests for its idle_timeout; else the time it
+    will be (to wake the controller then), or None when scale to zero does not apply now."""
+    timeout = spec.idle_timeout
+    if timeout is None or spec.replicas == 0 or (record is not None and record.idles(spec)):
+        return None
+    running = [running_since(e) for e in engines if e.state is S.RUNNING]
+    if not running:
+        return None  # nothing to stop yet: its engines are still coming
+    last = max([*running, record.last_request_at if record is not None else 0.0])
+    due = last + timeout
+    if due > now:
+        return due
+    base = record or Activity(deployment=spec.name, last_request_at=0.0)
+    reason = f"no request for {format_duration(timeout)}: scaled to zero"
+    return SetIdle(base.model_copy(update={"idle": True, "idle_since": now}), reason)
+
+
 def _wanted(e: Engine, deployments: Mapping[str, DeploymentSpec]) -> bool:
     spec = deployments.get(e.deployment)
     return spec is not None and e.replica < spec.replicas
 
 
-def _retire(e: Engine, deployments: Mapping[str, DeploymentSpec]) -> Action | None:
-    why = (
-        "deployment deleted"
-        if e.deployment not in deployments
-        else f"scaled down to {deployments[e.deployment].replicas} replica(s)"
-    )
+def _retire(
+    e: Engine, deployments: Mapping[str, DeploymentSpec], activity: Mapping[str, Activity]
+) -> Action | None:
+    record = activity.get(e.deployment)
+    if e.deployment not in deployments:
+        why = "deployment deleted"
+    elif record is not None and record.idles(deployments[e.deployment]):
+        why = "idle: scaled to zero"
+    else:
+        why = f"scaled down to {deployments[e.deployment].replicas} replica(s)"
     if e.state in HOLDS_PROCESS:
         return StopEngine(e.transition(S.STOPPING, why))
     if e.state == S.STOPPING:
@@ -302,7 +384,7 @@ def _where(a: Assignment) -> str:
     return f"node {a.node} GPU {','.join(map(str, a.gpus))} ({a.gpu_fraction:.2f} each)"
 
 
-def describe(action: Action) -> tuple[str, Engine]:
+def describe(action: EngineAction) -> tuple[str, Engine]:
     """A short verb and the engine, for logs."""
     verbs: Sequence[tuple[type, str]] = (
         (CreateEngine, "create"),

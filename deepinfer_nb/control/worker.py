@@ -26,9 +26,11 @@ import asyncio
 import dataclasses
 import enum
 import functools
+import importlib.util
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +66,7 @@ from .downloads import Cancelled, Downloads, Progress
 from .launcher import EngineProcess, Launcher, LogTail
 from .metrics import WorkerCounters
 from .reconcile import Backoff
+from .warmpool import WarmPool, pool_env, resolve_size
 
 __all__ = ["LocalAction", "Worker", "decide_local"]
 
@@ -155,6 +158,8 @@ class Worker:
         self._lease: Lease | None = None
         self._stopping = False
         self._started = False
+        self._gpu_count = 0
+        self.pool: WarmPool | None = None
         self.counters = WorkerCounters()
 
     # ---- public API ---------------------------------------------------------------------------
@@ -172,6 +177,7 @@ class Worker:
             self.launcher.release()
             raise
         self._started = True
+        await self._start_pool()
         for eid in {*self._records, *self._local}:
             self._kick(eid)
         self._loops = [
@@ -205,6 +211,8 @@ class Worker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.pool is not None:
+            await self.pool.stop()
         if stop_engines:
             await asyncio.gather(*(self._drain(eid) for eid in list(self._local)))
         else:
@@ -250,6 +258,35 @@ class Worker:
         """The engine processes this worker holds now, by engine id."""
         return dict(self.launcher.processes)
 
+    # ---- warm pool ----------------------------------------------------------------------------
+
+    def _pool_size(self) -> int:
+        """`[agent] warm_pool`, auto resolved: a pool on a node without GPUs whose engine Python
+        is this one and has vLLM (another Python is not probed: only an explicit size counts)."""
+        setting = self.agent.warm_pool
+        same = os.path.realpath(self.launcher.python) == os.path.realpath(sys.executable)
+        has_vllm = importlib.util.find_spec("vllm") is not None if same else setting > 0
+        return resolve_size(setting, gpus=self._gpu_count, has_vllm=has_vllm)
+
+    async def _start_pool(self) -> None:
+        size = self._pool_size()
+        if size <= 0:
+            return
+        self.pool = WarmPool(
+            size=size,
+            python=self.launcher.python,
+            env=lambda: pool_env(os.environ),
+            log_dir=self.launcher.log_dir,
+            die_with_parent=self.launcher.die_with_parent,
+            busy=lambda: any(not local.running for local in self._local.values()),
+        )
+        await self.pool.start()
+        self.log.info("warm pool of %d engine process(es)", size)
+
+    def _samples(self, devices: list[GpuInfo], reason: str) -> GpuSamples:
+        pool = self.pool.status() if self.pool is not None else None
+        return GpuSamples(node=self.node_id, gpus=devices, error=reason, warm_pool=pool)
+
     # ---- node registration and GPU samples ----------------------------------------------------
 
     async def _register(self) -> None:
@@ -267,7 +304,8 @@ class Worker:
             version=__version__,
         )
         await self.store.put(keys.node(self.node_id), node.encode(), lease=lease.id)
-        samples = GpuSamples(node=self.node_id, gpus=devices, error=reason)
+        self._gpu_count = len(devices)
+        samples = self._samples(devices, reason)
         await self.store.put(keys.node_gpus(self.node_id), samples.encode(), lease=lease.id)
         self.counters.lease_replaced(self._lease)
         self._lease = lease
@@ -304,7 +342,7 @@ class Worker:
             if lease is None or lease.lost:
                 continue
             devices, reason = await asyncio.to_thread(self._probe)
-            samples = GpuSamples(node=self.node_id, gpus=devices, error=reason)
+            samples = await asyncio.to_thread(self._samples, devices, reason)
             try:
                 await self.store.put(keys.node_gpus(self.node_id), samples.encode(), lease=lease.id)
             except StoreError as exc:
@@ -477,7 +515,7 @@ class Worker:
                         if not await self._mark_running(eid, proc, elog):
                             return  # the record moved on; the reconciler decides
                         self.counters.launches["ready"] += 1
-                    was_running = True
+                    was_running = local.running = True
                     cause = await self._monitor(proc, client)
             if not was_running:
                 self.counters.launches["failed"] += 1
@@ -517,16 +555,18 @@ class Worker:
                 grace_s=self.agent.stop_grace_s,
                 model_path=model_path,
                 secret_env=secrets,
+                pool=self.pool,
             )
             self.counters.launches["spawned"] += 1
             local.secrets = tuple(secrets.values())
             local.proc, local.token = proc, token
             elog.info(
-                "launched pid %d on %s (%s%s)",
+                "launched pid %d on %s (%s%s%s)",
                 proc.pid,
                 proc.endpoint,
                 claimed.device,
                 f" GPUs {claimed.gpus}" if claimed.gpus else "",
+                ", a warm process" if proc.pooled else "",
             )
             recorded = await self._update(
                 eid,

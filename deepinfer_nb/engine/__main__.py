@@ -1,6 +1,7 @@
 """`python -m deepinfer_nb.engine`: one engine shim process (gRPC server over vLLM's AsyncLLM or
 llama.cpp).
 
+    python -m deepinfer_nb.engine --pooled   (a warm process waiting for its flags: pooled.py)
     python -m deepinfer_nb.engine --model M --port P [--backend vllm|llama.cpp] [--host H]
         [--served-model-name N] [--dtype D] [--max-model-len L] [--tensor-parallel-size T]
         [--gpu-memory-utilization F] [--device cuda:N|cpu] [--enforce-eager] [--threads T]
@@ -16,7 +17,8 @@ the load is abandoned and the EngineCore ended), 1 when the engine cannot start,
 arguments; a start-up failure prints its cause on stderr as the last line, starting with
 "deepinfer-nb engine:". Failures inside vLLM's EngineCore subprocess are quoted from its stderr
 (see stderr_tail.py).
-vLLM spawns its engine core as a subprocess, so this module keeps the `__main__` guard.
+vLLM starts its engine core as a subprocess, so this module keeps the `__main__` guard; with
+`--device cpu` that subprocess and vLLM's worker are forks of a warm server (warmfork.py).
 """
 
 from __future__ import annotations
@@ -299,11 +301,18 @@ def _stop_on_signals() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     procenv.apply_grpc_experiments()  # before server.py imports grpc
-    ours, extra = split_argv(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if list(argv) == ["--pooled"]:
+        from . import pooled
+
+        return pooled.serve(main)
+    ours, extra = split_argv(argv)
     args = build_parser().parse_args(ours)
     _stop_on_signals()
     tail = StderrTail()
     tail.start()
+    if args.backend == "vllm" and args.device == "cpu":
+        _start_forkserver()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         token = ""
@@ -321,9 +330,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         tail.stop()
         return code
     except StartupError as exc:
+        _stop_forkserver()
         return _last_word(tail, str(exc), exc.code)
     except StopRequested as exc:
+        _stop_forkserver()
         return _last_word(tail, f"stopped by {exc} before the model was loaded", 0)
+
+
+def _start_forkserver() -> None:
+    """vLLM's EngineCore and worker will be forks of a warm server (warmfork.py); it starts now
+    so that its imports run beside ours. Where this Python has no vLLM, require_vllm says so."""
+    if importlib.util.find_spec("vllm") is not None:
+        from . import warmfork
+
+        warmfork.start_server()
+
+
+def _stop_forkserver() -> None:
+    from . import warmfork
+
+    warmfork.stop_server()
 
 
 def _last_word(tail: StderrTail, message: str, code: int) -> int:
@@ -339,6 +365,10 @@ def vllm_backend(args: argparse.Namespace, extra: list[str]) -> EngineBackend:
     require_vllm()
     model_path = resolve_model(args.model)
     eargs = engine_args(vllm_argv(args, model_path, extra))
+    if args.device == "cpu":
+        from . import warmfork
+
+        warmfork.install()
     return VllmBackend(eargs, tool_call_parser=args.tool_call_parser)
 
 

@@ -19,8 +19,10 @@ from ..engine.client import EngineClient
 from ..engine.policy import LaunchPolicy
 from ..store import MetaStore
 from . import cluster_routes, deployments, engine_logs, landing, openai_routes
+from .activity import ActivityReporter
 from .cluster_metrics import ClusterMetrics
 from .errors import install_handlers
+from .hold import HoldQueue
 from .metrics import GatewayMetrics
 from .openapi import openapi_schema
 from .routing import ClientFactory, RoutingTable
@@ -42,17 +44,25 @@ def build_app(
     keys = as_keys(api_keys)
     metrics = GatewayMetrics()
     table = RoutingTable(store, client_factory=client_factory, observer=metrics)
+    server = settings.server
+    hold = HoldQueue(
+        table, store, timeout_s=server.hold_timeout_s, max_held=server.max_held_requests
+    )
+    activity = ActivityReporter(table, store, hold, interval_s=server.activity_interval_s)
     cluster = ClusterMetrics(table, store, interval_s=settings.server.metrics_interval_s)
     metrics.registry.register(cluster)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await table.start()
+        activity.start()
         cluster.start()
         try:
             yield
         finally:
             await cluster.close()
+            await activity.close()
+            await hold.close()
             await table.close()
 
     # landing.py serves /docs with a relative schema URL (FastAPI's asks for /openapi.json,
@@ -68,8 +78,9 @@ def build_app(
     app.state.settings = settings
     app.state.table = table
     app.state.metrics = metrics
+    app.state.hold = hold
     app.state.cluster_metrics = cluster
-    app.state.serving = OpenAIServing(table, metrics)
+    app.state.serving = OpenAIServing(table, metrics, hold=hold, activity=activity)
     app.state.auth_enabled = bool(keys)
     app.state.keys = keys  # the landing page names the one a client should use
     app.state.log_source = None  # a worker in the same process sets itself (engine_logs)

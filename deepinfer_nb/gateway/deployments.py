@@ -17,7 +17,8 @@ who created and last changed them (`created_by` / `updated_by`: the API key's na
 
 Changing answers carry `"change": "created" | "updated" | "unchanged"`. Responses show the
 deployment with its engines' states and its `rollout_status`, read from the store (not the
-routing table) so a client sees its own write at once. Engine auth tokens and env values are never
+routing table) so a client sees its own write at once, and `idle` (scaled to zero after its
+`idle_timeout`: the next request starts an engine). Engine auth tokens and env values are never
 returned.
 """
 
@@ -38,6 +39,7 @@ from ..engine import policy
 from ..hub import preflight
 from ..models import DeploymentSpec, Engine, EngineState, Node
 from ..store import MetaStore, decode_record, keys
+from ..store.activity import read_all
 from .errors import APIError, validation_error
 from .routing import unavailable_reason
 
@@ -58,6 +60,7 @@ _SERVER_FIELDS = frozenset(
     }
 )
 _ENGINE_HIDDEN = frozenset({"auth_token", "schema_version"})
+IDLE_MESSAGE = "Idle (scaled to zero)"
 
 
 def default_name(model: str) -> str:
@@ -114,7 +117,7 @@ def engine_view(engine: Engine) -> dict[str, Any]:
 
 
 def deployment_view(
-    spec: DeploymentSpec, engines: list[Engine], *, any_gpu: bool = False
+    spec: DeploymentSpec, engines: list[Engine], *, any_gpu: bool = False, idle: bool = False
 ) -> dict[str, Any]:
     """The deployment as clients see it, with `effective`: the engine settings after the device
     defaults (from a launched engine's record once there is one: its node resolved them)."""
@@ -130,7 +133,13 @@ def deployment_view(
     ready = sum(1 for e in engines if e.state is EngineState.RUNNING)
     out["model_name"] = spec.model_name
     out["ready_replicas"] = ready
-    out["message"] = "" if ready else unavailable_reason(spec, engines)
+    out["idle"] = idle
+    if ready:
+        out["message"] = ""
+    elif idle:
+        out["message"] = f"{IDLE_MESSAGE}: the next request starts an engine"
+    else:
+        out["message"] = unavailable_reason(spec, engines)
     out["engines"] = [engine_view(e) for e in engines]
     return out
 
@@ -143,6 +152,12 @@ async def _engines(store: MetaStore, deployment: str | None = None) -> list[Engi
     if deployment is not None:
         engines = [e for e in engines if e.deployment == deployment]
     return sorted(engines, key=lambda e: (e.deployment, e.replica, e.id))
+
+
+async def _idle(store: MetaStore, specs: list[DeploymentSpec]) -> set[str]:
+    """Which of `specs` are scaled to zero."""
+    records = await read_all(store)
+    return {s.name for s in specs if s.name in records and records[s.name].idles(s)}
 
 
 async def _get_spec(store: MetaStore, name: str) -> tuple[Any, DeploymentSpec]:
@@ -199,15 +214,17 @@ async def list_deployments(request: Request) -> dict[str, Any]:
     result = await store.range(keys.DEPLOYMENTS)
     engines = await _engines(store)
     gpu = await _any_gpu(store)
+    found = [
+        spec
+        for kv in result.items
+        if keys.name_of(kv.key, keys.DEPLOYMENTS)
+        and (spec := decode_record(DeploymentSpec, kv.key, kv.value)) is not None
+    ]
+    idle = await _idle(store, found)
     data = []
-    for kv in result.items:
-        spec = decode_record(DeploymentSpec, kv.key, kv.value)
-        if spec is not None and keys.name_of(kv.key, keys.DEPLOYMENTS):
-            data.append(
-                deployment_view(
-                    spec, [e for e in engines if e.deployment == spec.name], any_gpu=gpu
-                )
-            )
+    for spec in found:
+        mine = [e for e in engines if e.deployment == spec.name]
+        data.append(deployment_view(spec, mine, any_gpu=gpu, idle=spec.name in idle))
     return {"object": "list", "data": data}
 
 
@@ -277,7 +294,8 @@ async def _changed(
     store: MetaStore, spec: DeploymentSpec, change: str, *, status: int = 200
 ) -> JSONResponse:
     engines = await _engines(store, spec.name)
-    view = deployment_view(spec, engines, any_gpu=await _any_gpu(store))
+    idle = spec.name in await _idle(store, [spec])
+    view = deployment_view(spec, engines, any_gpu=await _any_gpu(store), idle=idle)
     return JSONResponse({**view, "change": change}, status_code=status)
 
 
@@ -286,7 +304,8 @@ async def get_deployment(name: str, request: Request) -> dict[str, Any]:
     store = _store(request)
     _, spec = await _get_spec(store, name)
     engines = await _engines(store, name)
-    return deployment_view(spec, engines, any_gpu=await _any_gpu(store))
+    idle = name in await _idle(store, [spec])
+    return deployment_view(spec, engines, any_gpu=await _any_gpu(store), idle=idle)
 
 
 @router.patch("/v1/deployments/{name}")
@@ -355,4 +374,5 @@ async def delete_deployment(name: str, request: Request) -> dict[str, Any]:
         raise APIError(
             404, f"deployment {name} does not exist", param="name", code="deployment_not_found"
         )
+    await store.delete(keys.activity(name))  # a new deployment of the name starts awake
     return {"name": name, "deleted": True}

@@ -17,7 +17,9 @@ package's exception tree (`deepinfer_nb.errors`) onto it by one table (`_HTTP`),
                                      launch policy refuses (code launch_policy, names the rule)
     500     server_error             a corrupt record in the store, a bug
     502     engine_error             the engine failed, could not be reached, refused our token
-    503     service_unavailable      no Running replica (says why), store unreachable
+    503     service_unavailable      no Running replica (says why), store unreachable; with
+                                     Retry-After when requests waited for a starting replica
+                                     past [server] hold_timeout_s, or too many already wait
     504     timeout_error            the engine did not answer in time
 """
 
@@ -50,6 +52,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -57,13 +60,16 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> ErrorResponse:
         info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorResponse(error=info)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status)
+        return JSONResponse(
+            self.body().model_dump(), status_code=self.status, headers=self.headers or None
+        )
 
 
 class ClientDisconnected(APIError):

@@ -39,6 +39,10 @@ _ORDER = [
 ]
 
 
+IDLE = "Idle (scaled to zero)"
+"""A deployment whose idle_timeout stopped its engines (the next request starts one)."""
+
+
 def deployment_state(spec: DeploymentSpec, engines: list[Engine]) -> str:
     """One word for a deployment: its most advanced engine's state (Running if any runs)."""
     if not engines:
@@ -57,7 +61,7 @@ def summary(table: RoutingTable) -> list[dict[str, Any]]:
                 "name": name,
                 "model": spec.model_name,
                 "engine": spec.engine,
-                "state": deployment_state(spec, engines),
+                "state": IDLE if table.is_idle(name) else deployment_state(spec, engines),
                 "ready_replicas": sum(e.state is EngineState.RUNNING for e in engines),
                 "replicas": spec.replicas,
                 "openai_base_url": "v1",

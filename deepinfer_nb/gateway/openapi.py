@@ -161,6 +161,7 @@ def _deployments(components: dict[str, Any], paths: dict[str, Any]) -> None:
                     "model_name": {"type": "string"},
                     "ready_replicas": {"type": "integer", "minimum": 0},
                     "message": {"type": "string"},
+                    "idle": {"type": "boolean", "description": "scaled to zero (idle_timeout)"},
                     "engines": {"type": "array", "items": engine},
                 },
             },
@@ -174,6 +175,15 @@ def _deployments(components: dict[str, Any], paths: dict[str, Any]) -> None:
             {"type": "array", "items": {"type": "string"}},
             {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
         ]
+    }
+    # idle_timeout may also be a duration: "30s", "15m", "1h"
+    settable["idle_timeout"] = {
+        "anyOf": [
+            {"type": "number", "exclusiveMinimum": 0},
+            {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
+            {"type": "null"},
+        ],
+        "description": fields["idle_timeout"].get("description", ""),
     }
     create = {
         "type": "object",

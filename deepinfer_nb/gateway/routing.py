@@ -1,10 +1,13 @@
 """The routing table: which engines serve which model, kept in memory from store watches.
 
-`RoutingTable` follows `deployments/` and `engines/` (a snapshot, then a watch from the snapshot's
-revision; a compacted history means re-read and resume), so serving a request never touches the
-store. It owns one pooled `EngineClient` (one gRPC channel) per Running engine, carrying that
-engine's auth token. The choice of replica is the pure `choose` (least outstanding requests,
-ties taken in turn); why a deployment cannot serve is the pure `unavailable_reason`.
+`RoutingTable` follows `deployments/`, `engines/` and `activity/` (a snapshot, then a watch from
+the snapshot's revision; a compacted history means re-read and resume), so serving a request
+never touches the store. It owns one pooled `EngineClient` (one gRPC channel) per Running engine,
+carrying that engine's auth token. The choice of replica is the pure `choose` (least outstanding
+requests, ties taken in turn); why a deployment cannot serve is the pure `unavailable_reason`,
+and whether a replica is on its way (so a request may wait for it: gateway/hold.py) the pure
+`coming`. `changed(name)` is a future that a change to the deployment, its engines or its
+activity record resolves: waiters are woken by the store watch, never by polling.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol
 
 from ..engine.client import EngineClient
-from ..models import DeploymentSpec, Engine, EngineState
+from ..models import Activity, DeploymentSpec, Engine, EngineState
 from ..store import decode_record, keys
 from ..store.base import EventType, KeyValue, MetaStore, RangeResult, WatchEvent
 from ..store.follow import follow
@@ -29,6 +32,16 @@ log = logging.getLogger(__name__)
 ClientFactory = Callable[..., Any]
 # states whose reason/error explains a deployment that cannot serve
 _EXPLAINING = (EngineState.PENDING, EngineState.FAILED, EngineState.LOST)
+# states on the way to Running (a Lost engine is placed again)
+_ON_THE_WAY = frozenset(
+    {
+        EngineState.PENDING,
+        EngineState.SCHEDULED,
+        EngineState.DOWNLOADING,
+        EngineState.STARTING,
+        EngineState.LOST,
+    }
+)
 
 
 class TableObserver(Protocol):
@@ -92,6 +105,37 @@ def unavailable_reason(spec: DeploymentSpec, engines: Sequence[Engine]) -> str:
     return f"deployment {name} has no running replica ({counts}){suffix}"
 
 
+def coming(
+    spec: DeploymentSpec,
+    engines: Sequence[Engine],
+    *,
+    idle: bool = False,
+    tried: Collection[str] = (),
+) -> bool:
+    """Whether a replica of `spec` will (again) be Running without anyone acting: it is idle
+    (scaled to zero: the next request wakes it), an engine is on its way (placed, downloading,
+    starting, or Failed with restarts left), or a replica a request just found unreachable
+    (`tried`) is still listed Running (its worker is about to mark it Failed). A deployment
+    scaled to 0 replicas, or whose engines all failed for good, is not coming."""
+    if idle:
+        return True
+    if spec.replicas == 0:
+        return False
+    wanted = [e for e in engines if e.replica < spec.replicas]
+    if len({e.replica for e in wanted}) < spec.replicas:
+        return True  # the controller creates the missing slots
+    for e in wanted:
+        if e.state in _ON_THE_WAY:
+            return True
+        if e.state is EngineState.FAILED and not e.permanent and e.restarts < spec.max_restarts:
+            return True
+        if e.state in (EngineState.STOPPING, EngineState.STOPPED):
+            return True  # a wanted slot: the controller starts a new engine in it
+        if e.state is EngineState.RUNNING and e.id in tried:
+            return True
+    return False
+
+
 class Lease:
     """One request's hold on a replica: counts as outstanding until released."""
 
@@ -134,8 +178,14 @@ class RoutingTable:
         self._by_model: dict[str, str] = {}
         self._turn = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self._synced = {keys.DEPLOYMENTS: asyncio.Event(), keys.ENGINES: asyncio.Event()}
+        self.activity: dict[str, Activity] = {}
+        self._synced = {
+            keys.DEPLOYMENTS: asyncio.Event(),
+            keys.ENGINES: asyncio.Event(),
+            keys.ACTIVITY: asyncio.Event(),
+        }
         self._closing: set[asyncio.Task[None]] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -146,6 +196,9 @@ class RoutingTable:
                 self._follow(keys.DEPLOYMENTS, self._load_deployments, self._on_deployment)
             ),
             asyncio.create_task(self._follow(keys.ENGINES, self._load_engines, self._on_engine)),
+            asyncio.create_task(
+                self._follow(keys.ACTIVITY, self._load_activity, self._on_activity)
+            ),
         ]
         waits = [asyncio.create_task(ev.wait()) for ev in self._synced.values()]
         try:
@@ -166,6 +219,10 @@ class RoutingTable:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        for futures in self._waiters.values():
+            for future in futures:
+                future.cancel()
+        self._waiters.clear()
         clients = []
         for reps in self._replicas.values():
             for r in reps.values():
@@ -204,6 +261,7 @@ class RoutingTable:
                 specs[spec.name] = spec
         self.deployments = specs
         self._reindex_models()
+        self._notify_all()
 
     def _on_deployment(self, event: WatchEvent) -> None:
         name = keys.name_of(event.key, keys.DEPLOYMENTS)
@@ -217,6 +275,7 @@ class RoutingTable:
                 return
             self.deployments[name] = spec
         self._reindex_models()
+        self._notify(name)
 
     def _load_engines(self, items: list[KeyValue]) -> None:
         fresh = {}
@@ -229,19 +288,46 @@ class RoutingTable:
         for engine in fresh.values():
             self._put_engine(engine)
         self._report_states()
+        self._notify_all()
 
     def _on_engine(self, event: WatchEvent) -> None:
         engine_id = keys.name_of(event.key, keys.ENGINES)
         if not engine_id:
             return
         if event.type is EventType.DELETE:
+            deployment = self.engines[engine_id].deployment if engine_id in self.engines else ""
             self._remove_engine(engine_id)
         else:
             engine = decode_record(Engine, event.key, event.value)
             if engine is None:
                 return
+            deployment = engine.deployment
             self._put_engine(engine)
         self._report_states()
+        self._notify(deployment)
+
+    def _load_activity(self, items: list[KeyValue]) -> None:
+        records = {}
+        for kv in items:
+            if keys.name_of(kv.key, keys.ACTIVITY):
+                record = decode_record(Activity, kv.key, kv.value)
+                if record is not None:
+                    records[record.deployment] = record
+        self.activity = records
+        self._notify_all()
+
+    def _on_activity(self, event: WatchEvent) -> None:
+        name = keys.name_of(event.key, keys.ACTIVITY)
+        if not name:
+            return
+        if event.type is EventType.DELETE:
+            self.activity.pop(name, None)
+        else:
+            record = decode_record(Activity, event.key, event.value)
+            if record is None:
+                return
+            self.activity[name] = record
+        self._notify(name)
 
     def _put_engine(self, engine: Engine) -> None:
         previous = self.engines.get(engine.id)
@@ -287,6 +373,23 @@ class RoutingTable:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
+    def changed(self, deployment: str) -> asyncio.Future[None]:
+        """A future resolved at the next change of `deployment`, its engines or its activity."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting = self._waiters.setdefault(deployment, [])
+        waiting[:] = [f for f in waiting if not f.done()]  # waits that timed out or left
+        waiting.append(future)
+        return future
+
+    def _notify(self, deployment: str) -> None:
+        for future in self._waiters.pop(deployment, []):
+            if not future.done():
+                future.set_result(None)
+
+    def _notify_all(self) -> None:
+        for name in list(self._waiters):
+            self._notify(name)
+
     def _reindex_models(self) -> None:
         self._by_model = {spec.model_name: name for name, spec in self.deployments.items()}
 
@@ -309,13 +412,34 @@ class RoutingTable:
         reps = self._replicas.get(deployment, {})
         return sorted((r.engine for r in reps.values()), key=lambda e: (e.replica, e.id))
 
+    def is_idle(self, deployment: str) -> bool:
+        """Scaled to zero (the next request wakes it)."""
+        record = self.activity.get(deployment)
+        spec = self.deployments.get(deployment)
+        return record is not None and spec is not None and record.idles(spec)
+
+    def coming(self, spec: DeploymentSpec, *, tried: Collection[str] = ()) -> bool:
+        """Whether a request for `spec` that found no replica may wait for one (`coming`)."""
+        engines = self.engines_of(spec.name)
+        return coming(spec, engines, idle=self.is_idle(spec.name), tried=tried)
+
+    def incarnation(self, engine_id: str) -> tuple[str, str, int] | None:
+        """What identifies one run of an engine (a restart gives a new endpoint or pid)."""
+        engine = self.engines.get(engine_id)
+        return None if engine is None else (engine.state.value, engine.endpoint, engine.pid)
+
     def serving(self) -> list[DeploymentSpec]:
-        """Deployments with at least one routable replica."""
+        """Deployments with at least one routable replica, or scaled to zero (a request wakes
+        them)."""
         return [
             spec
             for name, spec in sorted(self.deployments.items())
-            if any(r.routable for r in self._replicas.get(name, {}).values())
+            if self.is_idle(name) or any(r.routable for r in self._replicas.get(name, {}).values())
         ]
+
+    def inflight(self, deployment: str) -> int:
+        """Requests of `deployment` an engine is answering now."""
+        return sum(r.inflight for r in self._replicas.get(deployment, {}).values())
 
     def acquire(self, spec: DeploymentSpec, *, exclude: Collection[str] = ()) -> Lease:
         """Hold the least-loaded Running replica of `spec`; 503 with the reason if none."""
@@ -325,6 +449,11 @@ class RoutingTable:
         if replica is None:
             if exclude and any(r.routable for r in reps):
                 raise no_replica(f"deployment {spec.name} has no other running replica")
+            if self.is_idle(spec.name):
+                raise no_replica(
+                    f"deployment {spec.name} is idle (scaled to zero); a request wakes it: "
+                    "retry in a few seconds"
+                )
             raise no_replica(unavailable_reason(spec, [r.engine for r in reps]))
         replica.inflight += 1
         self._notify_inflight(replica)

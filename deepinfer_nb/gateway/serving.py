@@ -1,12 +1,14 @@
 """The serving layer behind the OpenAI routes: pick a replica, call it, stream the answer.
 
 Per request: resolve the model in the routing table, hold the least-loaded Running replica
-(a `Lease`), call its engine over the pooled gRPC channel, and translate the reply. A call that
-fails before its first byte with a temporary error (`errors.is_temporary`: engine unreachable,
-draining, or failing) is retried once on another replica; a client-caused one never is. Streams
+(a `Lease`; while none runs but one is on its way, the request waits for it: hold.py), call its
+engine over the pooled gRPC channel, and translate the reply. A call that fails before its first
+byte with a temporary error (`errors.is_temporary`: engine unreachable, draining, or failing) is
+retried once on another replica; one whose engine was unreachable and has no other replica waits
+for the engine's restart like a new request. A client-caused error is never retried. Streams
 are opened before the HTTP response starts, so such failures still get a proper status; after
 that, an engine failure ends the stream with an OpenAI error event. A client that disconnects
-cancels the engine call (the shim then aborts the vLLM request).
+cancels the engine call (the shim then aborts the vLLM request), or its wait.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from ..engine import local_models
 from ..engine.client import EngineClient
 from ..models import DeploymentSpec
 from . import translate
+from .activity import ActivityReporter
 from .errors import APIError, ClientDisconnected, invalid, to_api_error
+from .hold import HOLD_CODES, HoldQueue
 from .metrics import GatewayMetrics
 from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .routing import Lease, RoutingTable
@@ -90,9 +94,18 @@ class SSEResponse(StreamingResponse):
 
 
 class OpenAIServing:
-    def __init__(self, table: RoutingTable, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        table: RoutingTable,
+        metrics: GatewayMetrics,
+        *,
+        hold: HoldQueue | None = None,
+        activity: ActivityReporter | None = None,
+    ) -> None:
         self.table = table
         self.metrics = metrics
+        self.hold = hold or HoldQueue(table, None)
+        self.activity = activity
         # tasks the engines reported, for deployments whose spec and model do not say
         self._tasks: dict[tuple[str, float], str] = {}
 
@@ -140,8 +153,14 @@ class OpenAIServing:
 
     # ---- endpoints ------------------------------------------------------------------------------
 
+    def _resolve(self, model: str) -> DeploymentSpec:
+        spec = self.table.resolve(model)
+        if self.activity is not None:
+            self.activity.note(spec.name)
+        return spec
+
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        spec = self.table.resolve(body.model)
+        spec = self._resolve(body.model)
         self._require_task(spec, "generate", "chat completions")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         preq = translate.chat_request(body, rid)
@@ -162,7 +181,7 @@ class OpenAIServing:
         return _json(out)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        spec = self.table.resolve(body.model)
+        spec = self._resolve(body.model)
         self._require_task(spec, "generate", "completions")
         rid = f"cmpl-{uuid.uuid4().hex}"
         preqs = translate.completion_requests(body, rid)
@@ -191,7 +210,7 @@ class OpenAIServing:
         return _json(out)
 
     async def embeddings(self, body: EmbeddingRequest, request: Request) -> Response:
-        spec = self.table.resolve(body.model)
+        spec = self._resolve(body.model)
         self._require_task(spec, "embed", "embeddings")
         preq = translate.embedding_request(body, f"embd-{uuid.uuid4().hex}")
         track = _Tracker(self.metrics, model=spec.model_name, endpoint="embeddings")
@@ -205,28 +224,41 @@ class OpenAIServing:
 
     # ---- calling replicas -----------------------------------------------------------------------
 
-    def _lease(
-        self, spec: DeploymentSpec, tried: Sequence[str], error: BaseException | None
+    async def _lease(
+        self, spec: DeploymentSpec, tried: dict[str, object], error: BaseException | None
     ) -> Lease:
+        """A replica for the first try (waiting while one is on its way), or for the one retry
+        after `error`: another replica at once; else, when the engine was unreachable, its next
+        run (or another replica), waited for like a new request."""
+        if error is None:
+            return await self.hold.lease(spec)
         try:
-            return self.table.acquire(spec, exclude=tried)
+            return self.table.acquire(spec, exclude=tuple(tried))
         except APIError:
-            if error is not None:  # nowhere to retry: the client sees the engine's failure
-                raise error from None
-            raise
+            if not isinstance(error, E.EngineUnavailableError):
+                raise error from None  # nowhere to retry: the client sees the engine's failure
+        try:
+            return await self.hold.lease(spec, tried=tried)
+        except APIError as exc:
+            if exc.code in HOLD_CODES:
+                raise
+            raise error from None  # nothing on its way: the engine's failure says why
+
+    def _tried(self, tried: dict[str, object], lease: Lease) -> None:
+        tried[lease.engine_id] = self.table.incarnation(lease.engine_id)
 
     async def _call(self, spec: DeploymentSpec, call: Callable[[EngineClient], Awaitable[T]]) -> T:
-        tried: list[str] = []
+        tried: dict[str, object] = {}
         error: BaseException | None = None
         while True:
-            lease = self._lease(spec, tried, error)
+            lease = await self._lease(spec, tried, error)
             try:
                 return await call(lease.client)
             except E.EngineError as exc:
                 if error is not None or not E.is_temporary(exc):
                     raise
                 error = exc
-                tried.append(lease.engine_id)
+                self._tried(tried, lease)
             finally:
                 lease.release()
 
@@ -234,10 +266,10 @@ class OpenAIServing:
         self, spec: DeploymentSpec, open_stream: Callable[[EngineClient], Stream]
     ) -> tuple[Lease, Stream, pb.GenerateStreamResponse | None]:
         """Start a stream and read its first event, retrying once on another replica."""
-        tried: list[str] = []
+        tried: dict[str, object] = {}
         error: BaseException | None = None
         while True:
-            lease = self._lease(spec, tried, error)
+            lease = await self._lease(spec, tried, error)
             stream = open_stream(lease.client)
             try:
                 first = await stream.__anext__()
@@ -249,7 +281,7 @@ class OpenAIServing:
                 if error is not None or not E.is_temporary(exc):
                     raise
                 error = exc
-                tried.append(lease.engine_id)
+                self._tried(tried, lease)
                 continue
             return lease, stream, first
 

@@ -46,7 +46,10 @@ def stream_chat(
     min_interval: float = 1.0 / UPDATES_PER_S,
 ) -> ChatResult:
     """Stream an answer into the output; returns the finished result (history is kept)."""
-    handle: Any = display(_Partial("", "waiting for the first token…"), display_id=True)
+    waiting = "waiting for the first token…"
+    if deployment.status.startswith("Idle"):  # the chat wakes it: say why the wait is longer
+        waiting = "scaled to zero: starting an engine, then the first token…"
+    handle: Any = display(_Partial("", waiting), display_id=True)
     stream = deployment.chat(
         prompt,
         system=system,

@@ -224,6 +224,8 @@ class DeepInferMagics(Magics, Configurable):
             kwargs["task"] = ns.task
         if ns.tool_call_parser:
             kwargs["tool_call_parser"] = ns.tool_call_parser
+        if ns.idle_timeout:
+            kwargs["idle_timeout"] = ns.idle_timeout
         dep = cluster.deploy(
             ns.model, name=ns.name, gpus=ns.gpus, replicas=ns.replicas, device=device, **kwargs
         )

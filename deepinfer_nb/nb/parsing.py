@@ -69,6 +69,7 @@ COMMAND_TABLE: tuple[Command, ...] = (
             arg("--engine", default=None, choices=["vllm", "llama.cpp", "auto"]),
             arg("--task", default=None, choices=["auto", "generate", "embed"]),
             arg("--tool-call-parser", default=None, metavar="NAME"),
+            arg("--idle-timeout", default=None, metavar="30s|15m|1h"),
             arg("--wait", action="store_true"),
             arg("--timeout", type=float, default=None, metavar="S"),
         ),

@@ -7,6 +7,7 @@ DEPLOYMENTS = ROOT + "deployments/"
 ENGINES = ROOT + "engines/"
 NODES = ROOT + "nodes/"
 LEADER = ROOT + "leader/"
+ACTIVITY = ROOT + "activity/"
 METRICS = "/deepinfer/metrics/v1/"
 """Each process's metrics snapshot, outside ROOT on purpose: written every few seconds, it must
 not wake the controller's and the views' whole-tree watches nor weigh on their whole-tree reads."""
@@ -27,6 +28,10 @@ def node(node_id: str) -> str:
 
 def node_gpus(node_id: str) -> str:
     return NODES + node_id + GPU_SUFFIX
+
+
+def activity(deployment: str) -> str:
+    return ACTIVITY + deployment
 
 
 def metrics(process: str) -> str:

@@ -33,6 +33,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from deepinfer_nb.config import Settings
 from deepinfer_nb.gateway import GatewayServer, build_app
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState
 from deepinfer_nb.store import keys
@@ -81,7 +82,11 @@ async def _start() -> tuple[MemoryStore, FakeNode, GatewayServer]:
         )
         await store.put(keys.engine(engine.id), engine.encode())
     await store.put(keys.deployment(SPARE), DeploymentSpec(name=SPARE, model="fake").encode())
-    server = GatewayServer(build_app(store), host="127.0.0.1", port=0)
+    # no controller runs here: nothing would ever start the engines of a fuzzed deployment, so
+    # requests for one fail at once instead of waiting for a replica (hold.py)
+    settings = Settings()
+    settings.server.hold_timeout_s = 0
+    server = GatewayServer(build_app(store, settings=settings), host="127.0.0.1", port=0)
     await server.start()
     return store, node, server
 

@@ -45,6 +45,7 @@ async def gw(cluster: tuple[MemoryStore, FakeFleet]) -> AsyncIterator[GatewaySer
     store, fleet = cluster
     settings = Settings()
     settings.server.max_body_bytes = 64 * 1024
+    settings.server.hold_timeout_s = 0.3  # "qwen" stays Starting: its requests wait this long
     app = build_app(store, settings=settings, api_keys=[KEY], client_factory=fleet.factory)
     async with GatewayServer(app, host="127.0.0.1", port=0) as server:
         yield server
@@ -211,7 +212,9 @@ async def test_error_statuses(gw: GatewayServer, cluster: Any) -> None:
         with pytest.raises(openai.InternalServerError) as unavailable:
             await client.chat.completions.create(model="qwen", messages=msgs)  # type: ignore
         assert unavailable.value.status_code == 503
-        assert "deployment qwen" in str(unavailable.value)
+        assert "deployment qwen is not ready after 0." in str(unavailable.value)
+        assert "qwen is Starting" in str(unavailable.value)
+        assert unavailable.value.response.headers["Retry-After"] == "1"
         with pytest.raises(openai.BadRequestError) as bad:
             await client.chat.completions.create(
                 model="smollm2",

@@ -115,3 +115,23 @@ async def test_halted_rollout_is_reported(http: tuple[httpx.AsyncClient, MemoryS
     view = (await client.get("/v1/deployments/d")).json()
     assert view["rollout_status"]["state"] == "halted"
     assert "d-0-new failed: max_model_len 999999 exceeds" in view["rollout_status"]["reason"]
+
+
+async def test_idle_timeout_over_http_is_no_rollout(
+    http: tuple[httpx.AsyncClient, MemoryStore],
+) -> None:
+    client, store = http
+    r = await client.post("/v1/deployments", json={"model": "m", "name": "d", "device": "cpu"})
+    first = await _stored(store, "d")
+    r = await client.patch("/v1/deployments/d", json={"idle_timeout": "15m"})
+    view = r.json()
+    assert (view["change"], view["idle_timeout"], view["idle"]) == ("updated", 900.0, False)
+    assert view["previous"] is None and view["rollout_status"]["state"] == "complete"
+    assert specs.spec_hash(await _stored(store, "d")) == specs.spec_hash(first)
+    r = await client.patch("/v1/deployments/d", json={"idle_timeout": "soon"})
+    assert r.status_code == 422 and "not a duration" in r.json()["error"]["message"]
+    # deleting it forgets its activity: a new deployment of the name starts awake
+    await store.put(keys.activity("d"), b'{"deployment": "d", "idle": true, "idle_since": 1e12}')
+    assert (await client.get("/v1/deployments/d")).json()["idle"] is True
+    assert (await client.delete("/v1/deployments/d")).status_code == 200
+    assert await store.get(keys.activity("d")) is None

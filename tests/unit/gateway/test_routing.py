@@ -10,7 +10,13 @@ import pytest
 
 from deepinfer_nb.errors import RevisionCompactedError
 from deepinfer_nb.gateway.errors import APIError
-from deepinfer_nb.gateway.routing import Replica, RoutingTable, choose, unavailable_reason
+from deepinfer_nb.gateway.routing import (
+    Replica,
+    RoutingTable,
+    choose,
+    coming,
+    unavailable_reason,
+)
 from deepinfer_nb.models import DeploymentSpec, Engine, EngineState
 from deepinfer_nb.store import keys
 from deepinfer_nb.store.memory import MemoryStore
@@ -51,6 +57,28 @@ def test_unavailable_reason_names_the_state_and_why() -> None:
     assert unavailable_reason(spec, []) == "deployment qwen is Pending (no engine created yet)"
     scaled = spec.model_copy(update={"replicas": 0})
     assert unavailable_reason(scaled, []) == "deployment qwen is scaled to 0 replicas"
+
+
+def test_coming_says_whether_a_request_may_wait() -> None:
+    spec = DeploymentSpec(name="q", model="m", replicas=2)
+    S = EngineState
+
+    def e(replica: int, state: EngineState, **kw: object) -> Engine:
+        return Engine(id=f"q-{replica}", deployment="q", replica=replica, state=state, **kw)
+
+    assert coming(spec, [])  # the controller creates the engines
+    for state in (S.PENDING, S.SCHEDULED, S.DOWNLOADING, S.STARTING, S.LOST, S.STOPPING):
+        assert coming(spec, [e(0, S.FAILED, permanent=True), e(1, state)]), state
+    assert coming(spec, [e(0, S.FAILED, restarts=1), e(1, S.FAILED, permanent=True)])
+    dead = [e(0, S.FAILED, restarts=5), e(1, S.FAILED, permanent=True)]
+    assert not coming(spec, dead)
+    assert coming(spec, dead, idle=True)  # scaled to zero: a request wakes it
+    assert not coming(spec.model_copy(update={"replicas": 0}), [])
+    # a replica this request found unreachable, still listed Running: its worker marks it soon
+    assert coming(spec, [e(0, S.RUNNING), e(1, S.FAILED, permanent=True)], tried={"q-0"})
+    # an engine beyond the wanted replicas (scaling down) is not on its way
+    one = spec.model_copy(update={"replicas": 1})
+    assert not coming(one, [e(0, S.FAILED, restarts=5), e(1, S.STARTING)])
 
 
 async def test_table_follows_the_store_and_balances() -> None:

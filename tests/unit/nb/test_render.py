@@ -15,6 +15,7 @@ from deepinfer_nb.models import (
     GpuProcess,
     GpuSamples,
     Node,
+    WarmPoolStatus,
 )
 from deepinfer_nb.nb.widgets import sparkline
 from deepinfer_nb.snippets import snippet
@@ -109,6 +110,19 @@ def test_gpu_rows_explain_missing_gpus() -> None:
     assert (rows[1]["name"], rows[1]["mem used GiB"], rows[1]["booked"]) == ("H100", 8.0, "d-0-a")
     # what runs: the engine's two processes summed, then each unknown pid (memory where known)
     assert rows[1]["processes"] == "d-0-a 4.00 GiB, unknown pid 77 0.50 GiB, unknown pid 78"
+
+
+def test_gpus_and_doctor_show_the_warm_pool_and_its_memory() -> None:
+    from deepinfer_nb.client.doctor import _pool_checks
+
+    pool = WarmPoolStatus(size=1, warm=1, memory_bytes=3 << 29, pids=[42])
+    gpus = {"cpu": GpuSamples(node="cpu", warm_pool=pool), "none": GpuSamples(node="none")}
+    view = snap([], nodes={"cpu": Node(id="cpu"), "none": Node(id="none")}, gpus=gpus)
+    rows = render.gpu_rows(view)
+    assert rows[0]["note"] == "no NVIDIA GPU on node cpu · warm pool: 1 ready, 1.5 GiB"
+    assert "warm pool" not in rows[1]["note"]
+    (check,) = _pool_checks(view)
+    assert (check.name, check.detail) == ("warm pool on cpu", "warm pool: 1 ready, 1.5 GiB")
 
 
 def test_tables_escape_and_colour() -> None:
