@@ -176,7 +176,7 @@ def resolve_model(name: str) -> str:
             return local_models.resolve(name)
         except DeepInferError as exc:
             raise StartupError(f"model {name!r}: {exc}") from None
-    path = Path(name).expanduser()
+    path = Path(os.path.expanduser(name))  # pathlib raises for "~name" of no such user
     if path.is_dir():
         if not (path / "config.json").is_file() and not any(path.glob("*.gguf")):
             raise StartupError(

@@ -90,7 +90,7 @@ def resolve_gguf(name: str) -> str:
             return str(local_models.gguf_path(model))
         except DeepInferError as exc:
             raise ArgsError(f"model {name!r}: {exc}") from None
-    path = Path(name).expanduser()
+    path = Path(os.path.expanduser(name))  # pathlib raises for "~name" of no such user
     if path.is_file():
         return str(path)
     if path.is_dir():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import socket
 import urllib.error
@@ -89,7 +90,8 @@ def _facts(spec: DeploymentSpec, hub: Hub) -> tuple[ModelFacts | None, str]:
     if local is not None:
         return _read(local_models.model_dir(local)), ""
     if not is_hub_id(spec.model):
-        return _read(Path(spec.model).expanduser()), ""
+        # os.path.expanduser: "~name" of no such user stays as written (pathlib raises)
+        return _read(Path(os.path.expanduser(spec.model))), ""
     cached = _cached(spec.model, spec.revision, hub)
     if cached is not None:
         return cached, ""

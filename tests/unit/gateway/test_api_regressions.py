@@ -78,3 +78,9 @@ async def test_stream_events_are_documented_as_chunks(http: httpx.AsyncClient) -
         data = sse["properties"]["data"]["anyOf"]
         assert {"const": "[DONE]"} in data
         assert data[1]["contentMediaType"] == "application/json"
+
+
+async def test_a_model_path_of_an_unknown_users_home_is_not_a_500(http: httpx.AsyncClient) -> None:
+    """Found by the fuzz test: pathlib's expanduser raises for "~name" of no such user."""
+    r = await http.post("/v1/deployments", json={"model": "~no-such-user-here/model"})
+    assert r.status_code < 500, r.text
