@@ -332,6 +332,9 @@ class Engine(Record):
     permanent: bool = False
     """Failed for a reason no restart can fix (not found, gated, bad args, the launch policy
     refused the spec): never restarted."""
+    unplaced: bool = False
+    """Pending because the scheduler found no node that fits (`reason` says why): it waits for
+    capacity or a spec change, not for a start, so requests are not held for it."""
     download: DownloadProgress | None = None
     settings: EngineSettings | None = None
     """The effective engine settings, written by the node that launches it."""

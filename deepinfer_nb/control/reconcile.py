@@ -347,6 +347,7 @@ def _advance(
             "restarts": restarts,
             "error": e.error if e.state == S.FAILED else "",
             "permanent": False,
+            "unplaced": False,
             "download": None,
             "endpoint": "",
             "auth_token": "",
@@ -363,6 +364,7 @@ def _advance(
 def _unplaced(e: Engine, reason: str) -> Engine:
     return e.transition(S.PENDING, reason).model_copy(
         update={
+            "unplaced": True,
             "node": "",
             "gpus": [],
             "gpu_fraction": 0.0,

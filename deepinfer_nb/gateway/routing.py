@@ -113,8 +113,9 @@ def coming(
     tried: Collection[str] = (),
 ) -> bool:
     """Whether a replica of `spec` will (again) be Running without anyone acting: it is idle
-    (scaled to zero: the next request wakes it), an engine is on its way (placed, downloading,
-    starting, or Failed with restarts left), or a replica a request just found unreachable
+    (scaled to zero: the next request wakes it), an engine is on its way (waiting for its first
+    placement, placed, downloading, starting, or Failed with restarts left; not one Pending because
+    no node fits), or a replica a request just found unreachable
     (`tried`) is still listed Running (its worker is about to mark it Failed). A deployment
     scaled to 0 replicas, or whose engines all failed for good, is not coming."""
     if idle:
@@ -125,6 +126,8 @@ def coming(
     if len({e.replica for e in wanted}) < spec.replicas:
         return True  # the controller creates the missing slots
     for e in wanted:
+        if e.state is EngineState.PENDING and e.unplaced:
+            continue  # no node fits: nothing starts until capacity or the spec changes
         if e.state in _ON_THE_WAY:
             return True
         if e.state is EngineState.FAILED and not e.permanent and e.restarts < spec.max_restarts:

@@ -4,6 +4,7 @@ SmolLM2 engines on CPU) through the official `openai` client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import time
@@ -137,7 +138,10 @@ async def test_error_statuses(gateway_cluster: GatewayCluster) -> None:
             pytest.fail("no 503 with the placement reason")
     await store.delete(keys.deployment("qwen"))
 
-    # an engine whose process died before its worker noticed: 502 (nowhere to retry)
+    # an engine whose process died before its worker noticed: the request waits for the record
+    # to change (normally its worker marks it Failed and restarts it). Here its node goes away:
+    # the engine is Lost and fits nowhere else, so nothing is on its way and the waiting request
+    # gets the engine's failure (502), at once rather than after the hold timeout.
     lease = await store.grant_lease(30)
     await store.put(keys.node("remote"), Node(id="remote").encode(), lease=lease.id)
     ghost = DeploymentSpec(
@@ -155,20 +159,30 @@ async def test_error_statuses(gateway_cluster: GatewayCluster) -> None:
     await store.put(keys.engine(dead.id), dead.encode())
     try:
         async with gateway_cluster.client() as client:
-            for _ in range(50):
-                try:
-                    await client.chat.completions.create(model="ghost", messages=FRANCE)  # type: ignore[arg-type]
-                except openai.InternalServerError as exc:
-                    if exc.status_code == 502:
-                        assert "engine failure" in str(exc)
-                        break
+            for _ in range(50):  # until the gateway's table lists the ghost
+                if "ghost" in [m.id for m in (await client.models.list()).data]:
+                    break
                 await asyncio.sleep(0.1)
-            else:
-                pytest.fail("no 502 for a dead engine")
+            held = asyncio.ensure_future(
+                client.with_options(max_retries=0).chat.completions.create(
+                    model="ghost",
+                    messages=FRANCE,  # type: ignore[arg-type]
+                )
+            )
+            await asyncio.sleep(1.0)
+            assert not held.done()  # waiting, not failed
+            await lease.revoke()
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(openai.InternalServerError) as unavailable:
+                await asyncio.wait_for(held, 30)
+            assert unavailable.value.status_code == 502
+            assert "engine failure" in str(unavailable.value)
+            assert asyncio.get_running_loop().time() - started < 20  # not the 60 s hold timeout
     finally:
         await store.delete(keys.deployment("ghost"))
         await store.delete(keys.engine(dead.id))
-        await lease.revoke()
+        with contextlib.suppress(Exception):
+            await lease.revoke()
 
 
 async def test_api_key_enforced(gateway_cluster: GatewayCluster) -> None:

@@ -88,8 +88,11 @@ def test_no_fit_sets_the_reason_once() -> None:
     (action,) = run([spec(device="cuda")], [eng(0)], [cpu_node("c")]).actions
     assert isinstance(action, SetPending)
     assert "no GPU on node(s) c" in action.engine.reason
+    assert action.engine.unplaced  # the gateway does not hold requests for it
     # Same reason already recorded: no write churn.
     assert run([spec(device="cuda")], [action.engine], [cpu_node("c")]).actions == []
+    (placed,) = run([spec(device="cpu")], [action.engine], [cpu_node("c")]).actions
+    assert isinstance(placed, ScheduleEngine) and not placed.engine.unplaced
 
 
 def test_scale_down_stops_highest_replica_first() -> None:

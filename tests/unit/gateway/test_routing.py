@@ -69,6 +69,8 @@ def test_coming_says_whether_a_request_may_wait() -> None:
     assert coming(spec, [])  # the controller creates the engines
     for state in (S.PENDING, S.SCHEDULED, S.DOWNLOADING, S.STARTING, S.LOST, S.STOPPING):
         assert coming(spec, [e(0, S.FAILED, permanent=True), e(1, state)]), state
+    unplaced = e(1, S.PENDING, unplaced=True, reason="GPU 1 has 3.1 GiB free, needs 21 GiB")
+    assert not coming(spec, [e(0, S.FAILED, permanent=True), unplaced])  # fails at once, saying why
     assert coming(spec, [e(0, S.FAILED, restarts=1), e(1, S.FAILED, permanent=True)])
     dead = [e(0, S.FAILED, restarts=5), e(1, S.FAILED, permanent=True)]
     assert not coming(spec, dead)
