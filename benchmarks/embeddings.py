@@ -111,7 +111,7 @@ async def gateway_side(work: Path) -> AsyncIterator[str]:
         "--gateway-port",
         str(port),
     ]
-    proc = spawn(cmd, log, {})
+    proc = spawn(cmd, log, NO_POOL)
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_http(url + "/health", proc, log)
@@ -151,6 +151,11 @@ async def embed(
         if r.status != 200 or len(data["data"]) != len(texts):
             raise RuntimeError(f"{url}: {r.status} {str(data)[:300]}")
     return time.perf_counter() - start, [d["embedding"] for d in data["data"]]
+
+
+NO_POOL = {"DEEPINFER_AGENT__WARM_POOL": "0"}
+"""`up` keeps no warm engine process: its imports would run beside the measured engines (the
+pool is a start-up feature: benchmarks/cold_start.py measures it)."""
 
 
 def _vector(e: Any) -> list[float]:

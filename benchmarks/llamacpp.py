@@ -62,6 +62,11 @@ PROMPTS = [f"Write a long story about a lighthouse keeper, chapter {i}." for i i
 START_TIMEOUT_S = 600.0
 
 
+NO_POOL = {"DEEPINFER_AGENT__WARM_POOL": "0"}
+"""`up` keeps no warm engine process: its imports would run beside the measured engines (the
+pool is a start-up feature: benchmarks/cold_start.py measures it)."""
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if values else 0.0
@@ -182,7 +187,7 @@ async def cluster(work: Path) -> AsyncIterator[tuple[str, subprocess.Popen[bytes
     log = work / "up.log"
     cmd = [sys.executable, "-c", "from deepinfer_nb.cli import main; raise SystemExit(main())"]
     cmd += ["up", "--node", "bench", "--gateway-port", str(port)]
-    proc = spawn(cmd, log, {"DEEPINFER_HOME": str(work / "home")})
+    proc = spawn(cmd, log, {"DEEPINFER_HOME": str(work / "home"), **NO_POOL})
     (work / "home").mkdir(exist_ok=True)
     models = work / "home" / "models"
     if not models.exists():

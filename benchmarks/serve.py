@@ -82,6 +82,11 @@ START_TIMEOUT_S = 900.0
 LATENCY_PAIRS = {"chat": 200, "completion": 600}
 
 
+NO_POOL = {"DEEPINFER_AGENT__WARM_POOL": "0"}
+"""`up` keeps no warm engine process: its imports would run beside the measured engines (the
+pool is a start-up feature: benchmarks/cold_start.py measures it)."""
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))] if values else 0.0
@@ -371,7 +376,7 @@ async def gateway_cluster(model: str, *, work: Path) -> AsyncIterator[tuple[Side
         "--gateway-port",
         str(port),
     ]
-    proc = spawn(cmd, log, {})
+    proc = spawn(cmd, log, NO_POOL)
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_http(url + "/health", proc, log)
