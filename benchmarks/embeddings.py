@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from serve import spawn, stop, wait_http  # noqa: E402
+from serve import NO_POOL, spawn, spread, stop, wait_http  # noqa: E402
 
 from deepinfer_nb.engine import local_models  # noqa: E402
 from deepinfer_nb.engine.cpu_dtype import best_cpu_dtype  # noqa: E402
@@ -153,11 +153,6 @@ async def embed(
     return time.perf_counter() - start, [d["embedding"] for d in data["data"]]
 
 
-NO_POOL = {"DEEPINFER_AGENT__WARM_POOL": "0"}
-"""`up` keeps no warm engine process: its imports would run beside the measured engines (the
-pool is a start-up feature: benchmarks/cold_start.py measures it)."""
-
-
 def _vector(e: Any) -> list[float]:
     if isinstance(e, str):  # base64: little-endian float32
         raw = base64.b64decode(e)
@@ -183,15 +178,6 @@ async def same_vectors(http: aiohttp.ClientSession, urls: dict[str, str]) -> flo
     if least < 0.9999:
         raise RuntimeError(f"the gateway's embeddings differ from vLLM's (cosine {least:.6f})")
     return least
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    return {
-        "per_round": [round(v, 4) for v in values],
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-    }
 
 
 async def measure(urls: dict[str, str], rounds: int) -> dict[str, Any]:

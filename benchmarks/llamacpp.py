@@ -32,8 +32,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +45,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve import NO_POOL, spawn, spread, stop  # noqa: E402
 
 from deepinfer_nb.engine import local_models  # noqa: E402
 from deepinfer_nb.engine.llamacpp_args import default_threads  # noqa: E402
@@ -60,11 +61,6 @@ OUTPUT_TOKENS = 128
 LEVELS = {1: 4, 4: 8}  # concurrency -> requests per side and round
 PROMPTS = [f"Write a long story about a lighthouse keeper, chapter {i}." for i in range(64)]
 START_TIMEOUT_S = 600.0
-
-
-NO_POOL = {"DEEPINFER_AGENT__WARM_POOL": "0"}
-"""`up` keeps no warm engine process: its imports would run beside the measured engines (the
-pool is a start-up feature: benchmarks/cold_start.py measures it)."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -126,27 +122,6 @@ def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:]
 
 
-def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    with log.open("wb") as f:
-        return subprocess.Popen(
-            cmd,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def peak_rss(pids: list[int]) -> int:
     """Sum of VmHWM (peak resident set) over `pids`, in bytes."""
     total = 0
@@ -171,7 +146,7 @@ async def llama_server(gguf: str, threads: int, work: Path) -> AsyncIterator[dic
     # By default it abandons a running request when another arrives; queue them, as we do.
     cmd += ["--interrupt_requests", "False"]
     start = time.perf_counter()
-    proc = spawn(cmd, log)
+    proc = spawn(cmd, log, {})
     url = f"http://127.0.0.1:{port}"
     try:
         first = await first_token_when_up(url, proc, log)
@@ -305,15 +280,6 @@ async def compare(sides: dict[str, str], rounds: int) -> dict[str, Any]:
         }
         print(f"concurrency {concurrency}: {levels[str(concurrency)]}", flush=True)
     return levels
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    return {
-        "per_round": [round(v, 4) for v in values],
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-    }
 
 
 async def main() -> None:

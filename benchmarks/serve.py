@@ -49,6 +49,7 @@ import os
 import platform
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,16 @@ LATENCY_PAIRS = {"chat": 200, "completion": 600}
 NO_POOL = {"DEEPINFER_AGENT__WARM_POOL": "0"}
 """`up` keeps no warm engine process: its imports would run beside the measured engines (the
 pool is a start-up feature: benchmarks/cold_start.py measures it)."""
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Per-round ratios with their median and range (the benchmarks' summary of a ratio)."""
+    return {
+        "per_round": [round(v, 4) for v in values],
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -5,7 +5,8 @@ die with their parent.
 - **Event loop.** `run`/`new_event_loop` use uvloop where it is installed, else asyncio's. uvloop
   is what vLLM's own OpenAI server runs on, and the gateway extra installs it. It does the
   per-token socket, callback and gRPC-completion work of the shim and the gateway in C instead of
-  asyncio's Python loop; on a small machine that CPU is taken from the engine.
+  asyncio's Python loop; on a small machine that CPU is taken from the engine. `stop_task` ends a
+  background loop (cancel, then wait for it to end).
 - **gRPC settings.** `GRPC_EXPERIMENTS` turns off the EventEngine TCP client and listener (on by
   default in current gRPC) and so brings back iomgr's TCP path, still supported by gRPC: there the
   thread that polls the asyncio completion queue reads the socket itself, instead of taking each
@@ -49,6 +50,7 @@ __all__ = [
     "grpc_env",
     "new_event_loop",
     "run",
+    "stop_task",
 ]
 
 GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
@@ -70,6 +72,14 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+async def stop_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background loop and wait until it has ended (None: nothing to stop)."""
+    if task is None:
+        return
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def grpc_env(base: Mapping[str, str] | None = None) -> dict[str, str]:

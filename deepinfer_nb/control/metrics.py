@@ -22,6 +22,7 @@ from collections.abc import Callable
 from ..engine.stats import Buckets
 from ..errors import LeaseLostError, StoreError
 from ..models import ControllerMetrics, HistogramData, ProcessMetrics, WorkerMetrics
+from ..procenv import stop_task
 from ..store import Lease, MetaStore, keys
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,8 @@ class MetricsPublisher:
         self._task = asyncio.create_task(self._run(), name="deepinfer-metrics-publisher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
         lease, self._lease = self._lease, None
         if lease is not None and not lease.lost:
             with contextlib.suppress(StoreError):

@@ -43,6 +43,7 @@ from .. import procenv
 from ..engine.pooled import READY_LINE, Assignment
 from ..engine.process import TOKEN_ENV, kill_group, process_tree, shim_env
 from ..models import WarmPoolStatus
+from ..procenv import stop_task
 
 __all__ = [
     "LATE_ENV",
@@ -203,10 +204,8 @@ class WarmPool:
             self._task = asyncio.create_task(self._loop(), name="warm pool")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
         members, self.members = self.members, []
         await asyncio.gather(*(asyncio.to_thread(m.kill) for m in members))
 

@@ -12,12 +12,12 @@ without an `idle_timeout` cost no store write at all.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 
 from ..errors import StoreError
+from ..procenv import stop_task
 from ..store.activity import record_request
 from ..store.base import MetaStore
 from .hold import HoldQueue
@@ -56,11 +56,8 @@ class ActivityReporter:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
 
     async def _run(self) -> None:
         while True:

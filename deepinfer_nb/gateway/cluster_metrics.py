@@ -27,7 +27,6 @@ labels `deployment, engine, node, model_name`:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
@@ -49,6 +48,7 @@ from ..models import (
     HistogramData,
     ProcessMetrics,
 )
+from ..procenv import stop_task
 from ..store import MetaStore, decode_record, keys
 from .routing import RoutingTable
 
@@ -85,11 +85,8 @@ class ClusterMetrics:
         self._task = asyncio.create_task(self._run(), name="deepinfer-metrics-poll")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
 
     async def _run(self) -> None:
         while True:
