@@ -17,6 +17,9 @@ One service failing to stop is logged and does not keep the others running.
 The store always gets the settings' store options (etcd TLS files, user, password), so a notebook
 and the CLI open the same store the same way. `serve_until_signalled` is how a command runs: its
 services until SIGTERM or SIGINT (the same clean stop for both), or until one of them ends.
+`run_until_signalled` runs such a command's coroutine: a SIGTERM that comes while it is still
+starting (an etcd server can answer its health check before the command has printed a line) stops
+what was started and exits 0, as a later one does, instead of killing the process half-started.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from . import procenv
 from .config import ApiKey, Settings
 from .models import ProcessMetrics, StoreMetrics
-from .procenv import freeze_heap
 from .store import MetaStore, open_store
 
 if TYPE_CHECKING:
@@ -46,7 +49,7 @@ if TYPE_CHECKING:
     from .store.certs import CertFiles
     from .store.local_etcd import LocalEtcd
 
-__all__ = ["ServiceSet", "serve_until_signalled"]
+__all__ = ["ServiceSet", "run_until_signalled", "serve_until_signalled"]
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +292,7 @@ async def serve_until_signalled(services: ServiceSet, *, ready: str = "") -> int
     try:
         if ready:
             log.info("%s", ready)
-        freeze_heap()
+        procenv.freeze_heap()
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([stopping, *services.tasks], return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -307,3 +310,33 @@ async def serve_until_signalled(services: ServiceSet, *, ready: str = "") -> int
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return code
+
+
+def run_until_signalled(main: Coroutine[Any, Any, int]) -> int:
+    """`procenv.run(main)` for a command whose `main` ends in `serve_until_signalled`: until that
+    takes over, SIGTERM cancels `main` (its `ServiceSet` stops what it started) and the exit code
+    is 0. SIGINT keeps asyncio's own handling (KeyboardInterrupt, exit 130)."""
+    return procenv.run(_stop_on_sigterm(main))
+
+
+async def _stop_on_sigterm(main: Coroutine[Any, Any, int]) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    asked = False
+
+    def stop() -> None:
+        nonlocal asked
+        asked = True
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if not asked:
+            raise
+        print("stopped while starting (SIGTERM)", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)

@@ -12,9 +12,9 @@ import logging
 import sys
 from typing import Any
 
-from .. import logs, procenv
+from .. import logs
 from ..config import Settings
-from ..services import ServiceSet, serve_until_signalled
+from ..services import ServiceSet, run_until_signalled, serve_until_signalled
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
             "memory:// store: only this process sees it; workers cannot join "
             "(use etcd://HOST:PORT, or `deepinfer-nb up` for one machine)"
         )
-    return procenv.run(_serve(settings, identity=args.identity))
+    return run_until_signalled(_serve(settings, identity=args.identity))
 
 
 async def _serve(settings: Settings, *, identity: str) -> int:

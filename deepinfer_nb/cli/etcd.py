@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import config, procenv
+from .. import config
 from ..errors import StoreUnavailableError
-from ..services import ServiceSet, serve_until_signalled
+from ..services import ServiceSet, run_until_signalled, serve_until_signalled
 from ..store.local_etcd import LocalEtcd
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    return procenv.run(_serve(args))
+    return run_until_signalled(_serve(args))
 
 
 async def _serve(args: argparse.Namespace) -> int:

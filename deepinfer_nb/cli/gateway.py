@@ -17,10 +17,10 @@ import logging
 import sys
 from typing import Any
 
-from .. import logs, procenv
+from .. import logs
 from ..config import ApiKey, Settings, read_keys
 from ..gateway.security import check_bind, describe_keys
-from ..services import ServiceSet, serve_until_signalled
+from ..services import ServiceSet, run_until_signalled, serve_until_signalled
 from .controller import add_common_flags, settings_from
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
             "memory:// store: only this process sees it, so no engine will ever run "
             "behind this gateway (use etcd://HOST:PORT, or `deepinfer-nb up`)"
         )
-    return procenv.run(_serve(settings, api_keys=keys))
+    return run_until_signalled(_serve(settings, api_keys=keys))
 
 
 async def _serve(settings: Settings, *, api_keys: list[ApiKey]) -> int:

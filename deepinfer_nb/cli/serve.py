@@ -13,9 +13,9 @@ import argparse
 import logging
 from typing import Any
 
-from .. import logs, procenv
+from .. import logs
 from ..config import ApiKey, Settings
-from ..services import ServiceSet, serve_until_signalled
+from ..services import ServiceSet, run_until_signalled, serve_until_signalled
 from .controller import add_common_flags, settings_from
 from .gateway import add_gateway_flags, gateway_settings
 
@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
             "memory:// store: no worker can join this process (use etcd://HOST:PORT, "
             "or `deepinfer-nb up` for one machine)"
         )
-    return procenv.run(_serve(settings, api_keys=api_keys))
+    return run_until_signalled(_serve(settings, api_keys=api_keys))
 
 
 async def _serve(settings: Settings, *, api_keys: list[ApiKey]) -> int:

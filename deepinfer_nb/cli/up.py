@@ -15,9 +15,9 @@ import argparse
 import logging
 from typing import Any
 
-from .. import logs, procenv
+from .. import logs
 from ..config import ApiKey, Settings
-from ..services import ServiceSet, serve_until_signalled
+from ..services import ServiceSet, run_until_signalled, serve_until_signalled
 from .controller import add_common_flags
 from .gateway import add_gateway_flags, gateway_settings
 from .worker import add_worker_flags, node_name, worker_settings
@@ -42,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
     api_keys = gateway_settings(args, settings)
     node = node_name(args.node)
     logs.setup(args.log_format)
-    return procenv.run(
+    return run_until_signalled(
         _serve(settings, node=node, advertise_host=args.advertise_host, api_keys=api_keys)
     )
 

@@ -16,11 +16,11 @@ import re
 import socket
 from typing import Any
 
-from .. import logs, procenv
+from .. import logs
 from ..config import Settings
 from ..errors import ConfigError
 from ..models import NAME_PATTERN
-from ..services import ServiceSet, serve_until_signalled
+from ..services import ServiceSet, run_until_signalled, serve_until_signalled
 from .controller import add_common_flags, settings_from
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
             "a standalone worker needs a shared store: --store etcd://HOST:PORT "
             "(or run `deepinfer-nb up` for one machine)"
         )
-    return procenv.run(_serve(settings, node=node, advertise_host=args.advertise_host))
+    return run_until_signalled(_serve(settings, node=node, advertise_host=args.advertise_host))
 
 
 async def _serve(settings: Settings, *, node: str, advertise_host: str) -> int:

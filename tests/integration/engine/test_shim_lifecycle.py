@@ -78,7 +78,9 @@ async def test_sigterm_while_loading_exits_zero_and_leaves_no_process() -> None:
         left = alive + group_members(shim.process.pid)
         assert code == 0, shim.log_tail()
         assert not left, f"left behind: {left}\n{shim.log_tail()}"
-        assert "SIGTERM" in shim.log_tail(), shim.log_tail()
+        # the whole log: vLLM's own traceback of the interrupted load can fill the last 40 lines
+        log = shim.log_path.read_text(errors="replace")
+        assert "SIGTERM" in log, log
         print(f"exited {took:.1f}s after SIGTERM; {len(child_pids)} engine process(es) ended")
     finally:
         if shim.process.poll() is None:
