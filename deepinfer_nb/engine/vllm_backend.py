@@ -164,7 +164,7 @@ class VllmBackend(EngineBackend):
         from vllm.exceptions import VLLMValidationError
 
         params = _sampling_params(sampling)
-        stream = self._engine.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+        stream = self._engine.generate(_rendered(prompt_token_ids), params, request_id)
         try:
             async for out in stream:
                 yield [_delta(co, sampling.logprobs) for co in out.outputs]
@@ -186,7 +186,7 @@ class VllmBackend(EngineBackend):
             )
         final = None
         async for out in self._engine.encode(
-            {"prompt_token_ids": prompt_token_ids}, PoolingParams(task="embed"), request_id
+            _rendered(prompt_token_ids), PoolingParams(task="embed"), request_id
         ):
             final = out
         if final is None:
@@ -207,6 +207,16 @@ class VllmBackend(EngineBackend):
         if handler is not None:
             handler.cancel()
         await asyncio.to_thread(self._engine.shutdown)
+
+
+def _rendered(prompt_token_ids: list[int]) -> Any:
+    """The prompt as vLLM's renderer outputs it (an `EngineInput` of type "token"), as vLLM's own
+    server passes it: AsyncLLM then builds the request inline. A raw `{"prompt_token_ids": ...}`
+    is deprecated there ("Passing raw prompts to InputProcessor") and costs a hop through the
+    renderer's thread pool per request, to re-render ids the shim has already checked."""
+    from vllm.inputs import tokens_input
+
+    return tokens_input(prompt_token_ids)
 
 
 def _sampling_params(s: Sampling) -> Any:
