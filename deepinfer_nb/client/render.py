@@ -10,6 +10,7 @@ import html
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .. import specs
 from ..models import (
     DeploymentSpec,
     DownloadProgress,
@@ -303,8 +304,6 @@ def gpus_text(snap: Snapshot) -> str:
 
 def rollout_line(snap: Snapshot, name: str) -> str:
     """ "" when the deployment runs its current settings everywhere; else the rollout's state."""
-    from .. import specs
-
     spec = snap.deployments.get(name)
     if spec is None:
         return ""
@@ -352,8 +351,9 @@ def deployment_html(snap: Snapshot, name: str) -> str:
 
 
 def _settings(snap: Snapshot, name: str) -> str:
-    launched = [e.settings for e in snap.engines_of(name) if e.settings is not None]
-    return f" · {settings_text(launched[0])}" if launched else ""
+    spec = snap.deployments.get(name)
+    launched = specs.current_settings(spec, snap.engines_of(name)) if spec is not None else None
+    return f" · {settings_text(launched)}" if launched is not None else ""
 
 
 def cluster_text(cluster: ClusterInfo) -> str:
