@@ -37,7 +37,7 @@ from ..store import keys
 from ..store.activity import record_request
 from . import runtime as rt
 from . import urls
-from .view import ClusterView, Snapshot, stage_of, status_of
+from .view import ClusterView, Snapshot, may_download, stage_of, status_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -354,6 +354,11 @@ class Cluster:
                 updated = await asyncio.to_thread(self._checked, updated)
             if (await store.compare_and_swap(kv, updated.encode())).succeeded:
                 return updated
+
+    def may_download(self, spec: DeploymentSpec) -> bool:
+        """Whether a worker may download the model of `spec` before starting it (progress
+        displays list the Downloading stage only then)."""
+        return may_download(spec.model, spec.revision, self._hosted.settings.agent)
 
     def export(self) -> str:
         """Every deployment as a YAML file `deepinfer-nb apply -f` accepts (env values masked:

@@ -98,6 +98,15 @@ def settings_text(s: EngineSettings | None) -> str:
     return f"{s.dtype} · {s.mode} · {ctx}"
 
 
+def progress_text(
+    name: str, stage: str, elapsed: float, stages: list[EngineState], detail: str = ""
+) -> str:
+    """`deploy --wait`'s line, the same in a notebook and the CLI:
+    "smol: Starting (3.2 s) [Pending -> Scheduled -> Starting -> Running] smol-0-ab on vm"."""
+    order = " -> ".join(s.value for s in stages)
+    return f"{name}: {stage} ({elapsed:.1f} s) [{order}] {detail}".rstrip()
+
+
 def download_text(d: DownloadProgress | None) -> str:
     """ "downloading 120.3/269.1 MB (45%) at 42.0 MB/s", or waiting for another engine."""
     if d is None:

@@ -13,6 +13,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from deepinfer_nb.client import cluster as api
 from deepinfer_nb.control.launcher import build_command
 from deepinfer_nb.models import Engine
+from deepinfer_nb.nb import magics as magics_module
 from deepinfer_nb.nb import parsing
 
 
@@ -272,6 +273,35 @@ class TestWithCluster:
         assert dep.spec.facts is not None and dep.spec.facts.max_position_embeddings == 8192
         assert dep.settings is not None and dep.settings.max_model_len == 2048
         magic(shell, "rm swap")
+
+    def test_deploy_wait_lists_downloading_only_for_a_hub_model(self, shell, monkeypatch) -> None:
+        """No worker here: the wait times out, after showing its stage list."""
+        shown: list[str] = []
+
+        class Handle:
+            def update(self, progress) -> None:
+                shown.append(repr(progress))
+
+        def display(progress, display_id: bool) -> Handle:
+            shown.append(repr(progress))
+            return Handle()
+
+        monkeypatch.setattr(magics_module, "display", display)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the preflight asks no hub
+        with pytest.raises(UsageError, match=r"not Running after 0\.5 s"):
+            magic(
+                shell, "deploy smollm2-135m-instruct --name local --device cpu --wait --timeout .5"
+            )
+        assert shown and all("[Pending -> Scheduled -> Starting -> Running]" in s for s in shown)
+        shown.clear()
+        with pytest.raises(UsageError, match=r"not Running after 0\.5 s"):
+            magic(
+                shell,
+                "deploy deepinfer-test/uncached-model --name hub --device cpu --wait --timeout .5",
+            )
+        assert shown and all("Scheduled -> Downloading -> Starting" in s for s in shown)
+        magic(shell, "rm local")
+        magic(shell, "rm hub")
 
     def test_unknown_deployment(self, shell) -> None:
         for line in ("status nope", "logs nope", "stop nope", "scale nope 1", "snippet nope"):
