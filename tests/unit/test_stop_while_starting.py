@@ -14,6 +14,8 @@ COMMAND = """
 import asyncio, os, signal, sys
 from deepinfer_nb.services import run_until_signalled
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell hands down SIG_IGN
+
 async def starting():
     try:
         os.kill(os.getpid(), signal.{sig})
