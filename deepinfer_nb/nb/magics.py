@@ -241,7 +241,7 @@ class DeepInferMagics(Magics, Configurable):
 
     def _wait(self, dep: api.Deployment, timeout: float) -> None:
         spec = dep.spec
-        downloads = spec is not None and dep.cluster.may_download(spec)
+        downloads = spec is not None and self._need().may_download(spec)
         order = stages(dep.engines, may_download=downloads)
         handle: Any = display(_Progress(dep.name, "Pending", 0.0, "", order), display_id=True)
 
