@@ -56,8 +56,8 @@ _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.
 
 def parse_duration(value: str | float | int) -> float:
     """Seconds from "30s", "15m", "1h", "1.5h", "2d", "250ms" or a number (seconds)."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"not a duration: {value!r} (write e.g. 30s, 15m, 1h)")
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:

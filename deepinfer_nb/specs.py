@@ -5,6 +5,8 @@ restart budget, placement, rollout policy, history); `spec_hash` fingerprints th
 engine record carries the hash it runs. `change` (POST/PUT/PATCH, apply, a re-run deploy),
 `rolled_back` and `restarted` make the next spec, keeping the engine settings it replaces in
 `previous`; `status` tells how far the replicas are (control/rollout.py decides the moves).
+A change of model (`same_model`) leaves the old model's `facts` behind: every entry point reads
+the new model's again before it writes the spec.
 The gateway, the controller and the notebook API all use these, so every entry point decides
 "updated" or "unchanged" the same way.
 """
@@ -16,7 +18,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from .models import DeploymentSpec, Engine, EngineState
+from .models import DeploymentSpec, Engine, EngineSettings, EngineState
 
 S = EngineState
 IN_PLACE = frozenset(
@@ -113,6 +115,21 @@ def change(existing: DeploymentSpec, incoming: DeploymentSpec) -> DeploymentSpec
     if spec_hash(updated) != spec_hash(existing):
         updated = updated.model_copy(update={"previous": _settings_for_rollback(existing)})
     return updated
+
+
+def same_model(a: DeploymentSpec, b: DeploymentSpec) -> bool:
+    """Whether both serve the same model files: a spec's `facts` are those of its model, and a
+    change of model (or revision) must find them again (`hub/preflight.py`), never keep them."""
+    return (a.model, a.revision) == (b.model, b.revision)
+
+
+def current_settings(spec: DeploymentSpec, engines: Iterable[Engine]) -> EngineSettings | None:
+    """The effective settings a launched engine of the current spec reports (None: none yet).
+    An engine of an earlier spec (another model, another context) still serving during a
+    rollout does not speak for the new one."""
+    current = spec_hash(spec)
+    launched = (e.settings for e in engines if not is_outdated(e, current))
+    return next((s for s in launched if s is not None), None)
 
 
 def rolled_back(spec: DeploymentSpec) -> DeploymentSpec | None:

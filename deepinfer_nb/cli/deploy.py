@@ -12,7 +12,8 @@ The deployment spec is built exactly as the notebook's `%deepinfer deploy` build
 (`client.cluster.build_spec`: CPU defaults, --gpus as tensor parallel, engine args that name a
 spec field go to that field, the rest become vLLM flags), then POSTed: an existing deployment
 with other settings is updated (its engines roll). `--wait` shows the notebook's stages
-(Pending -> Scheduled -> Starting -> Running) on stderr as they change; for an update, rollback
+(Pending -> Scheduled -> Starting -> Running, with Downloading before Starting for a hub model
+not in this host's cache) on stderr as they change; for an update, rollback
 or restart it follows the rollout until every replica runs the new settings.
 """
 
@@ -23,7 +24,9 @@ import time
 from typing import Any
 
 from ..client.cluster import DeploymentError, Waiter, build_spec
-from ..client.view import STAGES
+from ..client.render import progress_text
+from ..client.view import may_download, stages
+from ..config import Settings
 from ..control import specfile
 from ..models import Engine
 from . import snapshot
@@ -230,16 +233,18 @@ def _stop(args: argparse.Namespace) -> int:
 
 def wait_running(gw: Gateway, name: str, *, timeout: float) -> dict[str, Any]:
     """Poll the deployment until every replica runs, printing each stage change (stderr)."""
-    order = " -> ".join(s.value for s in STAGES)
+    view = gw.get(f"/v1/deployments/{name}")
+    agent = Settings.load().agent  # this host's hub cache, as the notebook checks its own
+    downloads = may_download(view["model"], view["revision"], agent)
 
     def progress(stage: str, elapsed: float, engines: list[Engine]) -> None:
+        order = stages(engines, may_download=downloads)
         where = ", ".join(f"{e.id} on {e.node}" for e in engines if e.node)
-        note(f"{name}: {stage} ({elapsed:.1f} s) [{order}] {where}".rstrip())
+        note(progress_text(name, stage, elapsed, order, where))
 
     waiter = Waiter(name, progress, command="deepinfer-nb")
     deadline = time.monotonic() + timeout
     while True:
-        view = gw.get(f"/v1/deployments/{name}")
         try:
             if waiter(snapshot.of_deployment(view)):
                 break
@@ -250,5 +255,6 @@ def wait_running(gw: Gateway, name: str, *, timeout: float) -> dict[str, Any]:
                 f"{name} is not Running after {timeout:g} s; see deepinfer-nb logs {name}"
             )
         time.sleep(POLL_S)
+        view = gw.get(f"/v1/deployments/{name}")
     note(f"{name}: Running ({time.monotonic() - waiter.start:.1f} s) ready")
     return dict(view)

@@ -37,7 +37,7 @@ from ..store import keys
 from ..store.activity import record_request
 from . import runtime as rt
 from . import urls
-from .view import ClusterView, Snapshot, stage_of, status_of
+from .view import ClusterView, Snapshot, may_download, stage_of, status_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -304,9 +304,12 @@ class Cluster:
         """The spec with the model's size facts, or a DeploymentError saying why no node can
         run it (the same check as POST /v1/deployments)."""
         existing = self.snapshot().deployments.get(spec.name)
-        if existing is not None and existing.model == spec.model and existing.facts is not None:
+        if existing is not None and specs.same_model(existing, spec) and existing.facts is not None:
             # re-running a deploy cell: the model was checked when it was written
             return spec.model_copy(update={"facts": existing.facts})
+        return self._checked(spec)
+
+    def _checked(self, spec: DeploymentSpec) -> DeploymentSpec:
         hub = preflight.Hub.of(self._hosted.settings.agent)
         result = preflight.run(spec, self.snapshot().nodes.values(), hub=hub)
         if result.problems:
@@ -347,8 +350,15 @@ class Cluster:
             updated = fn(spec)
             if updated is None:
                 return spec
+            if not specs.same_model(spec, updated):  # a rollback to another model: its facts
+                updated = await asyncio.to_thread(self._checked, updated)
             if (await store.compare_and_swap(kv, updated.encode())).succeeded:
                 return updated
+
+    def may_download(self, spec: DeploymentSpec) -> bool:
+        """Whether a worker may download the model of `spec` before starting it (progress
+        displays list the Downloading stage only then)."""
+        return may_download(spec.model, spec.revision, self._hosted.settings.agent)
 
     def export(self) -> str:
         """Every deployment as a YAML file `deepinfer-nb apply -f` accepts (env values masked:
@@ -497,9 +507,9 @@ class Deployment:
         spec = snap.deployments.get(self.name)
         if spec is None:
             return None
-        launched = [e.settings for e in snap.engines_of(self.name) if e.settings is not None]
-        if launched:
-            return launched[0]
+        launched = specs.current_settings(spec, snap.engines_of(self.name))
+        if launched is not None:
+            return launched
         any_gpu = any(n.gpus for n in snap.nodes.values())
         return effective(spec, placed_device(spec, any_gpu=any_gpu))
 

@@ -10,6 +10,7 @@ import html
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .. import specs
 from ..models import (
     DeploymentSpec,
     DownloadProgress,
@@ -95,6 +96,15 @@ def settings_text(s: EngineSettings | None) -> str:
         return ""
     ctx = f"context {s.max_model_len}" if s.max_model_len else "model's full context"
     return f"{s.dtype} · {s.mode} · {ctx}"
+
+
+def progress_text(
+    name: str, stage: str, elapsed: float, stages: list[EngineState], detail: str = ""
+) -> str:
+    """`deploy --wait`'s line, the same in a notebook and the CLI:
+    "smol: Starting (3.2 s) [Pending -> Scheduled -> Starting -> Running] smol-0-ab on vm"."""
+    order = " -> ".join(s.value for s in stages)
+    return f"{name}: {stage} ({elapsed:.1f} s) [{order}] {detail}".rstrip()
 
 
 def download_text(d: DownloadProgress | None) -> str:
@@ -303,8 +313,6 @@ def gpus_text(snap: Snapshot) -> str:
 
 def rollout_line(snap: Snapshot, name: str) -> str:
     """ "" when the deployment runs its current settings everywhere; else the rollout's state."""
-    from .. import specs
-
     spec = snap.deployments.get(name)
     if spec is None:
         return ""
@@ -352,8 +360,9 @@ def deployment_html(snap: Snapshot, name: str) -> str:
 
 
 def _settings(snap: Snapshot, name: str) -> str:
-    launched = [e.settings for e in snap.engines_of(name) if e.settings is not None]
-    return f" · {settings_text(launched[0])}" if launched else ""
+    spec = snap.deployments.get(name)
+    launched = specs.current_settings(spec, snap.engines_of(name)) if spec is not None else None
+    return f" · {settings_text(launched)}" if launched is not None else ""
 
 
 def cluster_text(cluster: ClusterInfo) -> str:

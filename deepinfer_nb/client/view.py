@@ -13,9 +13,13 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
+from ..config import AgentSettings
+from ..control.downloads import Downloads
 from ..errors import RecordError
+from ..hub.preflight import is_hub_id
 from ..models import Activity, DeploymentSpec, Engine, EngineState, GpuSamples, Node, decode
 from ..store import keys
 from ..store.base import EventType, MetaStore, RangeResult, WatchEvent
@@ -184,6 +188,28 @@ STAGES = [
     EngineState.STARTING,
     EngineState.RUNNING,
 ]
+
+
+def stages(engines: Iterable[Engine], *, may_download: bool) -> list[EngineState]:
+    """The stages a deployment's progress lists: Downloading only for one that can download
+    (`may_download`) or whose engine did (now, or in its history: the stage a wait that began
+    late still passed), never for a local model."""
+    downloads = may_download or any(
+        e.state is EngineState.DOWNLOADING
+        or any(t.state is EngineState.DOWNLOADING for t in e.history)
+        for e in engines
+    )
+    return [s for s in STAGES if downloads or s is not EngineState.DOWNLOADING]
+
+
+def may_download(model: str, revision: str, agent: AgentSettings) -> bool:
+    """Whether a worker may download `model` before starting it: a hub id whose files are not
+    all in this host's hub cache (`[agent] hub_cache`). A worker on another host may have it
+    cached and skip the stage; the list then still names it, as a step that may come."""
+    if not is_hub_id(model):
+        return False
+    cache = Path(agent.hub_cache).expanduser() if agent.hub_cache else None
+    return Downloads(node_id="", cache_dir=cache).cached(model, revision) is None
 
 
 def stage_of(engines: list[Engine], replicas: int) -> str:

@@ -51,6 +51,7 @@ def build_app(
     activity = ActivityReporter(table, store, hold, interval_s=server.activity_interval_s)
     cluster = ClusterMetrics(table, store, interval_s=settings.server.metrics_interval_s)
     metrics.registry.register(cluster)
+    metrics.registry.register(hold)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -122,7 +122,7 @@ def deployment_view(
     """The deployment as clients see it, with `effective`: the engine settings after the device
     defaults (from a launched engine's record once there is one: its node resolved them)."""
     out = spec.model_dump(mode="json", exclude={"schema_version"})
-    launched = next((e.settings for e in engines if e.settings is not None), None)
+    launched = specs.current_settings(spec, engines)
     settings = launched or effective(spec, placed_device(spec, any_gpu=any_gpu))
     out["effective"] = settings.model_dump(mode="json")
     out["env"] = {k: MASK for k in spec.env}
@@ -353,13 +353,16 @@ async def _modify(
     request: Request, name: str, fn: Callable[[DeploymentSpec], DeploymentSpec | None]
 ) -> JSONResponse:
     """Apply `fn` to the stored spec by compare-and-swap (None from `fn`: nothing to change);
-    the launch policy admits the result, which records who changed it."""
+    another model is checked and its facts read as a PUT's are; the launch policy admits the
+    result, which records who changed it."""
     store = _store(request)
     while True:
         kv, spec = await _get_spec(store, name)
         updated = fn(spec)
         if updated is None:
             return await _changed(store, spec, "unchanged")
+        if not specs.same_model(spec, updated):
+            updated = await _preflight(request, updated)
         _admit(request, updated)
         updated = updated.model_copy(update={"updated_by": _principal(request)})
         if (await store.compare_and_swap(kv, updated.encode())).succeeded:

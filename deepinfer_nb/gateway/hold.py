@@ -11,6 +11,10 @@ scaled to zero wakes it (`store.activity.record_request`) and waits like the oth
 A request that found its replica unreachable (`EngineUnavailableError`: the engine died and its
 worker has not marked it Failed yet) waits the same way for another run of an engine: it is
 retried once the table shows a change, never on the incarnation that refused it.
+
+The queue is also a prometheus_client collector (registered by `build_app`):
+`deepinfer_gateway_held_requests{deployment}`, the requests waiting now, 0 for every other
+deployment the gateway knows, so a stuck start shows up before its 503s do.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ..models import DeploymentSpec
 from ..store.activity import record_request
@@ -135,6 +141,20 @@ class HoldQueue:
             self.held[name] -= 1
             if not self.held[name]:
                 del self.held[name]
+
+    def describe(self) -> list[Metric]:
+        return []  # the samples depend on the deployments: nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "deepinfer_gateway_held_requests",
+            "Requests waiting for a replica on its way (Starting, waking, rolling out)",
+            labels=["deployment"],
+        )
+        held = dict.fromkeys(self.table.deployments, 0) | dict(self.held)
+        for name, n in sorted(held.items()):
+            family.add_metric([name], n)
+        yield family
 
     def _reason(self, spec: DeploymentSpec) -> str:
         if self.table.is_idle(spec.name):

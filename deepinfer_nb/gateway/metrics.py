@@ -6,7 +6,8 @@ and completion tokens. Per engine: requests in flight. Cluster: engines per stat
 by the routing table, which calls the `TableObserver` methods). A metric's children are looked
 up once per label values and kept: prometheus_client's `labels()` validates and locks on every
 call, and a request touches six of them. The cluster's figures (engines, deployments, GPUs,
-controllers, workers) join the same registry from `cluster_metrics.py`.
+controllers, workers) join the same registry from `cluster_metrics.py`, and the requests
+waiting for a replica from `hold.py`.
 """
 
 from __future__ import annotations

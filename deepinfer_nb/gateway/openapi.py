@@ -6,6 +6,10 @@ deployments routes take and return plain dicts (any object), every error is an O
 `ErrorResponse` (not FastAPI's `HTTPValidationError`, and invalid OpenAI bodies are 400, not 422),
 and /metrics is Prometheus text. `openapi_schema(app)` patches those in, once, so clients and the
 property-based API tests (tests/unit/gateway/test_api_fuzz.py) see the true contract.
+
+The one server is "." (relative to where the document is served): Swagger UI's "Try it out" then
+sends `{prefix}/v1/...` under a proxy prefix such as jupyter-server-proxy's, where OpenAPI's
+default server "/" would send `/v1/...` to the notebook server's root.
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
     """The completed schema, computed on first use and kept on the app (FastAPI's own cache)."""
     if app.openapi_schema is not None:
         return app.openapi_schema
-    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schema = get_openapi(
+        title=app.title, version=app.version, routes=app.routes, servers=[{"url": "."}]
+    )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)

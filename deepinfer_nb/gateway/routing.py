@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..engine.client import EngineClient
 from ..models import Activity, DeploymentSpec, Engine, EngineState
@@ -30,6 +30,7 @@ from .errors import model_not_found, no_replica
 log = logging.getLogger(__name__)
 
 ClientFactory = Callable[..., Any]
+R = TypeVar("R", DeploymentSpec, Engine, Activity)
 # states whose reason/error explains a deployment that cannot serve
 _EXPLAINING = (EngineState.PENDING, EngineState.FAILED, EngineState.LOST)
 # states on the way to Running (a Lost engine is placed again)
@@ -139,6 +140,20 @@ def coming(
     return False
 
 
+@dataclasses.dataclass(eq=False)
+class _Followed(Generic[R]):
+    """One prefix the table follows: its records (by key name) and how a change applies."""
+
+    prefix: str
+    cls: type[R]
+    records: dict[str, R]
+    put: Callable[[str, R], str]
+    delete: Callable[[str], str]
+    changed: Callable[[], None]
+    """After a snapshot or an event: keep what is derived from the records current."""
+    synced: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
 class Lease:
     """One request's hold on a replica: counts as outstanding until released."""
 
@@ -182,28 +197,41 @@ class RoutingTable:
         self._turn = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.activity: dict[str, Activity] = {}
-        self._synced = {
-            keys.DEPLOYMENTS: asyncio.Event(),
-            keys.ENGINES: asyncio.Event(),
-            keys.ACTIVITY: asyncio.Event(),
-        }
+        self._followed: tuple[_Followed[Any], ...] = (
+            _Followed(
+                keys.DEPLOYMENTS,
+                DeploymentSpec,
+                self.deployments,
+                put=self._put_deployment,
+                delete=self._delete_deployment,
+                changed=self._reindex_models,
+            ),
+            _Followed(
+                keys.ENGINES,
+                Engine,
+                self.engines,
+                put=self._put_engine,
+                delete=self._delete_engine,
+                changed=self._report_states,
+            ),
+            _Followed(
+                keys.ACTIVITY,
+                Activity,
+                self.activity,
+                put=self._put_activity,
+                delete=self._delete_activity,
+                changed=lambda: None,
+            ),
+        )
         self._closing: set[asyncio.Task[None]] = set()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, *, timeout: float = 10.0) -> None:
-        """Start following the store; returns once both prefixes were read once."""
-        self._tasks = [
-            asyncio.create_task(
-                self._follow(keys.DEPLOYMENTS, self._load_deployments, self._on_deployment)
-            ),
-            asyncio.create_task(self._follow(keys.ENGINES, self._load_engines, self._on_engine)),
-            asyncio.create_task(
-                self._follow(keys.ACTIVITY, self._load_activity, self._on_activity)
-            ),
-        ]
-        waits = [asyncio.create_task(ev.wait()) for ev in self._synced.values()]
+        """Start following the store; returns once every prefix was read once."""
+        self._tasks = [asyncio.create_task(self._follow(f)) for f in self._followed]
+        waits = [asyncio.create_task(f.synced.wait()) for f in self._followed]
         try:
             await asyncio.wait_for(asyncio.gather(*waits), timeout)
         except asyncio.TimeoutError:
@@ -213,7 +241,7 @@ class RoutingTable:
 
     @property
     def synced(self) -> bool:
-        return all(ev.is_set() for ev in self._synced.values())
+        return all(f.synced.is_set() for f in self._followed)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -235,104 +263,76 @@ class RoutingTable:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         await asyncio.gather(*self._closing, return_exceptions=True)
 
-    async def _follow(
-        self,
-        prefix: str,
-        load: Callable[[list[KeyValue]], None],
-        apply: Callable[[WatchEvent], None],
-    ) -> None:
+    async def _follow(self, followed: _Followed[Any]) -> None:
         def on_snapshot(result: RangeResult) -> None:
-            load(result.items)
-            self._synced[prefix].set()
+            self._load(followed, result.items)
+            followed.synced.set()
 
         await follow(
             self._store,
-            prefix,
+            followed.prefix,
             on_snapshot=on_snapshot,
-            on_event=apply,
+            on_event=lambda event: self._apply(followed, event),
             retry_delay_s=self._retry_delay_s,
             name="routing table",
         )
 
-    # ---- applying store state (also driven directly by unit tests) -----------------------------
+    # ---- applying store state ------------------------------------------------------------------
 
-    def _load_deployments(self, items: list[KeyValue]) -> None:
-        specs = {}
-        for kv in items:
-            spec = decode_record(DeploymentSpec, kv.key, kv.value)
-            if spec is not None and keys.name_of(kv.key, keys.DEPLOYMENTS):
-                specs[spec.name] = spec
-        self.deployments = specs
-        self._reindex_models()
+    def _load(self, followed: _Followed[Any], items: list[KeyValue]) -> None:
+        """A prefix read whole (at start, or again after a compacted watch history)."""
+        fresh = {
+            name: record
+            for kv in items
+            if (name := keys.name_of(kv.key, followed.prefix))
+            and (record := decode_record(followed.cls, kv.key, kv.value)) is not None
+        }
+        for gone in set(followed.records) - set(fresh):
+            followed.delete(gone)
+        for name, record in fresh.items():
+            followed.put(name, record)
+        followed.changed()
         self._notify_all()
 
-    def _on_deployment(self, event: WatchEvent) -> None:
-        name = keys.name_of(event.key, keys.DEPLOYMENTS)
+    def _apply(self, followed: _Followed[Any], event: WatchEvent) -> None:
+        """One watch event: the record put or deleted, then the deployment's waiters woken."""
+        name = keys.name_of(event.key, followed.prefix)
         if not name:
             return
         if event.type is EventType.DELETE:
-            self.deployments.pop(name, None)
+            deployment = followed.delete(name)
         else:
-            spec = decode_record(DeploymentSpec, event.key, event.value)
-            if spec is None:
-                return
-            self.deployments[name] = spec
-        self._reindex_models()
-        self._notify(name)
-
-    def _load_engines(self, items: list[KeyValue]) -> None:
-        fresh = {}
-        for kv in items:
-            engine = decode_record(Engine, kv.key, kv.value)
-            if engine is not None:
-                fresh[engine.id] = engine
-        for gone in set(self.engines) - set(fresh):
-            self._remove_engine(gone)
-        for engine in fresh.values():
-            self._put_engine(engine)
-        self._report_states()
-        self._notify_all()
-
-    def _on_engine(self, event: WatchEvent) -> None:
-        engine_id = keys.name_of(event.key, keys.ENGINES)
-        if not engine_id:
-            return
-        if event.type is EventType.DELETE:
-            deployment = self.engines[engine_id].deployment if engine_id in self.engines else ""
-            self._remove_engine(engine_id)
-        else:
-            engine = decode_record(Engine, event.key, event.value)
-            if engine is None:
-                return
-            deployment = engine.deployment
-            self._put_engine(engine)
-        self._report_states()
-        self._notify(deployment)
-
-    def _load_activity(self, items: list[KeyValue]) -> None:
-        records = {}
-        for kv in items:
-            if keys.name_of(kv.key, keys.ACTIVITY):
-                record = decode_record(Activity, kv.key, kv.value)
-                if record is not None:
-                    records[record.deployment] = record
-        self.activity = records
-        self._notify_all()
-
-    def _on_activity(self, event: WatchEvent) -> None:
-        name = keys.name_of(event.key, keys.ACTIVITY)
-        if not name:
-            return
-        if event.type is EventType.DELETE:
-            self.activity.pop(name, None)
-        else:
-            record = decode_record(Activity, event.key, event.value)
+            record = decode_record(followed.cls, event.key, event.value)
             if record is None:
                 return
-            self.activity[name] = record
-        self._notify(name)
+            deployment = followed.put(name, record)
+        followed.changed()
+        self._notify(deployment)
 
-    def _put_engine(self, engine: Engine) -> None:
+    # each put/delete returns the deployment whose waiters the change wakes
+
+    def _put_deployment(self, name: str, spec: DeploymentSpec) -> str:
+        self.deployments[name] = spec
+        return name
+
+    def _delete_deployment(self, name: str) -> str:
+        self.deployments.pop(name, None)
+        return name
+
+    def _put_activity(self, name: str, record: Activity) -> str:
+        self.activity[name] = record
+        return name
+
+    def _delete_activity(self, name: str) -> str:
+        self.activity.pop(name, None)
+        return name
+
+    def _delete_engine(self, engine_id: str) -> str:
+        engine = self.engines.get(engine_id)
+        self._remove_engine(engine_id)
+        return engine.deployment if engine is not None else ""
+
+    def _put_engine(self, engine_id: str, engine: Engine) -> str:
         previous = self.engines.get(engine.id)
         if previous is not None and previous.deployment != engine.deployment:
             self._remove_engine(engine.id)
@@ -342,7 +342,7 @@ class RoutingTable:
         replica = reps.get(engine.id)
         if replica is None:
             reps[engine.id] = Replica(engine)
-            return
+            return engine.deployment
         moved = (replica.engine.endpoint, replica.engine.auth_token) != (
             engine.endpoint,
             engine.auth_token,
@@ -350,6 +350,7 @@ class RoutingTable:
         if moved or engine.state is not EngineState.RUNNING:
             self._retire_client(replica)
         replica.engine = engine
+        return engine.deployment
 
     def _remove_engine(self, engine_id: str) -> None:
         engine = self.engines.pop(engine_id, None)

@@ -19,7 +19,8 @@ from traitlets.config import Configurable
 from .. import errors as E
 from ..client import cluster as api
 from ..client import render
-from ..client.view import STAGES
+from ..client.view import stages
+from ..models import EngineState
 from . import parsing
 
 CONFIG_FILE = "notebook.toml"
@@ -239,16 +240,22 @@ class DeepInferMagics(Magics, Configurable):
         return self.handles[dep.name]
 
     def _wait(self, dep: api.Deployment, timeout: float) -> None:
-        handle: Any = display(_Progress(dep.name, "Pending", 0.0, ""), display_id=True)
+        spec = dep.spec
+        downloads = spec is not None and self._need().may_download(spec)
+        order = stages(dep.engines, may_download=downloads)
+        handle: Any = display(_Progress(dep.name, "Pending", 0.0, "", order), display_id=True)
 
         def progress(stage: str, elapsed: float, engines: list[Any]) -> None:
+            nonlocal order
+            order = stages(engines, may_download=downloads)
             where = ", ".join(f"{e.id} on {e.node}" for e in engines if e.node)
             fetching = [render.download_text(e.download) for e in engines if e.download]
-            handle.update(_Progress(dep.name, stage, elapsed, "; ".join([*fetching, where])))
+            detail = "; ".join([*fetching, where])
+            handle.update(_Progress(dep.name, stage, elapsed, detail, order))
 
         start = time.monotonic()
         dep.wait(timeout=timeout, progress=progress)
-        handle.update(_Progress(dep.name, "Running", time.monotonic() - start, "ready"))
+        handle.update(_Progress(dep.name, "Running", time.monotonic() - start, "ready", order))
 
     def _cmd_ls(self, ns: Any) -> Any:
         return EngineTable(self._need().snapshot())
@@ -327,19 +334,23 @@ class DeepInferMagics(Magics, Configurable):
 
 
 class _Progress:
-    def __init__(self, name: str, stage: str, elapsed: float, detail: str) -> None:
+    """`deploy --wait`'s progress line: the stage reached among `stages` (view.stages)."""
+
+    def __init__(
+        self, name: str, stage: str, elapsed: float, detail: str, stages: list[EngineState]
+    ) -> None:
         self.name, self.stage, self.elapsed, self.detail = name, stage, elapsed, detail
+        self.stages = stages
 
     def __repr__(self) -> str:
-        stages = " -> ".join(s.value for s in STAGES)
-        return f"{self.name}: {self.stage} ({self.elapsed:.1f} s) [{stages}] {self.detail}".strip()
+        return render.progress_text(self.name, self.stage, self.elapsed, self.stages, self.detail)
 
     def _repr_html_(self) -> str:
         import html
 
         marks = []
         reached = True
-        for s in STAGES:
+        for s in self.stages:
             marks.append(
                 render.badge(s.value) if reached else f"<span style='color:#bbb'>{s.value}</span>"
             )

@@ -84,3 +84,13 @@ async def test_a_model_path_of_an_unknown_users_home_is_not_a_500(http: httpx.As
     """Found by the fuzz test: pathlib's expanduser raises for "~name" of no such user."""
     r = await http.post("/v1/deployments", json={"model": "~no-such-user-here/model"})
     assert r.status_code < 500, r.text
+
+
+@pytest.mark.parametrize("value", [[], {}, ["15m"]])
+async def test_an_idle_timeout_of_another_json_type_is_a_422(
+    http: httpx.AsyncClient, value: Any
+) -> None:
+    """Found by the fuzz test: parse_duration called .lower() on a list -> 500."""
+    r = await http.post("/v1/deployments", json={"model": "m", "idle_timeout": value})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == "idle_timeout" and "not a duration" in r.text

@@ -3,14 +3,19 @@ rolling restart; each says created/updated/unchanged and shows the rollout."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest_asyncio
 
 from deepinfer_nb import specs
+from deepinfer_nb.config import Settings
+from deepinfer_nb.defaults import CPU_MAX_MODEL_LEN
 from deepinfer_nb.gateway import GatewayServer
-from deepinfer_nb.models import DeploymentSpec, Engine, EngineState
+from deepinfer_nb.models import DeploymentSpec, Engine, EngineSettings, EngineState, ModelFacts
 from deepinfer_nb.store import decode_record, keys
 from deepinfer_nb.store.memory import MemoryStore
 
@@ -135,3 +140,57 @@ async def test_idle_timeout_over_http_is_no_rollout(
     assert (await client.get("/v1/deployments/d")).json()["idle"] is True
     assert (await client.delete("/v1/deployments/d")).status_code == 200
     assert await store.get(keys.activity("d")) is None
+
+
+def _model(folder: Path, *, positions: int) -> str:
+    folder.mkdir()
+    config = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 1}
+    config |= {"vocab_size": 128, "max_position_embeddings": positions}
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+async def test_a_model_change_brings_the_new_models_facts(tmp_path: Path) -> None:
+    """PATCH, PUT and rollback of `model` re-read the facts (context window, size) of the model
+    now deployed; the views show the new model's effective settings, not the old engine's."""
+    settings = Settings()
+    settings.agent.model_dirs = [str(tmp_path)]
+    store = MemoryStore()
+    try:
+        async with GatewayServer(store, settings=settings, host="127.0.0.1", port=0) as gw:
+            async with httpx.AsyncClient(base_url=gw.url) as client:
+                await _change_models(client, store, tmp_path)
+    finally:
+        await store.close()
+
+
+async def _change_models(client: httpx.AsyncClient, store: MemoryStore, tmp_path: Path) -> None:
+    short = _model(tmp_path / "short", positions=512)
+    long = _model(tmp_path / "long", positions=32768)
+    r = await client.put("/v1/deployments/d", json={"model": short, "device": "cpu"})
+    assert r.json()["facts"]["max_position_embeddings"] == 512
+    assert r.json()["effective"]["max_model_len"] is None  # the model's own 512
+    old = await _stored(store, "d")
+    old_settings = EngineSettings(
+        device="cpu", dtype="float32", enforce_eager=True, mode="eager", max_model_len=None
+    )
+    await put_engine(store, "d", 0, spec_hash=specs.spec_hash(old), settings=old_settings)
+
+    view = (await client.patch("/v1/deployments/d", json={"model": long})).json()
+    assert view["change"] == "updated" and view["model"] == long
+    assert view["facts"]["max_position_embeddings"] == 32768
+    assert (await _stored(store, "d")).facts == view_facts(view)
+    assert view["effective"]["max_model_len"] == CPU_MAX_MODEL_LEN  # capped on CPU, not None
+    assert view["rollout_status"]["state"] == "progressing"
+
+    view = (await client.post("/v1/deployments/d/rollback")).json()
+    assert view["model"] == short and view["facts"]["max_position_embeddings"] == 512
+
+    view = (await client.put("/v1/deployments/d", json={"model": long, "device": "cpu"})).json()
+    assert view["facts"]["max_position_embeddings"] == 32768
+    view = (await client.patch("/v1/deployments/d", json={"model": "no-such-model"})).json()
+    assert view["model"] == "no-such-model" and view["facts"] is None  # unknown, not the old
+
+
+def view_facts(view: dict[str, Any]) -> ModelFacts:
+    return ModelFacts.model_validate(view["facts"])

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from deepinfer_nb.config import Settings
 from deepinfer_nb.gateway import GatewayServer, build_app, landing
@@ -178,5 +179,41 @@ async def test_unreachable_engine_request_waits_for_its_restart() -> None:
         assert "Paris" in reply.json()["choices"][0]["message"]["content"]
         assert streamed.status_code == 200 and "Paris" in streamed.text
         assert fleet.calls == {"10.0.0.1:5000": 2, "10.0.0.7:5000": 2}
+    finally:
+        await store.close()
+
+
+def _held(text: str) -> dict[str, float]:
+    families = text_string_to_metric_families(text)
+    (family,) = [f for f in families if f.name == "deepinfer_gateway_held_requests"]
+    assert family.type == "gauge"
+    return {s.labels["deployment"]: s.value for s in family.samples}
+
+
+async def test_held_requests_are_a_gauge_at_metrics() -> None:
+    """Operators see requests waiting for a Starting replica, per deployment, at /metrics."""
+    store = MemoryStore()
+    await put_deployment(store, "smol")
+    await put_deployment(store, "other")
+    await put_engine(store, "smol", 0, state=S.STARTING)
+    app = build_app(store, settings=Settings(), client_factory=FakeFleet().factory)
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with GatewayServer(app, host="127.0.0.1", port=0) as gw:
+            async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+                assert _held((await http.get("/metrics")).text) == {"smol": 0, "other": 0}
+                waiting = [
+                    asyncio.create_task(http.post("/v1/chat/completions", json=body))
+                    for _ in range(2)
+                ]
+                for _ in range(200):
+                    if (held := _held((await http.get("/metrics")).text))["smol"] == 2:
+                        break
+                    await asyncio.sleep(0.02)
+                assert held == {"smol": 2, "other": 0}
+                await put_engine(store, "smol", 0, state=S.RUNNING)
+                replies = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+                assert [r.status_code for r in replies] == [200, 200]
+                assert _held((await http.get("/metrics")).text) == {"smol": 0, "other": 0}
     finally:
         await store.close()

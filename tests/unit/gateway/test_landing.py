@@ -8,6 +8,8 @@ import html
 import re
 from collections.abc import AsyncIterator
 from html.parser import HTMLParser
+from typing import Any
+from urllib.parse import urljoin
 
 import httpx
 import pytest_asyncio
@@ -103,6 +105,33 @@ async def test_examples_use_the_proxy_prefix(store: MemoryStore) -> None:
     assert "http://nb.example:8888/user/alice/proxy/9999/v1/chat/completions" in page
     assert re.search(r"base_url='http://nb\.example:8888/user/alice/proxy/9999/v1'", page)
     assert 'api_key=os.environ["JUPYTER_TOKEN"]' in page  # the proxy wants the Jupyter token
+
+
+def try_it_out(docs_page: str, schema: dict[str, Any], path: str) -> str:
+    """The URL Swagger UI's "Try it out" requests: the first server resolved against the
+    document's URL (itself relative to the docs page), as swagger-client's
+    `buildOas3UrlWithContext` does, then the operation's path."""
+    document = urljoin(docs_page, "openapi.json")
+    server = schema.get("servers", [{"url": "/"}])[0]["url"]
+    return urljoin(document, server).rstrip("/") + path
+
+
+async def test_try_it_out_requests_stay_under_the_proxy_prefix(store: MemoryStore) -> None:
+    server = await _served(store, [])
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            schema = (await http.get("/openapi.json")).json()
+            direct = try_it_out(f"{server.url}/docs", schema, "/v1/models")
+            assert direct == f"{server.url}/v1/models"
+            assert (await http.get(direct)).json()["object"] == "list"
+    finally:
+        await server.stop()
+    proxied = "http://nb.example:8888/user/alice/proxy/9999/docs"
+    assert try_it_out(proxied, schema, "/v1/models") == (
+        "http://nb.example:8888/user/alice/proxy/9999/v1/models"
+    )
+    # OpenAPI's default server "/" left the prefix out
+    assert try_it_out(proxied, {}, "/v1/models") == "http://nb.example:8888/v1/models"
 
 
 async def test_with_keys_the_page_needs_an_inference_key(store: MemoryStore) -> None:

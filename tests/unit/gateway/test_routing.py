@@ -17,7 +17,7 @@ from deepinfer_nb.gateway.routing import (
     coming,
     unavailable_reason,
 )
-from deepinfer_nb.models import DeploymentSpec, Engine, EngineState
+from deepinfer_nb.models import Activity, DeploymentSpec, Engine, EngineState
 from deepinfer_nb.store import keys
 from deepinfer_nb.store.memory import MemoryStore
 
@@ -160,6 +160,50 @@ async def test_table_resyncs_after_compaction() -> None:
         await _until(lambda: store.ranges >= 3)  # engines prefix read again after the error
         await put_engine(store, "smol", 0)
         await _until(lambda: bool(table.serving()))
+    finally:
+        await table.close()
+        await store.close()
+
+
+class ForgettingStore(MemoryStore):
+    """Each prefix's first watch finds the history compacted, after deployment "b"'s records
+    were deleted unseen: the re-read must drop them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.compacted: set[str] = set()
+
+    def watch(self, prefix: str, *, start_revision: int = 0) -> Any:
+        if prefix in self.compacted:
+            return super().watch(prefix, start_revision=start_revision)
+        self.compacted.add(prefix)
+        forget = {keys.DEPLOYMENTS: "b", keys.ENGINES: "b-0-x", keys.ACTIVITY: "b"}[prefix]
+
+        async def gone() -> AsyncIterator[Any]:
+            await self.delete(prefix + forget)
+            raise RevisionCompactedError("compacted", compact_revision=99)
+            yield  # pragma: no cover
+
+        return gone()
+
+
+async def test_a_resync_drops_what_was_deleted_unseen() -> None:
+    store = ForgettingStore()
+    for name in ("a", "b"):
+        await put_deployment(store, name)
+        await put_engine(store, name, 0, endpoint=f"10.0.0.1:{ord(name)}")
+        await store.put(keys.activity(name), Activity(deployment=name).encode())
+    table = RoutingTable(store, client_factory=FakeFleet().factory, retry_delay_s=0.01)
+    await table.start()
+    try:
+        await _until(lambda: "b" not in table.activity and "b" not in table.deployments)
+        await _until(lambda: not table.engines_of("b"))
+        assert (list(table.deployments), list(table.engines), list(table.activity)) == (
+            ["a"],
+            ["a-0-x"],
+            ["a"],
+        )
+        assert [s.name for s in table.serving()] == ["a"]
     finally:
         await table.close()
         await store.close()

@@ -3,6 +3,8 @@ subcommands that need a cluster but no engine (memory store, no worker: nothing 
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from IPython.core.error import UsageError
@@ -11,6 +13,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from deepinfer_nb.client import cluster as api
 from deepinfer_nb.control.launcher import build_command
 from deepinfer_nb.models import Engine
+from deepinfer_nb.nb import magics as magics_module
 from deepinfer_nb.nb import parsing
 
 
@@ -130,6 +133,11 @@ def test_config_traits(shell) -> None:
     assert shell.magics_manager.registry["DeepInferMagics"].chat_max_tokens == 17
 
 
+def _synced(cluster, predicate) -> None:
+    """Wait (briefly) until the cluster's view shows what the store holds."""
+    cluster.run(asyncio.wait_for(cluster.view.wait_for(predicate, poll_s=0.05), 5))
+
+
 @pytest.fixture(scope="class")
 def cluster_up(shell):
     shell.run_line_magic("config", "DeepInferMagics.worker = False")
@@ -241,6 +249,59 @@ class TestWithCluster:
         assert flags["via-http"][flags["via-http"].index("--max-model-len") + 1] == "2048"
         for name in ("via-magic", "via-api", "via-http"):
             magic(shell, f"rm {name}")
+
+    def test_a_rollback_to_another_model_brings_its_facts(self, shell) -> None:
+        """A model changed over HTTP, then rolled back with the magic: the spec carries the
+        facts of the model it now serves (as PATCH/PUT do), and the settings follow them."""
+        cluster = shell.magics_manager.registry["DeepInferMagics"].cluster
+        magic(shell, "deploy smollm2-135m-instruct --name swap --device cpu")
+        dep = cluster.deployment("swap")
+        assert dep.spec.facts is not None and dep.spec.facts.max_position_embeddings == 8192
+        headers = {"Authorization": f"Bearer {cluster.api_key}"} if cluster.api_key else {}
+        patched = httpx.patch(
+            cluster.gateway_url + "/v1/deployments/swap",
+            json={"model": "all-minilm-l6-v2"},
+            headers=headers,
+            timeout=10,
+        )
+        assert patched.json()["facts"]["max_position_embeddings"] == 512, patched.text
+        _synced(cluster, lambda s: s.deployments["swap"].model == "all-minilm-l6-v2")
+        assert dep.spec.facts is not None and dep.spec.facts.max_position_embeddings == 512
+        assert dep.settings is not None and dep.settings.max_model_len is None  # the model's 512
+        magic(shell, "rollback swap")
+        _synced(cluster, lambda s: s.deployments["swap"].model == "smollm2-135m-instruct")
+        assert dep.spec.facts is not None and dep.spec.facts.max_position_embeddings == 8192
+        assert dep.settings is not None and dep.settings.max_model_len == 2048
+        magic(shell, "rm swap")
+
+    def test_deploy_wait_lists_downloading_only_for_a_hub_model(self, shell, monkeypatch) -> None:
+        """No worker here: the wait times out, after showing its stage list."""
+        shown: list[str] = []
+
+        class Handle:
+            def update(self, progress) -> None:
+                shown.append(repr(progress))
+
+        def display(progress, display_id: bool) -> Handle:
+            shown.append(repr(progress))
+            return Handle()
+
+        monkeypatch.setattr(magics_module, "display", display)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the preflight asks no hub
+        with pytest.raises(UsageError, match=r"not Running after 0\.5 s"):
+            magic(
+                shell, "deploy smollm2-135m-instruct --name local --device cpu --wait --timeout .5"
+            )
+        assert shown and all("[Pending -> Scheduled -> Starting -> Running]" in s for s in shown)
+        shown.clear()
+        with pytest.raises(UsageError, match=r"not Running after 0\.5 s"):
+            magic(
+                shell,
+                "deploy deepinfer-test/uncached-model --name hub --device cpu --wait --timeout .5",
+            )
+        assert shown and all("Scheduled -> Downloading -> Starting" in s for s in shown)
+        magic(shell, "rm local")
+        magic(shell, "rm hub")
 
     def test_unknown_deployment(self, shell) -> None:
         for line in ("status nope", "logs nope", "stop nope", "scale nope 1", "snippet nope"):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from deepinfer_nb.client import cluster as api
 from deepinfer_nb.client import render, view
 from deepinfer_nb.client.view import Snapshot
+from deepinfer_nb.config import AgentSettings
 from deepinfer_nb.models import (
     DeploymentSpec,
     Engine,
@@ -17,6 +20,7 @@ from deepinfer_nb.models import (
     Node,
     WarmPoolStatus,
 )
+from deepinfer_nb.nb.magics import _Progress
 from deepinfer_nb.nb.widgets import sparkline
 from deepinfer_nb.snippets import snippet
 
@@ -59,6 +63,36 @@ def test_stages_and_status() -> None:
     assert view.status_of(snap([e0, e1], replicas=2), "d") == "Starting 1/2"
     failed = e1.model_copy(update={"state": EngineState.FAILED, "error": "CUDA OOM"})
     assert view.status_of(snap([e0, failed], replicas=2), "d") == "Failed 1/2: CUDA OOM"
+
+
+def test_downloading_is_listed_only_for_what_can_download(tmp_path: Path) -> None:
+    S = EngineState
+    scheduled = Engine(id="d-0-a", deployment="d").transition(S.SCHEDULED)
+    local = view.stages([scheduled], may_download=False)
+    assert local == [S.PENDING, S.SCHEDULED, S.STARTING, S.RUNNING]
+    hub = [S.PENDING, S.SCHEDULED, S.DOWNLOADING, S.STARTING, S.RUNNING]
+    assert view.stages([scheduled], may_download=True) == hub
+    # an engine that is, or was, Downloading names the stage even when it was not foreseen
+    downloading = scheduled.transition(S.DOWNLOADING)
+    assert view.stages([downloading], may_download=False) == hub
+    assert view.stages([downloading.transition(S.STARTING)], may_download=False) == hub
+    line = render.progress_text("d", "Starting", 3.21, local, "d-0-a on vm")
+    assert line == "d: Starting (3.2 s) [Pending -> Scheduled -> Starting -> Running] d-0-a on vm"
+    assert "Downloading" in repr(_Progress("d", "Downloading", 1.0, "", hub))
+    progress = _Progress("d", "Starting", 1.0, "", local)
+    assert "Downloading" not in repr(progress) + progress._repr_html_()
+
+    # which models can download: hub ids not in this host's hub cache, never local ones
+    agent = AgentSettings(hub_cache=str(tmp_path))
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    assert not view.may_download("org/tiny", "main", agent)  # cached
+    assert view.may_download("org/other", "main", agent)
+    assert not view.may_download("smollm2-135m-instruct", "main", agent)  # a local alias
+    assert not view.may_download(str(tmp_path), "main", agent)  # a folder
 
 
 def test_waiter_reports_stages_and_failures() -> None:
