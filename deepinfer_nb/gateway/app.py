@@ -18,7 +18,7 @@ from ..config import ApiKey, Settings
 from ..engine.client import EngineClient
 from ..engine.policy import LaunchPolicy
 from ..store import MetaStore
-from . import cluster_routes, deployments, engine_logs, landing, openai_routes
+from . import api_docs, cluster_routes, deployments, engine_logs, landing, openai_routes
 from .activity import ActivityReporter
 from .cluster_metrics import ClusterMetrics
 from .errors import install_handlers
@@ -66,8 +66,8 @@ def build_app(
             await hold.close()
             await table.close()
 
-    # landing.py serves /docs with a relative schema URL (FastAPI's asks for /openapi.json,
-    # which misses under a proxy prefix); no ReDoc
+    # api_docs.py serves /docs with relative URLs and its own Swagger UI files (FastAPI's page
+    # asks for /openapi.json, which misses under a proxy prefix, and for a CDN); no ReDoc
     app = FastAPI(
         title="deepinfer-nb gateway",
         version=__version__,
@@ -90,6 +90,7 @@ def build_app(
     app.router.routes[:0] = openai_routes.GENERATION_ROUTES  # first: they are matched most
     for module in (openai_routes, deployments, cluster_routes, engine_logs, landing):
         app.include_router(module.router)
+    api_docs.install(app)
     app.add_middleware(
         SecurityMiddleware,
         api_keys=keys,

@@ -1,11 +1,10 @@
-"""The gateway's landing page at `/` and its API docs page at `/docs`.
+"""The gateway's landing page at `/`.
 
 `/` lists the deployments (from the in-memory routing table: no store round trip) with their
 state and OpenAI base URL, a copyable curl and Python example, and links to the docs and metrics;
 `Accept: application/json` gets the same as JSON. Every link is relative (`v1`, `docs`,
 `metrics`), so the page works wherever it is served: on loopback, or under a proxy prefix such as
-`/user/alice/proxy/8082/` (jupyter-server-proxy). `/docs` is FastAPI's Swagger UI pointed at the
-schema by a relative URL for the same reason (FastAPI's own page asks for `/openapi.json`).
+`/user/alice/proxy/8082/` (jupyter-server-proxy); `/docs` (api_docs.py) does the same.
 The absolute URL in the examples is taken from the proxy's `X-Forwarded-*` headers when present;
 behind jupyter-server-proxy (it sends `X-ProxyContextPath`) they also send the Jupyter token.
 """
@@ -16,7 +15,6 @@ import html
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from .._version import __version__
@@ -111,15 +109,6 @@ async def landing(request: Request) -> Response:
             key_note=key_note,
             token_env=JUPYTER_TOKEN_ENV if _behind_jupyter(request) else "",
         )
-    )
-
-
-@router.get("/docs")
-async def docs(request: Request) -> HTMLResponse:
-    return get_swagger_ui_html(
-        openapi_url="openapi.json",
-        title=f"{request.app.title} - API docs",
-        oauth2_redirect_url=None,
     )
 
 
