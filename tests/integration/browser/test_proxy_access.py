@@ -3,7 +3,8 @@ token and jupyter-server-proxy, a kernel that runs `%deepinfer up` and a llama.c
 then, from outside the kernel, the openai client on the URL `%deepinfer gateway` printed plus the
 Jupyter token gets "Paris" (plain and streamed through the proxy), the landing page, its links and
 the docs page load through the proxy, and in headless Chromium the link in the notebook output
-opens the landing page.
+opens the landing page, whose docs page renders Swagger UI from the gateway's own files and runs
+"Try it out" through the proxy.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import httpx
 import nbformat
 import openai
 import pytest
+from playwright.sync_api import Page
 
 from .lab import LabServer, NotebookPage, chromium, engine_processes, isolated_home, wait_gone
 
@@ -114,6 +116,27 @@ def _outside_the_kernel(lab: LabServer, api_base: str) -> None:
         assert httpx.get(root, timeout=30).status_code in (302, 403)
 
 
+def _try_it_out(page: Page, api_base: str, *, origin: str) -> None:
+    """Swagger UI at `docs` renders from the gateway's own files (nothing loaded from elsewhere:
+    this host is offline) and its "Try it out" of GET /v1/models goes under the proxy prefix and
+    gets the gateway's 200."""
+    loaded: list[str] = []
+    page.on("request", lambda request: loaded.append(request.url))
+    page.goto(api_base[:-2] + "docs")
+    models = page.locator(
+        ".opblock-get", has=page.locator('.opblock-summary-path[data-path="/v1/models"]')
+    )
+    models.locator(".opblock-summary").click()
+    models.get_by_role("button", name="Try it out").click()
+    models.get_by_role("button", name="Execute").click()
+    status = models.locator(".live-responses-table tbody .response-col_status")
+    assert status.inner_text().strip() == "200"
+    assert '"smol"' in models.locator(".live-responses-table").inner_text()  # the gateway's list
+    assert models.locator(".request-url pre").inner_text().strip() == api_base + "/models"
+    page.screenshot(path=str(ARTIFACTS / "docs-through-proxy.png"))
+    assert loaded and all(url.startswith(origin) for url in loaded), loaded
+
+
 def test_gateway_through_jupyter_server_proxy(tmp_path: Path) -> None:
     with isolated_home(tmp_path) as home:
         lab = LabServer(tmp_path / "lab", env={"DEEPINFER_HOME": str(home)}, base_url=BASE_URL)
@@ -158,6 +181,7 @@ def test_gateway_through_jupyter_server_proxy(tmp_path: Path) -> None:
                     landing.wait_for_load_state()
                     assert landing.url == api_base[:-2] + "metrics"
                     assert "deepinfer" in landing.locator("body").inner_text()
+                    _try_it_out(landing, api_base, origin=lab.origin)
 
                     nb.select_cell(-1)
                     nb.run_menu("Run Selected Cell", cells=[len(CELLS) - 1])
