@@ -243,8 +243,22 @@ def expand(expr: str) -> str:
 async def test_dashboard_series_are_exported_and_prometheus_scrapes_them(
     services: ServiceSet, tmp_path: Path
 ) -> None:
+    # tokens of its own, so that the scrape below has some whether or not a test ran before
+    async with openai.AsyncOpenAI(
+        base_url=_url(services) + "/v1", api_key="-", max_retries=0
+    ) as client:
+        await client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
     async with httpx.AsyncClient(base_url=_url(services)) as http:
-        exported = set(await _polled(http))
+        deadline = time.monotonic() + 10
+        while True:
+            fams = await _polled(http)
+            if any(s.value > 0 for s in fams["vllm:generation_tokens"]):
+                break
+            assert time.monotonic() < deadline, "the answer's tokens never reached /metrics"
+            await asyncio.sleep(0.1)
+        exported = set(fams)
     # No GPU here: the GPU series come from the same renderer over a sample like a GPU node's.
     gpu = GpuInfo(
         index=0,
