@@ -60,7 +60,15 @@ from ..models import (
     Node,
     WorkerMetrics,
 )
-from ..store import Lease, MetaStore, RangeResult, WatchEvent, decode_record, keys
+from ..store import (
+    Lease,
+    MetaStore,
+    RangeResult,
+    WatchEvent,
+    decode_record,
+    decode_records,
+    keys,
+)
 from ..store.follow import follow
 from .downloads import Cancelled, Downloads, Progress
 from .launcher import EngineProcess, Launcher, LogTail
@@ -373,12 +381,7 @@ class Worker:
         return result.revision
 
     def _apply_snapshot(self, result: RangeResult, *, kick: bool = True) -> None:
-        records: dict[str, Engine] = {}
-        for kv in result.items:
-            if keys.name_of(kv.key, keys.ENGINES):
-                record = decode_record(Engine, kv.key, kv.value)
-                if record is not None:
-                    records[record.id] = record
+        records = decode_records(Engine, result.items, keys.ENGINES)
         gone = set(self._records) - set(records)
         self._records = records
         if kick:

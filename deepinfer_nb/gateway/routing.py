@@ -22,7 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from ..engine.client import EngineClient
 from ..models import Activity, DeploymentSpec, Engine, EngineState
-from ..store import decode_record, keys
+from ..store import decode_record, decode_records, keys
 from ..store.base import EventType, KeyValue, MetaStore, RangeResult, WatchEvent
 from ..store.follow import follow
 from .errors import model_not_found, no_replica
@@ -281,12 +281,7 @@ class RoutingTable:
 
     def _load(self, followed: _Followed[Any], items: list[KeyValue]) -> None:
         """A prefix read whole (at start, or again after a compacted watch history)."""
-        fresh = {
-            name: record
-            for kv in items
-            if (name := keys.name_of(kv.key, followed.prefix))
-            and (record := decode_record(followed.cls, kv.key, kv.value)) is not None
-        }
+        fresh = decode_records(followed.cls, items, followed.prefix)
         for gone in set(followed.records) - set(fresh):
             followed.delete(gone)
         for name, record in fresh.items():

@@ -4,17 +4,20 @@
 `etcd://HOST:PORT[,HOST:PORT...]` (a real etcd v3 cluster; TLS and credentials as keyword options
 named like `config.StorageSettings`: etcd_ca_cert, etcd_cert, etcd_key, etcd_user, etcd_password).
 `decode_record` is the one way watchers turn stored bytes into records: a corrupt value is logged
-with its key and skipped (None), never raised into the watch loop.
+with its key and skipped (None), never raised into the watch loop; `decode_records` does it for a
+prefix read whole, by key name.
 """
 
 from __future__ import annotations
 
 import logging
 import urllib.parse
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from ..errors import ConfigError, RecordError
 from ..models import Record, decode
+from . import keys
 from .base import (
     Compare,
     Delete,
@@ -40,6 +43,7 @@ __all__ = [
     "TxnResult",
     "WatchEvent",
     "decode_record",
+    "decode_records",
     "open_store",
 ]
 
@@ -67,6 +71,17 @@ def open_store(url: str, **opts: Any) -> MetaStore:
     raise ConfigError(
         f"unknown store URL {url!r}: use memory:// (embedded) or etcd://HOST:PORT[,HOST:PORT]"
     )
+
+
+def decode_records(cls: type[R], items: Iterable[KeyValue], prefix: str) -> dict[str, R]:
+    """The records directly under `prefix` among `items` (a range's result), by key name; corrupt
+    ones are logged and skipped, as `decode_record` does."""
+    return {
+        name: record
+        for kv in items
+        if (name := keys.name_of(kv.key, prefix))
+        and (record := decode_record(cls, kv.key, kv.value)) is not None
+    }
 
 
 def decode_record(cls: type[R], key: str, value: bytes) -> R | None:

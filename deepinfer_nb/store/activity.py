@@ -12,7 +12,7 @@ recorded meanwhile wins.
 from __future__ import annotations
 
 from ..models import Activity
-from . import decode_record, keys
+from . import decode_record, decode_records, keys
 from .base import MetaStore
 
 MAX_TRIES = 8
@@ -55,11 +55,4 @@ async def record_request(store: MetaStore, name: str, at: float, *, wake: bool =
 
 async def read_all(store: MetaStore) -> dict[str, Activity]:
     """Every deployment's activity record, by deployment name."""
-    result = await store.range(keys.ACTIVITY)
-    out: dict[str, Activity] = {}
-    for kv in result.items:
-        if keys.name_of(kv.key, keys.ACTIVITY):
-            record = decode_record(Activity, kv.key, kv.value)
-            if record is not None:
-                out[record.deployment] = record
-    return out
+    return decode_records(Activity, (await store.range(keys.ACTIVITY)).items, keys.ACTIVITY)
